@@ -1,0 +1,32 @@
+"""Errors a user can act on. Each names the problem in its message."""
+
+
+class SleepwakeError(Exception):
+    """Base class: anything the CLI reports as a one-line error."""
+
+
+class InvalidFactError(SleepwakeError, ValueError):
+    """A fact field is empty, too long, or of the wrong type."""
+
+
+class FactFileError(SleepwakeError, ValueError):
+    """A JSONL facts file is malformed; the message names the line."""
+
+
+class ModelNotFoundError(SleepwakeError):
+    """`--model` names nothing that can be loaded without a network."""
+
+
+class UnsupportedArchitectureError(SleepwakeError):
+    """The model loads, but we do not know where its MLP down-projection is."""
+
+
+class UnknownFactError(SleepwakeError, KeyError):
+    """No active fact has this id."""
+
+    def __str__(self) -> str:  # KeyError would print the repr with quotes
+        return str(self.args[0]) if self.args else "unknown fact"
+
+
+class StoreError(SleepwakeError):
+    """The memory home is unusable (wrong model, corrupt ledger, ...)."""
