@@ -196,7 +196,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 
 def mentions(answer: str, obj: str) -> bool:
-    """Whether a generated answer contains the object (case- and accent-tolerant on words)."""
+    """Whether a generated answer contains the object as whole words, ignoring case
+    and punctuation ("Lisbon." and "lisbon" count; "Lisbonne" does not)."""
     a = " ".join(_WORD.findall(answer.casefold()))
     o = " ".join(_WORD.findall(obj.casefold()))
-    return bool(o) and o in a
+    return bool(o) and f" {o} " in f" {a} "

@@ -1,0 +1,90 @@
+"""One typed configuration tree. Defaults are the paper's (Table 1) unless a
+comment says why we differ."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+def default_home() -> Path:
+    """``$SLEEPWAKE_HOME`` or ``~/.sleepwake``."""
+    return Path(os.environ.get("SLEEPWAKE_HOME") or Path.home() / ".sleepwake").expanduser()
+
+
+def default_cache_dir() -> Path:
+    """Converted model weights and covariance statistics; shared by all homes."""
+    env = os.environ.get("SLEEPWAKE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "sleepwake"
+
+
+@dataclass(frozen=True)
+class MemitConfig:
+    """MEMIT hyperparameters (paper Table 1, original MEMIT code where the paper is silent)."""
+
+    layers: tuple[int, ...] | None = None
+    """Edited layers; None picks the model's default (see ``models.default_layers``)."""
+    lambda_reg: float = 0.1
+    """λ in eq. 3: weight of the covariance Ĉ against the new keys K Kᵀ."""
+    v_steps: int = 30
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    clamp_norm_factor: float = 0.75
+    """‖δ‖ ≤ factor·‖h‖ at the last edited layer (original MEMIT)."""
+    early_stop_loss: float = 0.05
+    """Stop optimising v* when the mean target NLL is below this."""
+    cov_texts: int = 240
+    cov_max_tokens: int = 128
+    """Each reference text is truncated to this many tokens for Ĉ."""
+    key_positions: str = "target"
+    """"last": key at the last prompt token only; "target": also at each target
+    token but the last, so every token of a multi-token object is written."""
+    chat_edit: bool = True
+    """Also edit with the chat-formatted question as the prompt, so that facts are
+    visible to chat questions at once (the paper's §7 limitation)."""
+    constrain_previous: bool = True
+    """Eq. 5: keep earlier edits' keys in the solve with zero residual."""
+
+    def __post_init__(self) -> None:
+        if self.key_positions not in ("last", "target"):
+            raise ValueError(f"key_positions must be 'last' or 'target', not {self.key_positions!r}")
+        if self.lambda_reg <= 0:
+            raise ValueError("lambda_reg must be > 0")
+        if self.v_steps < 1:
+            raise ValueError("v_steps must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 24
+    """Raw completions and chat answers are greedy (deterministic) up to this length."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Everything `Memory` needs besides the model and the home directory."""
+
+    memit: MemitConfig = field(default_factory=MemitConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch_size: int = 5
+    """Facts per MEMIT solve when injecting many (the paper injects batches of 5)."""
+    progress: bool = True
+    """Show progress bars on long work."""
+
+    def with_memit(self, **changes: Any) -> "MemoryConfig":
+        return replace(self, memit=replace(self.memit, **changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        def conv(obj: Any) -> Any:
+            if hasattr(obj, "__dataclass_fields__"):
+                return {f.name: conv(getattr(obj, f.name)) for f in fields(obj)}
+            if isinstance(obj, tuple):
+                return list(obj)
+            return obj
+
+        return conv(self)

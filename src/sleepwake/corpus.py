@@ -1,0 +1,35 @@
+"""Texts and fact sets the project ships in `sleepwake/data` (written for it; nothing is fetched)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib.resources import files
+
+from sleepwake.facts import Fact
+
+
+def _read(name: str) -> str:
+    return files("sleepwake").joinpath("data", name).read_text(encoding="utf-8")
+
+
+@lru_cache(maxsize=None)
+def reference_texts() -> tuple[str, ...]:
+    """Diverse texts for the covariance Ĉ (eq. 2)."""
+    return tuple(json.loads(line)["text"] for line in _read("reference_texts.jsonl").splitlines() if line.strip())
+
+
+def reference_digest() -> str:
+    return hashlib.sha256(_read("reference_texts.jsonl").encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def perplexity_text() -> str:
+    """A fixed text, disjoint from the reference texts, for perplexity."""
+    return _read("perplexity_text.txt")
+
+
+def locality_facts() -> list[Fact]:
+    """Real-world facts the unedited default model completes correctly."""
+    return [Fact.from_dict(json.loads(line)) for line in _read("locality_facts.jsonl").splitlines() if line.strip()]

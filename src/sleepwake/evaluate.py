@@ -1,0 +1,111 @@
+"""How well the model knows a set of facts, and how much editing cost it.
+
+- raw recall: the greedy completion of ``subject relation`` contains the object;
+- chat recall: the answer to the fact's question, asked through the chat template,
+  contains the object;
+- perplexity on a fixed reference text (coherence);
+- locality: the share of real-world facts the model still completes correctly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sleepwake.facts import Fact, mentions
+from sleepwake.inference import chat_text, encode, generate
+
+
+@dataclass
+class FactResult:
+    subject: str
+    relation: str
+    object: str
+    question: str
+    raw_completion: str
+    raw_ok: bool
+    chat_answer: str
+    chat_ok: bool
+
+
+@dataclass
+class EvalReport:
+    n: int
+    raw_recall: float
+    chat_recall: float
+    ppl: float
+    facts: list[FactResult] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def raw_completions(model: Any, tok: Any, facts: Sequence[Fact], max_new_tokens: int = 16) -> list[str]:
+    return generate(model, tok, [encode(tok, f.prompt) for f in facts], max_new_tokens=max_new_tokens)
+
+
+def chat_answers(model: Any, tok: Any, facts: Sequence[Fact], max_new_tokens: int = 24) -> list[str]:
+    prompts = [encode(tok, chat_text(tok, f.chat_question()), chat=True) for f in facts]
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens)
+
+
+def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:
+    if not facts:
+        return float("nan")
+    return sum(mentions(a, f.object) for a, f in zip(answers, facts)) / len(facts)
+
+
+@torch.no_grad()
+def perplexity(model: Any, tok: Any, text: str, window: int = 512) -> float:
+    """Token-level perplexity of `text`, in non-overlapping windows."""
+    device = next(model.parameters()).device
+    ids = encode(tok, text)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor([ids[start : start + window + 1]], device=device)
+        if chunk.shape[1] < 2:
+            break
+        out = model(input_ids=chunk[:, :-1], use_cache=False)
+        logp = torch.log_softmax(out.logits.float(), dim=-1)
+        tgt = chunk[:, 1:]
+        nll -= logp.gather(2, tgt[..., None]).sum().item()
+        count += tgt.numel()
+    return math.exp(nll / count)
+
+
+def evaluate_facts(
+    model: Any,
+    tok: Any,
+    facts: Sequence[Fact],
+    ppl_text: str,
+    *,
+    batch: int = 16,
+    progress: bool = True,
+    max_new_tokens: int = 16,
+) -> EvalReport:
+    raw: list[str] = []
+    chat: list[str] = []
+    bar = tqdm(total=len(facts), desc="evaluate", unit="fact", disable=not progress)
+    for s in range(0, len(facts), batch):
+        chunk = facts[s : s + batch]
+        raw += raw_completions(model, tok, chunk, max_new_tokens)
+        chat += chat_answers(model, tok, chunk, max_new_tokens)
+        bar.update(len(chunk))
+    bar.close()
+    results = [
+        FactResult(f.subject, f.relation, f.object, f.chat_question(), r, mentions(r, f.object), c,
+                   mentions(c, f.object))
+        for f, r, c in zip(facts, raw, chat)
+    ]
+    n = len(facts)
+    return EvalReport(
+        n=n,
+        raw_recall=sum(r.raw_ok for r in results) / n if n else float("nan"),
+        chat_recall=sum(r.chat_ok for r in results) / n if n else float("nan"),
+        ppl=perplexity(model, tok, ppl_text),
+        facts=results,
+    )

@@ -1,0 +1,79 @@
+"""Prompt formatting and greedy generation, shared by editing and evaluation.
+
+MEMIT keys depend on the exact tokens of a prompt, so the chat prompt we edit with
+must be byte-for-byte the one `ask` sends: both come from `chat_text` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+def chat_text(tokenizer: Any, question: str) -> str:
+    """The model's chat template around one user turn, ready for the answer."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    # Base models without a template: a plain Q/A frame.
+    return f"Question: {question}\nAnswer:"
+
+
+def encode(tokenizer: Any, text: str, *, chat: bool = False) -> list[int]:
+    """Token ids as the model sees them; a chat text already holds its special tokens."""
+    return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+
+
+def encode_target(tokenizer: Any, prompt: str, target: str, *, chat: bool = False) -> list[int]:
+    """Ids of `target` as they follow `prompt` (tokenising jointly keeps BPE merges honest)."""
+    p = encode(tokenizer, prompt, chat=chat)
+    full = encode(tokenizer, prompt + target, chat=chat)
+    if full[: len(p)] == p and len(full) > len(p):
+        return full[len(p):]
+    return list(tokenizer(target, add_special_tokens=False)["input_ids"])
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy continuations of already-encoded prompts, decoded without special tokens."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        n = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), n), dtype=torch.long)
+        for i, p in enumerate(chunk):  # left padding: every row ends where generation starts
+            ids[i, n - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, n - len(p):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        for row in gen[:, n:]:
+            out.append(tokenizer.decode(row, skip_special_tokens=True))
+    return out

@@ -1,0 +1,1 @@
+"""MEMIT: closed-form edits of MLP down-projections (paper §3.2, eq. 1–5)."""

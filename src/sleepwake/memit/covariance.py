@@ -1,0 +1,108 @@
+"""Ĉ: the uncentred second moment of down-projection inputs (paper eq. 2).
+
+Computed over the project's reference texts in one forward pass for all requested
+layers (stopping after the deepest), and cached on disk per (model fingerprint,
+layer, settings) so later processes load it in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sleepwake.corpus import reference_digest, reference_texts
+from sleepwake.inference import pad_right
+from sleepwake.memit.trace import run_capture
+from sleepwake.models import Architecture
+
+
+def settings_key(n_texts: int, max_tokens: int) -> str:
+    raw = f"{reference_digest()}|{n_texts}|{max_tokens}|v1"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _path(cache_dir: Path, fingerprint: str, key: str, layer: int) -> Path:
+    return cache_dir / "covariance" / fingerprint / key / f"layer{layer:03d}.safetensors"
+
+
+def compute_covariance(
+    model: torch.nn.Module,
+    arch: Architecture,
+    tokenizer: Any,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    *,
+    max_tokens: int = 128,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """Ĉ for each layer (float32) and the number of token vectors behind it."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    enc = [list(tokenizer(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts]
+    enc.sort(key=len)  # similar lengths per batch: less padding
+    sums = {l: torch.zeros(arch.d_in(l), arch.d_in(l), dtype=torch.float32, device=device) for l in layers}
+    count = 0
+    bar = tqdm(total=len(enc), desc="covariance", unit="text", disable=not progress)
+    for start in range(0, len(enc), batch_size):
+        chunk = enc[start : start + batch_size]
+        batch = pad_right(chunk, pad, device)
+        keys, _ = run_capture(model, arch, batch, key_layers=tuple(layers))
+        mask = batch["attention_mask"].bool()
+        for l in layers:
+            k = keys[l][mask].float()
+            sums[l].addmm_(k.T, k)
+        count += int(mask.sum())
+        bar.update(len(chunk))
+    bar.close()
+    return {l: s / count for l, s in sums.items()}, count
+
+
+def load_or_compute(
+    model: torch.nn.Module,
+    arch: Architecture,
+    tokenizer: Any,
+    layers: Sequence[int],
+    *,
+    fingerprint: str,
+    cache_dir: Path,
+    n_texts: int,
+    max_tokens: int,
+    progress: bool = True,
+) -> dict[int, torch.Tensor]:
+    """Cached Ĉ per layer; the missing layers are computed together in one pass."""
+    key = settings_key(n_texts, max_tokens)
+    out: dict[int, torch.Tensor] = {}
+    missing = []
+    device = next(model.parameters()).device
+    for l in layers:
+        p = _path(cache_dir, fingerprint, key, l)
+        if p.is_file():
+            out[l] = load_file(str(p))["cov"].to(device)
+        else:
+            missing.append(l)
+    if missing:
+        texts = reference_texts()[:n_texts]
+        covs, count = compute_covariance(
+            model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress
+        )
+        for l, c in covs.items():
+            p = _path(cache_dir, fingerprint, key, l)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
+            os.close(fd)
+            try:
+                save_file({"cov": c.cpu().contiguous()}, tmp, metadata={"tokens": str(count)})
+                os.replace(tmp, p)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            out[l] = c
+    return out

@@ -1,0 +1,155 @@
+"""MEMIT for a batch of facts: v*, then a layer-by-layer spread of the residual.
+
+The live down-projection weights are always ``base + D`` where D is the sum of the
+active facts' deltas ``A_f @ B_f``, added in ledger order. `LiveWeights` owns D, so
+that applying edits one batch at a time and rebuilding after a restart perform the
+same float operations in the same order: the weights come out bitwise equal.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from sleepwake.config import MemitConfig
+from sleepwake.facts import Fact
+from sleepwake.inference import pad_right
+from sleepwake.memit.requests import build_requests
+from sleepwake.memit.solve import inverse_covariance, solve_update
+from sleepwake.memit.targets import compute_targets, make_slots
+from sleepwake.memit.trace import run_capture
+from sleepwake.models import Architecture
+
+
+@dataclass
+class FactEdit:
+    """One fact's share of a MEMIT update, per edited layer.
+
+    A: d_out × n, B: n × d_in (ΔW = A @ B), K: n × d_in, the keys it was written at,
+    which later edits keep fixed (eq. 5). n is the number of slots of the fact.
+    """
+
+    a: dict[int, torch.Tensor] = field(default_factory=dict)
+    b: dict[int, torch.Tensor] = field(default_factory=dict)
+    k: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for l in self.a:
+            out[f"A.{l}"] = self.a[l].detach().cpu().contiguous()
+            out[f"B.{l}"] = self.b[l].detach().cpu().contiguous()
+            out[f"K.{l}"] = self.k[l].detach().cpu().contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "FactEdit":
+        e = cls()
+        for name, t in tensors.items():
+            kind, layer = name.split(".")
+            getattr(e, kind.lower())[int(layer)] = t.to(device)
+        return e
+
+    def delta(self, layer: int) -> torch.Tensor:
+        return self.a[layer] @ self.b[layer]
+
+
+class LiveWeights:
+    """Base copies of the edited down-projections and the running delta sums."""
+
+    def __init__(self, arch: Architecture, layers: Iterable[int]) -> None:
+        self.arch = arch
+        self.layers = tuple(sorted(layers))
+        self.base = {l: arch.down_weight(l).clone() for l in self.layers}
+        self.sum = {l: torch.zeros_like(self.base[l], dtype=torch.float32) for l in self.layers}
+
+    def _write(self, layer: int) -> None:
+        w = self.arch.down_weight(layer)
+        w.copy_((self.base[layer].float() + self.sum[layer]).to(w.dtype))
+
+    def add(self, layer: int, edits: Sequence[FactEdit]) -> None:
+        for e in edits:
+            self.sum[layer].add_(e.delta(layer))
+        self._write(layer)
+
+    def rebuild(self, edits: Sequence[FactEdit]) -> None:
+        """Weights from the base plus `edits` in the given (ledger) order."""
+        for l in self.layers:
+            self.sum[l].zero_()
+            for e in edits:
+                if l in e.a:
+                    self.sum[l].add_(e.delta(l))
+            self._write(l)
+
+
+@dataclass
+class InjectStats:
+    seconds: float
+    v_loss_before: float
+    v_loss_after: float
+    v_steps: int
+    n_slots: int
+
+
+class MemitEditor:
+    """Computes and applies MEMIT edits for batches of facts on one model."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: Architecture,
+        tokenizer: Any,
+        layers: Sequence[int],
+        covariances: dict[int, torch.Tensor],
+        cfg: MemitConfig,
+        weights: LiveWeights | None = None,
+    ) -> None:
+        self.model = model
+        self.arch = arch
+        self.tokenizer = tokenizer
+        self.layers = tuple(sorted(layers))
+        self.cfg = cfg
+        self.cov_inv = {l: inverse_covariance(covariances[l]) for l in self.layers}
+        self.weights = weights or LiveWeights(arch, self.layers)
+
+    def edit(
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False
+    ) -> tuple[list[FactEdit], InjectStats]:
+        """Write `facts` into the live weights; returns one FactEdit per fact.
+
+        `previous` are the active edits (their keys are constraints, eq. 5). On any
+        exception the caller must `weights.rebuild(...)` to restore the last state.
+        """
+        t0 = time.perf_counter()
+        device = next(self.model.parameters()).device
+        requests = build_requests(facts, self.tokenizer, self.cfg)
+        slots = make_slots(requests, self.cfg, device)
+        last = self.layers[-1]
+        targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, self.cfg)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = pad_right([q.ids for q in requests], pad, device)
+        edits = [FactEdit() for _ in facts]
+        slot_fact = slots.fact.tolist()
+        per_fact = [[s for s, f in enumerate(slot_fact) if f == i] for i in range(len(facts))]
+        for i, layer in enumerate(tqdm(self.layers, desc="layers", disable=not progress, leave=False)):
+            keys, hid = run_capture(self.model, self.arch, batch, key_layers=(layer,), hidden_layers=(last,))
+            k = keys[layer][slots.rows, slots.cols].float()
+            cur = hid[last][slots.rows, slots.cols].float()
+            resid = (targets.values - cur) / (len(self.layers) - i)
+            prev = None
+            if self.cfg.constrain_previous and previous:
+                prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
+            a, b = solve_update(resid, k, self.cov_inv[layer], self.cfg.lambda_reg, prev)
+            for f, idx in enumerate(per_fact):
+                ix = torch.tensor(idx, dtype=torch.long, device=device)
+                edits[f].a[layer] = a[:, ix].contiguous()
+                edits[f].b[layer] = b[ix].contiguous()
+                edits[f].k[layer] = k[ix].contiguous()
+            self.weights.add(layer, edits)
+        stats = InjectStats(
+            time.perf_counter() - t0, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact)
+        )
+        return edits, stats

