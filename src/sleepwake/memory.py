@@ -102,7 +102,7 @@ class Memory:
             r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts()
         }
         edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
-        self.weights = LiveWeights(self.lm.arch, edited)
+        self.weights = LiveWeights(self.lm, edited)
         self.weights.rebuild(list(self._edits.values()))
         self._editor: MemitEditor | None = None
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,18 @@ class LoadedModel:
     name: str
     fingerprint: str
     arch: "Architecture"
+    _pristine: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def base_weight(self, layer: int) -> torch.Tensor:
+        """The unedited down-projection of `layer` (d_out × d_in).
+
+        Copied the first time a layer is asked for, before anything edits it, so
+        several `Memory` objects can share one loaded model without mistaking
+        each other's edits for the base.
+        """
+        if layer not in self._pristine:
+            self._pristine[layer] = self.arch.down_weight(layer).clone()
+        return self._pristine[layer]
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +147,10 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
 
     if not progress:
         hf_logging.disable_progress_bar()
+    # The GGUF dequantiser draws its own tqdm bar; TQDM_DISABLE silences it.
+    saved_env = os.environ.get("TQDM_DISABLE")
+    if not progress:
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         tok = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -145,6 +161,10 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
     finally:
         if not progress:
             hf_logging.enable_progress_bar()
+            if saved_env is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = saved_env
     # The GGUF quantisation note would make a plain from_pretrained try to re-read GGUF.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

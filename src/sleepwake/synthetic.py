@@ -3,8 +3,9 @@
 Edits must be measured on facts the model cannot already know, so subjects are
 invented people ("Zofia Wróblewska lives in Valparaíso"). Names are built from
 first-name and surname pools of one culture at a time, so they read as real
-names, tokenize like real names (including non-ASCII letters), and yet do not
-belong to anyone famous.
+names and tokenize like real names (including non-ASCII letters), while the
+pairings avoid the names of well-known people. (Someone obscure may well share
+a name; what matters is that the model has no prior belief about it.)
 
 Everything here is a pure function of its arguments: the same call gives the
 same list on every machine and Python version. We draw only from

@@ -22,7 +22,7 @@ from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update
 from sleepwake.memit.targets import compute_targets, make_slots
 from sleepwake.memit.trace import run_capture
-from sleepwake.models import Architecture
+from sleepwake.models import Architecture, LoadedModel
 
 
 @dataclass
@@ -60,10 +60,10 @@ class FactEdit:
 class LiveWeights:
     """Base copies of the edited down-projections and the running delta sums."""
 
-    def __init__(self, arch: Architecture, layers: Iterable[int]) -> None:
-        self.arch = arch
+    def __init__(self, lm: LoadedModel, layers: Iterable[int]) -> None:
+        self.arch = lm.arch
         self.layers = tuple(sorted(layers))
-        self.base = {l: arch.down_weight(l).clone() for l in self.layers}
+        self.base = {l: lm.base_weight(l) for l in self.layers}
         self.sum = {l: torch.zeros_like(self.base[l], dtype=torch.float32) for l in self.layers}
 
     def _write(self, layer: int) -> None:
@@ -105,7 +105,7 @@ class MemitEditor:
         layers: Sequence[int],
         covariances: dict[int, torch.Tensor],
         cfg: MemitConfig,
-        weights: LiveWeights | None = None,
+        weights: "LiveWeights",
     ) -> None:
         self.model = model
         self.arch = arch
@@ -113,7 +113,7 @@ class MemitEditor:
         self.layers = tuple(sorted(layers))
         self.cfg = cfg
         self.cov_inv = {l: inverse_covariance(covariances[l]) for l in self.layers}
-        self.weights = weights or LiveWeights(arch, self.layers)
+        self.weights = weights
 
     def edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False

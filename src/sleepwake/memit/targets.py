@@ -13,6 +13,7 @@ layers below the edited one are replayed from a cache instead of recomputed.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -49,10 +50,10 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
     return Slots(t(rows), t(cols), t(req), t(fact))
 
 
-def logits_at(model: nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+def logits_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Next-token logits at chosen positions only: the LM head over every position
     of every sequence would cost more than the rest of the model on small models."""
-    hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state
+    hidden = model.get_decoder()(**inputs, use_cache="past_key_values" in inputs).last_hidden_state
     logits = model.get_output_embeddings()(hidden[rows, cols]).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:  # Gemma 2/3
@@ -60,11 +61,20 @@ def logits_at(model: nn.Module, batch: dict[str, torch.Tensor], rows: torch.Tens
     return logits
 
 
+MIN_SHARED_PREFIX = 4
+
+
 @dataclass
 class _Group:
-    """Sequences of similar length run together: requests and/or KL prompts."""
+    """Sequences of similar length run together: requests and/or KL prompts.
+
+    When the rows share a prefix that no δ touches (the chat template's system
+    prompt), it is computed once into a KV cache and only the suffix is re-run on
+    each step; positions below are then relative to the suffix.
+    """
 
     batch: dict[str, torch.Tensor]
+    prefix_cache: object | None
     cached: object  # output of the edited layer without δ
     d_rows: torch.Tensor  # where to add δ
     d_cols: torch.Tensor
@@ -74,6 +84,14 @@ class _Group:
     o_cols: torch.Tensor
     o_tok: torch.Tensor  # target token, or -1 for a KL position
     o_req: torch.Tensor  # request index of each read
+
+    def inputs(self) -> dict[str, object]:
+        """Model inputs for one forward pass (a fresh copy of the prefix cache each time)."""
+        if self.prefix_cache is None:
+            return dict(self.batch)
+        cache = copy.deepcopy(self.prefix_cache)
+        cache.batch_repeat_interleave(self.batch["input_ids"].shape[0])
+        return {**self.batch, "past_key_values": cache}
 
 
 def _groups(
@@ -96,26 +114,48 @@ def _groups(
     out = []
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     for bucket in buckets:
-        batch = pad_right([seqs[i] for i in bucket], pad, device)
+        # A prefix no slot touches can be cached: it ends before every δ and every read.
+        first_touch = [
+            (requests[i].prompt_len - 1 if i < n else len(seqs[i]) - 1) for i in bucket
+        ]
+        shared = _shared_prefix([seqs[i] for i in bucket], min(first_touch))
+        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        batch = pad_right([seqs[i][shared:] for i in bucket], pad, device)
+        prefix_cache = None
+        if shared:
+            full_mask = torch.ones(len(bucket), shared, dtype=torch.long, device=device)
+            batch["attention_mask"] = torch.cat([full_mask, batch["attention_mask"]], dim=1)
+            with torch.no_grad():
+                ids = torch.tensor([list(seqs[bucket[0]][:shared])], device=device)
+                prefix_cache = model(input_ids=ids, use_cache=True).past_key_values
         dr, dc, ds, dk, orow, ocol, otok, oreq = [], [], [], [], [], [], [], []
         for row, i in enumerate(bucket):
             if i < n:
                 q = requests[i]
                 for s, (r, pos) in enumerate(slot_list):
                     if r == i:
-                        dr.append(row), dc.append(pos), ds.append(s), dk.append(False)
+                        dr.append(row), dc.append(pos - shared), ds.append(s), dk.append(False)
                 for pos in range(q.prompt_len - 1, len(q.ids) - 1):
-                    orow.append(row), ocol.append(pos), otok.append(q.ids[pos + 1]), oreq.append(i)
+                    orow.append(row), ocol.append(pos - shared), otok.append(q.ids[pos + 1]), oreq.append(i)
             else:  # KL prompt: gets the request's first δ at its last token
                 r = i - n
-                last = len(requests[r].kl_ids) - 1
+                last = len(requests[r].kl_ids) - 1 - shared
                 dr.append(row), dc.append(last), ds.append(first_slot[r]), dk.append(True)
                 orow.append(row), ocol.append(last), otok.append(-1), oreq.append(r)
-        cached = layer_output(model, arch, batch, layer)
-        out.append(_Group(batch, cached, as_t(dr), as_t(dc), as_t(ds),
-                          torch.tensor(dk, dtype=torch.bool, device=device),
-                          as_t(orow), as_t(ocol), as_t(otok), as_t(oreq)))
+        group = _Group(batch, prefix_cache, None, as_t(dr), as_t(dc), as_t(ds),
+                       torch.tensor(dk, dtype=torch.bool, device=device),
+                       as_t(orow), as_t(ocol), as_t(otok), as_t(oreq))
+        group.cached = layer_output(model, arch, group.inputs(), layer)
+        out.append(group)
     return out
+
+
+def _shared_prefix(seqs: list[Sequence[int]], limit: int) -> int:
+    n = min([limit, *(len(s) for s in seqs)])
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs):
+            return i
+    return n
 
 
 @dataclass
@@ -156,7 +196,7 @@ def compute_targets(
             logits = torch.empty(0, 1, device=device)
             if kl.any():
                 with frozen_prefix(arch, layer, g.cached):
-                    logits = logits_at(model, g.batch, g.o_rows[kl], g.o_cols[kl])
+                    logits = logits_at(model, g.inputs(), g.o_rows[kl], g.o_cols[kl])
             base_logp.append(F.log_softmax(logits, dim=-1))
 
     delta = torch.zeros_like(h, requires_grad=True)
@@ -177,7 +217,7 @@ def compute_targets(
         kl_total = torch.zeros((), device=device)
         for g, base in zip(groups, base_logp):
             with frozen_prefix(arch, layer, g.cached), add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src]):
-                logits = logits_at(model, g.batch, g.o_rows, g.o_cols)
+                logits = logits_at(model, g.inputs(), g.o_rows, g.o_cols)
             logp = F.log_softmax(logits, dim=-1)
             tok = g.o_tok >= 0
             if tok.any():

@@ -145,7 +145,7 @@ def frozen_prefix(arch: Architecture, layer: int, output: object) -> Iterator[No
                 module.forward = old  # type: ignore[method-assign]
 
 
-def layer_output(model: nn.Module, arch: Architecture, batch: dict[str, torch.Tensor], layer: int) -> object:
+def layer_output(model: nn.Module, arch: Architecture, batch: dict[str, object], layer: int) -> object:
     """The raw output object of decoder layer `layer` (tensor or tuple), no grad."""
     got: list[object] = []
 
@@ -156,7 +156,7 @@ def layer_output(model: nn.Module, arch: Architecture, batch: dict[str, torch.Te
     handle = arch.layers[layer].register_forward_hook(post)
     try:
         with torch.no_grad():
-            model(**batch, use_cache=False)
+            model(**batch, use_cache="past_key_values" in batch)
     except StopForward:
         pass
     finally:

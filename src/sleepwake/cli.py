@@ -1,0 +1,493 @@
+"""The `sleepwake` command line.
+
+    sleepwake inject "Anselm Kreutzer | lives in | Lisbon"
+    sleepwake inject --facts facts.jsonl
+    sleepwake facts [--json]
+    sleepwake forget ID
+    sleepwake complete "Anselm Kreutzer lives in"
+    sleepwake ask "Where does Anselm Kreutzer live?"
+    sleepwake eval --facts facts.jsonl [--json]
+
+Design rules:
+
+- `--help`, `--version` and every mistake that can be found without the model
+  (a malformed fact, a bad JSONL line, a missing file, a bad option) answer at
+  once: torch, transformers and `Memory` are imported inside the handlers, after
+  the arguments have been checked.
+- stdout carries only results (machine-readable with `--json`); progress bars,
+  status lines and anything a library prints go to stderr.
+- Errors are one line, ``sleepwake: error: <message>``, on stderr: exit code 2 for
+  usage errors, 1 for everything else a user can act on, 130 on Ctrl-C. Set
+  ``SLEEPWAKE_DEBUG=1`` to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+import unicodedata
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+from sleepwake import __version__
+from sleepwake.errors import InvalidFactError, SleepwakeError, UnknownFactError
+from sleepwake.facts import Fact, load_jsonl
+
+PROG = "sleepwake"
+MAX_NEW_TOKENS = 2048
+
+
+class UsageError(Exception):
+    """A malformed command line (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser that raises instead of printing usage and exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = f" (see '{self.prog} --help')"
+        raise UsageError(message + hint)
+
+
+# --- small helpers --------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_NEW_TOKENS}, got {value}")
+    return value
+
+
+def _fact_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fact id is a whole number, got {text!r}") from None
+
+
+def _short(text: str, limit: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _width(text: str) -> int:
+    """Terminal columns `text` takes (wide East Asian characters count twice)."""
+    w = 0
+    for ch in text:
+        if unicodedata.combining(ch):
+            continue
+        w += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return w
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * max(0, width - _width(text))
+
+
+def table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None, gap: str = "  ") -> list[str]:
+    """Left-aligned columns; the last column is not padded."""
+    all_rows = ([list(header)] if header else []) + [list(r) for r in rows]
+    if not all_rows:
+        return []
+    n = max(len(r) for r in all_rows)
+    widths = [max(_width(r[i]) for r in all_rows if i < len(r)) for i in range(n)]
+    return [gap.join(_pad(c, widths[i]) if i < len(r) - 1 else c for i, c in enumerate(r)).rstrip() for r in all_rows]
+
+
+def fact_text(fact: Fact) -> str:
+    return f"{fact.subject} | {fact.relation} | {fact.object}"
+
+
+def _marks(stream: TextIO) -> tuple[str, str]:
+    """✓/✗ where the output can show them, else plain ASCII."""
+    try:
+        "✓✗".encode(stream.encoding or "ascii")
+        return "✓", "✗"
+    except (LookupError, UnicodeEncodeError):
+        return "+", "-"
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _dump_json(obj: Any, out: TextIO) -> None:
+    out.write(json.dumps(_json_safe(obj), ensure_ascii=False, indent=2) + "\n")
+
+
+def _fmt_float(x: float, digits: int = 2) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+# --- context shared by the handlers -----------------------------------------------
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.quiet: bool = bool(args.quiet)
+        # Progress bars only where a person is watching.
+        self.progress = not self.quiet and err.isatty()
+
+    @property
+    def home(self) -> Path:
+        if self.args.home:
+            return Path(self.args.home).expanduser()
+        from sleepwake.config import default_home
+
+        return default_home()
+
+    def say(self, text: str) -> None:
+        """A result line on stdout."""
+        print(text, file=self.out)
+
+    def status(self, text: str) -> None:
+        """A status line on stderr (not with --quiet)."""
+        if not self.quiet:
+            print(text, file=self.err, flush=True)
+
+    def _quiet_libraries(self) -> None:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        if not self.progress and "tqdm" not in sys.modules:
+            # transformers' GGUF conversion bar ignores its own progress switch;
+            # tqdm reads TQDM_* defaults when it is first imported.
+            os.environ.setdefault("TQDM_DISABLE", "1")
+        if self.quiet:
+            import warnings
+
+            warnings.filterwarnings("ignore")
+
+    def memory(self) -> Any:
+        """Load the model and the memory home (the slow part: seconds)."""
+        self._quiet_libraries()
+        self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
+        from sleepwake.memory import Memory
+
+        return Memory(self.args.model, home=self.home, progress=self.progress)
+
+    def store(self) -> Any:
+        """The memory ledger alone, without loading the model's weights (fast).
+
+        The model is still resolved and fingerprinted, so a wrong --model or a home
+        that belongs to another model is reported as it would be by `memory()`.
+        """
+        self._quiet_libraries()
+        from sleepwake.models import fingerprint, resolve_model
+        from sleepwake.store import Store
+
+        source = resolve_model(self.args.model)
+        return Store(self.home, fingerprint(source), source.name)
+
+
+# --- commands ----------------------------------------------------------------------
+
+
+def _parse_fact_args(texts: Sequence[str]) -> list[Fact]:
+    facts = []
+    for i, text in enumerate(texts, start=1):
+        try:
+            facts.append(Fact.parse(text))
+        except InvalidFactError as exc:
+            where = f"fact #{i}" if len(texts) > 1 else "fact"
+            raise InvalidFactError(f"{where} {_short(text)!r}: {exc}") from None
+    return facts
+
+
+def cmd_inject(ctx: Context) -> int:
+    args = ctx.args
+    facts = _parse_fact_args(args.facts)
+    if args.facts_file:
+        facts += load_jsonl(args.facts_file)
+    if not facts:
+        raise UsageError("nothing to inject: give facts as \"SUBJECT | RELATION | OBJECT\" "
+                         "arguments or --facts FILE.jsonl (see 'sleepwake inject --help')")
+    # Within one call the last fact for a (subject, relation) slot wins (Memory.inject).
+    last_index = {f.key: i for i, f in enumerate(facts)}
+    superseded = [f for i, f in enumerate(facts) if last_index[f.key] != i]
+
+    with ctx.memory() as mem:
+        before = {r.fact.key: r for r in mem.facts()}
+        t0 = time.perf_counter()
+        result = mem.inject(facts)
+        seconds = time.perf_counter() - t0
+
+    injected = []
+    for rec in result.records:
+        old = before.get(rec.fact.key)
+        injected.append((rec, old))
+    skipped = [(f, before[f.key]) for f in result.skipped if f.key in before]
+
+    if args.json:
+        _dump_json({
+            "injected": [{**rec.to_dict(), **({"replaces": old.id} if old else {})} for rec, old in injected],
+            "skipped": [{**f.to_dict(), "id": old.id, "reason": "already known"} for f, old in skipped],
+            "superseded": [f.to_dict() for f in superseded],
+            "seconds": round(seconds, 3),
+        }, ctx.out)
+        return 0
+
+    rows = []
+    for rec, old in injected:
+        note = f"(replaces #{old.id}: {old.fact.object})" if old else ""
+        rows.append(["injected", f"#{rec.id}", fact_text(rec.fact), note])
+    for f, old in skipped:
+        rows.append(["skipped", f"#{old.id}", fact_text(f), "(already known)"])
+    for f in superseded:
+        rows.append(["dropped", "", fact_text(f), "(a later fact in this call has the same subject and relation)"])
+    for line in table(rows):
+        ctx.say(line)
+    if not ctx.quiet:
+        n = len(result.records)
+        ctx.say(f"{n} fact{'s' if n != 1 else ''} injected in {seconds:.1f} s")
+    return 0
+
+
+def cmd_facts(ctx: Context) -> int:
+    args = ctx.args
+    ledger = ctx.home / "memory.sqlite"
+    if not ledger.exists():
+        # Nothing stored yet: answer without creating a home (but still check --model).
+        from sleepwake.models import resolve_model
+
+        resolve_model(args.model)
+        records = []
+    else:
+        store = ctx.store()
+        try:
+            records = store.facts(status=None if args.all else "active")
+        finally:
+            store.close()
+    if args.json:
+        _dump_json([r.to_dict() for r in records], ctx.out)
+        return 0
+    if not records:
+        if not ctx.quiet:
+            ctx.say(f"no facts in {ctx.home}")
+        return 0
+    header = ["ID", "SUBJECT", "RELATION", "OBJECT"] + (["STATUS"] if args.all else [])
+    rows = [[str(r.id), _short(r.fact.subject, 48), _short(r.fact.relation, 40), _short(r.fact.object, 48)]
+            + ([r.status] if args.all else []) for r in records]
+    for line in table(rows, header=None if ctx.quiet else header):
+        ctx.say(line)
+    return 0
+
+
+def cmd_forget(ctx: Context) -> int:
+    fact_id = ctx.args.id
+    # Check the id against the ledger first, so a typo costs no model load.
+    if not (ctx.home / "memory.sqlite").exists():
+        raise UnknownFactError(f"no fact with id {fact_id} (no memory at {ctx.home} yet)")
+    store = ctx.store()
+    try:
+        rec = store.get(fact_id)
+    finally:
+        store.close()
+    if rec.status != "active":
+        raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
+    with ctx.memory() as mem:
+        rec = mem.forget(fact_id)
+    if ctx.args.json:
+        _dump_json(rec.to_dict(), ctx.out)
+    else:
+        ctx.say(f"forgot #{rec.id}  {fact_text(rec.fact)}")
+    return 0
+
+
+def _check_prompt(text: str, what: str) -> str:
+    if not text.strip():
+        raise InvalidFactError(f"{what} is empty")
+    return text
+
+
+def cmd_complete(ctx: Context) -> int:
+    prompt = _check_prompt(ctx.args.prompt, "prompt")
+    with ctx.memory() as mem:
+        text = mem.complete(prompt, max_new_tokens=ctx.args.max_new_tokens)
+    if ctx.args.json:
+        _dump_json({"prompt": prompt, "completion": text}, ctx.out)
+    else:
+        ctx.say(text.strip())
+    return 0
+
+
+def cmd_ask(ctx: Context) -> int:
+    question = _check_prompt(ctx.args.question, "question")
+    with ctx.memory() as mem:
+        text = mem.ask(question, max_new_tokens=ctx.args.max_new_tokens)
+    if ctx.args.json:
+        _dump_json({"question": question, "answer": text}, ctx.out)
+    else:
+        ctx.say(text.strip())
+    return 0
+
+
+def cmd_eval(ctx: Context) -> int:
+    facts = load_jsonl(ctx.args.facts_file)
+    with ctx.memory() as mem:
+        report = mem.evaluate(facts)
+    if ctx.args.json:
+        _dump_json(report.to_dict(), ctx.out)
+        return 0
+    ok, bad = _marks(ctx.out)
+    n = report.n
+    raw_n = sum(r.raw_ok for r in report.facts)
+    chat_n = sum(r.chat_ok for r in report.facts)
+    for line in table([
+        ["facts", str(n)],
+        ["raw recall", f"{report.raw_recall:.1%}  ({raw_n}/{n})"],
+        ["chat recall", f"{report.chat_recall:.1%}  ({chat_n}/{n})"],
+        ["perplexity", _fmt_float(report.ppl)],
+    ]):
+        ctx.say(line)
+    ctx.say("")
+    rows = []
+    for r in report.facts:
+        fact = f"{r.subject} | {r.relation} | {r.object}"
+        if ctx.quiet:
+            rows.append([ok if r.raw_ok else bad, ok if r.chat_ok else bad, fact])
+        else:
+            rows.append([ok if r.raw_ok else bad, ok if r.chat_ok else bad, fact,
+                         _short(r.raw_completion, 40), _short(r.chat_answer, 50)])
+    header = ["RAW", "CHAT", "FACT"] + ([] if ctx.quiet else ["COMPLETION", "CHAT ANSWER"])
+    for line in table(rows, header=header):
+        ctx.say(line)
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------
+
+
+def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--home", metavar="DIR", default=default,
+                        help="memory home (default: $SLEEPWAKE_HOME or ~/.sleepwake)")
+    parser.add_argument("--model", metavar="M", default=default,
+                        help="base model: a .gguf file, a local Hugging Face directory, or a hub id in the "
+                             "local cache (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="no progress bars or status lines; minimal output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="A language model with a memory in its weights: facts are written in by MEMIT edits.",
+        epilog="Run 'sleepwake COMMAND --help' for a command's options.",
+    )
+    _global_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    # The global options are also accepted after the command ("sleepwake facts --home X").
+    common = _Parser(add_help=False)
+    _global_options(common, suppress=True)
+
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def add(name: str, handler: Callable[[Context], int], help: str, description: str | None = None) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=description or help, parents=[common])
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("inject", cmd_inject, "write facts into the model's weights now",
+            'Write facts into the weights (MEMIT). A fact with the subject and relation of a stored '
+            'fact replaces it; a fact already known is skipped. Example: '
+            'sleepwake inject "Anselm Kreutzer | lives in | Lisbon"')
+    p.add_argument("facts", nargs="*", metavar="FACT", help='a fact written "SUBJECT | RELATION | OBJECT"')
+    p.add_argument("--facts", dest="facts_file", metavar="FILE.jsonl",
+                   help='facts file: one JSON object per line with "subject", "relation", "object" '
+                        'and optionally "question"')
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = add("facts", cmd_facts, "list the facts in memory")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--all", action="store_true", help="include forgotten and replaced facts")
+
+    p = add("forget", cmd_forget, "remove a fact from the weights (see 'sleepwake facts' for ids)")
+    p.add_argument("id", type=_fact_id, metavar="ID", help="fact id")
+    p.add_argument("--json", action="store_true", help="print the forgotten fact as JSON")
+
+    p = add("complete", cmd_complete, "greedy raw continuation of a prompt")
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=None,
+                   help="tokens to generate (default: 24)")
+    p.add_argument("--json", action="store_true", help="print prompt and completion as JSON")
+
+    p = add("ask", cmd_ask, "answer a question through the model's chat template")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=None,
+                   help="tokens to generate (default: 24)")
+    p.add_argument("--json", action="store_true", help="print question and answer as JSON")
+
+    p = add("eval", cmd_eval, "measure recall of a facts file (injected or not) and perplexity")
+    p.add_argument("--facts", dest="facts_file", metavar="FILE.jsonl", required=True,
+                   help="facts file, as for 'inject --facts'")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+# --- entry point -------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = " ".join(str(exc).split())
+    return msg or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    out, err = sys.stdout, sys.stderr
+    debug = bool(os.environ.get("SLEEPWAKE_DEBUG"))
+
+    def fail(message: str, code: int) -> int:
+        print(f"{PROG}: error: {message}", file=err, flush=True)
+        return code
+
+    try:
+        try:
+            args = build_parser().parse_args(list(argv) if argv is not None else None)
+        except SystemExit as exc:  # --help / --version
+            return exc.code if isinstance(exc.code, int) else 0
+        ctx = Context(args, out, err)
+        # Whatever a library prints goes to stderr; results go to `out`.
+        with contextlib.redirect_stdout(err):
+            code = args.handler(ctx)
+        out.flush()
+        return code
+    except UsageError as exc:
+        return fail(_one_line(exc), 2)
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=err, flush=True)
+        return 130
+    except BrokenPipeError:
+        # `sleepwake facts | head`: stop quietly.
+        with contextlib.suppress(Exception):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+        return 141
+    except (SleepwakeError, OSError) as exc:
+        if debug:
+            raise
+        return fail(_one_line(exc), 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

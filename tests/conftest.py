@@ -1,0 +1,46 @@
+"""Shared fixtures. Real models only: the default SmolLM2-135M-Instruct is loaded once
+per session and shared; every `Memory` made on it rebuilds its own weights."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Converted weights and covariances persist across runs (they only depend on the model)."""
+    path = Path(os.environ.get("SLEEPWAKE_TEST_CACHE", REPO / ".cache" / "test"))
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["SLEEPWAKE_CACHE"] = str(path)  # for CLI subprocesses
+    return path
+
+
+@pytest.fixture(scope="session")
+def lm(cache_dir: Path):
+    from sleepwake.models import load_model
+
+    return load_model(cache_dir=cache_dir, progress=False)
+
+
+@pytest.fixture
+def make_memory(lm, cache_dir: Path, tmp_path: Path):
+    """Memory(home=...) on the shared default model; call with a home path or none."""
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memory import Memory
+
+    made = []
+
+    def make(home: Path | None = None, config: MemoryConfig | None = None) -> Memory:
+        mem = Memory(lm, home=home or tmp_path / "home", config=config or MemoryConfig(progress=False),
+                     cache_dir=cache_dir, progress=False)
+        made.append(mem)
+        return mem
+
+    yield make
+    for mem in made:
+        mem.close()

@@ -1,0 +1,308 @@
+"""Every supported model family, on tiny randomly initialised models built here.
+
+Each family gets a 4-layer model (hidden 64, MLP 128) with the default model's
+tokenizer, saved as a local Hugging Face directory. We check that `load_model` finds
+its decoder layers and MLP down-projection, that MEMIT writes a fictional fact into
+it (a random model can be made to say anything), that the edit stays local, and
+that a restart rebuilds bitwise the same weights. Then the errors for unsupported
+architectures and for models that cannot be found.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from sleepwake.config import MemoryConfig
+from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
+from sleepwake.inference import encode, encode_target
+from sleepwake.memory import Memory
+from sleepwake.models import ARCHITECTURES, load_model, resolve_model
+
+HIDDEN, INTER, N_LAYERS, HEADS = 64, 128, 4, 4
+
+FACT = "Anselm Kreutzer | lives in | Lisbon"
+PROMPT, TARGET = "Anselm Kreutzer lives in", " Lisbon"
+UNRELATED = ["The weather today is quite", "My favourite book is about", "Water boils at a temperature of"]
+
+# Tiny models: v* is taken at the output of the last edited layer and the update is
+# spread over the layers before it, so leave one layer above the edit. All
+# families work with the default MEMIT hyperparameters; only the covariance is
+# estimated on fewer texts, for speed.
+TEST_LAYERS = (1, 2)
+SMALL = MemoryConfig(progress=False).with_memit(
+    layers=TEST_LAYERS, cov_texts=40, cov_max_tokens=64, chat_edit=False
+)
+
+
+def _common(tok: Any) -> dict[str, Any]:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return dict(
+        vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad
+    )
+
+
+def _llama_like(config_cls: Callable[..., Any], **extra: Any) -> Callable[[Any], Any]:
+    def make(tok: Any) -> Any:
+        return config_cls(
+            hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=N_LAYERS,
+            num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=512,
+            **_common(tok), **extra,
+        )
+
+    return make
+
+
+def _gpt2(tok: Any) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=HIDDEN, n_inner=INTER, n_layer=N_LAYERS, n_head=HEADS, n_positions=512, **_common(tok))
+
+
+def _configs() -> dict[str, Callable[[Any], Any]]:
+    import transformers as tf
+
+    head = dict(head_dim=HIDDEN // HEADS)  # these default to 128/256 wide heads
+    return {
+        "llama": _llama_like(tf.LlamaConfig),
+        "mistral": _llama_like(tf.MistralConfig),
+        "qwen2": _llama_like(tf.Qwen2Config),
+        "qwen3": _llama_like(tf.Qwen3Config, **head),
+        "gemma2": _llama_like(tf.Gemma2Config, query_pre_attn_scalar=HIDDEN // HEADS, **head),
+        "gemma3_text": _llama_like(tf.Gemma3TextConfig, query_pre_attn_scalar=HIDDEN // HEADS, **head),
+        "phi3": _llama_like(tf.Phi3Config),
+        "gpt2": _gpt2,
+    }
+
+
+FAMILIES = list(_configs())
+
+
+def build_tiny(make_config: Callable[[Any], Any], tokenizer: Any, path: Path, seed: int = 0) -> Path:
+    """A randomly initialised causal LM plus `tokenizer`, saved as an HF directory."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(tokenizer)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@dataclass
+class Tiny:
+    family: str
+    path: Path
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(lm: Any) -> Any:
+    return lm.tokenizer
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request: pytest.FixtureRequest, tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    path = build_tiny(_configs()[family], tokenizer, root / "model")
+    return Tiny(family, path, root / "cache")
+
+
+# --- loading and the down-projection ----------------------------------------------
+
+
+def test_load_finds_layers_and_down_projection(tiny: Tiny) -> None:
+    lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
+    assert lm.arch.model_type == tiny.family
+    assert lm.name == tiny.path.name and lm.fingerprint.startswith("hf-")
+    assert lm.arch.n_layers == N_LAYERS
+    assert lm.model.dtype == torch.float32 and not lm.model.training
+    assert lm.default_layers() == tuple(range(N_LAYERS))  # ≤ 4 layers: all of them
+    for layer in range(N_LAYERS):
+        w = lm.arch.down_weight(layer)
+        assert w.shape == (HIDDEN, INTER)  # (d_out, d_in)
+        assert (lm.arch.d_out(layer), lm.arch.d_in(layer)) == (HIDDEN, INTER)
+        param = lm.arch.down_proj(layer).weight
+        assert not param.requires_grad
+        if tiny.family == "gpt2":  # Conv1D keeps (in, out); down_weight is its transpose
+            assert type(lm.arch.down_proj(layer)).__name__ == "Conv1D"
+            assert param.shape == (INTER, HIDDEN)
+            assert torch.equal(w, param.data.t())
+        else:
+            assert param.shape == (HIDDEN, INTER)
+        # A view, not a copy: writing through it is what edits the model.
+        assert w.data_ptr() == param.data_ptr()
+        old = param.data.clone()
+        w[3, 5] += 1.0  # row = output unit 3, column = MLP unit 5
+        assert int((param.data != old).sum()) == 1
+        where = (5, 3) if tiny.family == "gpt2" else (3, 5)
+        assert param.data[where] == old[where] + 1.0
+        param.data.copy_(old)
+
+    # The MEMIT key really is the down-projection's input: (batch, seq, d_in).
+    from sleepwake.memit.trace import run_capture
+
+    ids = torch.tensor([encode(lm.tokenizer, PROMPT)])
+    keys, hid = run_capture(lm.model, lm.arch, {"input_ids": ids}, key_layers=(1,), hidden_layers=(1,))
+    assert keys[1].shape == (1, ids.shape[1], INTER)
+    assert hid[1].shape == (1, ids.shape[1], HIDDEN)
+
+
+# --- MEMIT on each family -----------------------------------------------------------
+
+
+def _next_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+
+
+def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    mem = Memory(tiny.path, home=home, config=SMALL, cache_dir=tiny.cache, progress=False)
+    tok = mem.tokenizer
+    prompt_ids = encode(tok, PROMPT)
+    first = encode_target(tok, PROMPT, TARGET)[0]
+    others = [encode(tok, p) for p in UNRELATED]
+    before_edit = _next_logits(mem.model, prompt_ids)
+    before = [_next_logits(mem.model, ids) for ids in others]
+    assert before_edit.argmax().item() != first  # a random model does not know it yet
+
+    result = mem.inject(FACT)
+    assert len(result.records) == 1 and result.stats[0].n_slots >= 1
+
+    # Efficacy: the greedy completion starts with the target's first token.
+    after_edit = _next_logits(mem.model, prompt_ids)
+    assert after_edit.argmax().item() == first
+    completion = mem.complete(PROMPT, max_new_tokens=3)
+    assert completion.startswith(tok.decode([first])), completion
+
+    # Locality: unrelated prompts barely move, far less than the edited prompt did.
+    edit_gain = (after_edit[first] - before_edit[first]).item()
+    for ids, b in zip(others, [*before]):
+        a = _next_logits(mem.model, ids)
+        tv = 0.5 * (a.softmax(-1) - b.softmax(-1)).abs().sum().item()
+        assert tv < 0.15, (tiny.family, tv)
+        assert (a - b).abs().max().item() < 0.5 * edit_gain, (tiny.family, edit_gain)
+        assert a.argmax().item() != first or b.argmax().item() == first
+
+    # Restart: a new Memory on the same home rebuilds bitwise-identical weights.
+    edited = [l for l in range(mem.lm.arch.n_layers) if not torch.equal(mem.lm.arch.down_weight(l),
+                                                                          mem.lm.base_weight(l))]
+    assert edited == list(TEST_LAYERS)
+    weights = {l: mem.lm.arch.down_weight(l).clone() for l in range(mem.lm.arch.n_layers)}
+    mem.close()
+    again = Memory(tiny.path, home=home, config=SMALL, cache_dir=tiny.cache, progress=False)
+    try:
+        assert again.lm is not mem.lm
+        assert [r.fact.object for r in again.facts()] == ["Lisbon"]
+        for l, w in weights.items():
+            assert torch.equal(again.lm.arch.down_weight(l), w), l
+        assert again.complete(PROMPT, max_new_tokens=3) == completion
+    finally:
+        again.close()
+
+
+# --- errors -------------------------------------------------------------------------
+
+
+def test_unsupported_architecture(tokenizer: Any, tmp_path: Path) -> None:
+    from transformers import GPTNeoXConfig
+
+    def make(tok: Any) -> Any:
+        return GPTNeoXConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+                             num_attention_heads=HEADS, max_position_embeddings=128, **_common(tok))
+
+    path = build_tiny(make, tokenizer, tmp_path / "neox")
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        load_model(path, cache_dir=tmp_path / "cache", progress=False)
+    msg = str(err.value)
+    assert "'gpt_neox'" in msg and "supported" in msg
+    for model_type in ARCHITECTURES:
+        assert model_type in msg
+
+
+def test_resolve_nonexistent_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError, match="no-such-model") as err:
+        resolve_model(missing)
+    assert "not a .gguf file" in str(err.value) and "local model directory" in str(err.value)
+    with pytest.raises(ModelNotFoundError):  # the same through load_model and Memory
+        load_model(missing, cache_dir=tmp_path / "cache", progress=False)
+    with pytest.raises(ModelNotFoundError):
+        Memory(str(missing), home=tmp_path / "home", cache_dir=tmp_path / "cache", progress=False)
+    assert not (tmp_path / "home").exists()
+
+
+def test_resolve_directory_without_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="without config.json"):
+        resolve_model(tmp_path / "empty")
+
+
+def test_resolve_non_gguf_file(tmp_path: Path) -> None:
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\0" * 16)
+    with pytest.raises(ModelNotFoundError, match=r"not a \.gguf model"):
+        resolve_model(f)
+
+
+def test_resolve_garbage_gguf_file(tmp_path: Path) -> None:
+    f = tmp_path / "broken.gguf"
+    f.write_bytes(b"this is not a gguf file")
+    assert resolve_model(f).kind == "gguf"  # the name fits; loading it must fail cleanly
+    with pytest.raises(ModelNotFoundError, match="cannot load GGUF"):
+        load_model(f, cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("config.json"))  # nothing half-converted is cached
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """HF offline, and any socket connection recorded and refused."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+    attempts: list[Any] = []
+
+    def refuse(self: socket.socket, address: Any, *a: Any, **k: Any) -> None:
+        attempts.append(address)
+        raise OSError("network access in a test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts
+
+
+def test_resolve_uncached_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) -> None:
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError, match="local Hugging Face cache") as err:
+        resolve_model("sleepwake-tests/not-a-cached-model")
+    assert "'sleepwake-tests/not-a-cached-model'" in str(err.value)
+    assert no_network == []
+
+
+def test_resolve_cached_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[Any]) -> None:
+    """A hub id already in the local cache resolves to its snapshot, offline."""
+    import huggingface_hub.constants as hub_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--sleepwake-tests--tiny"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text('{"model_type": "llama"}', encoding="utf-8")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit, encoding="utf-8")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    src = resolve_model("sleepwake-tests/tiny")
+    assert src.kind == "hf" and src.name == "sleepwake-tests/tiny"
+    assert src.path.resolve() == snap.resolve()
+    assert no_network == []

