@@ -1,0 +1,100 @@
+"""Speed and memory at 8B scale on a GPU, with randomly initialised weights of the
+exact Llama-3.1-8B shape (bf16). Timing does not depend on the weights' values;
+recall figures from random weights mean nothing and are not reported.
+
+Times: covariance Ĉ over the project's reference texts, injecting 5 facts, injecting
+50 facts in one solve; and peak GPU memory.
+
+    python benchmarks/scale.py --tokenizer DIR [--layers 12-19]
+
+DIR holds any tokenizer (the default model's works: its ids fit the 8B vocabulary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+from capacity import parse_layers
+from common import save
+
+from sleepwake.config import MemoryConfig
+from sleepwake.memory import Memory
+from sleepwake.models import Architecture, LoadedModel
+from sleepwake.synthetic import fictional_facts
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                         rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--layers", default="12-19")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = LlamaConfig(**SHAPES[args.shape])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model, build_s = timed(lambda: AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16))
+    model.eval().requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    lm = LoadedModel(model, tok, f"{args.shape} (random init)", f"random-{args.shape}", Architecture(model))
+    layers = parse_layers(args.layers)
+    mcfg = MemoryConfig(progress=False, batch_size=50).with_memit(layers=layers)
+    facts = fictional_facts(80, 1, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
+        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+        _, cov_s = timed(mem.editor)
+        mem.inject(facts[:5])  # warm-up: kernels, allocator
+        five, steps = [], []
+        for i in range(args.repeats):
+            res, s = timed(lambda i=i: mem.inject(facts[5 + 5 * i : 10 + 5 * i]))
+            five.append(s)
+            steps.append(res.stats[0].v_steps)
+        res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    save(f"scale-{args.shape}", {
+        "note": "randomly initialised weights of the real shape; timings only",
+        "params_billion": round(n_params / 1e9, 2),
+        "layers": list(layers),
+        "model_build_s": round(build_s, 1),
+        "covariance_s": round(cov_s, 2),
+        "inject5_s": [round(x, 3) for x in five],
+        "inject5_median_s": round(statistics.median(five), 3),
+        "inject5_v_steps": steps,
+        "inject50_one_solve_s": round(fifty_s, 3),
+        "inject50_v_steps": res50.stats[0].v_steps,
+        "peak_gpu_memory_gib": round(peak, 2),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Speed on this machine: cached model load, cold covariance, injecting 5 facts.
+
+    python benchmarks/speed.py [--batches 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+from common import save
+
+from sleepwake.config import MemoryConfig
+from sleepwake.memory import Memory
+from sleepwake.models import load_model
+from sleepwake.synthetic import fictional_facts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", type=int, default=4)
+    args = ap.parse_args()
+    load_model(progress=False)  # make sure the converted weights are cached
+    t = time.perf_counter()
+    lm = load_model(progress=False)
+    load_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as home:
+        mem = Memory(lm, home=home, cache_dir=cache, config=MemoryConfig(progress=False))
+        t = time.perf_counter()
+        mem.editor()  # cold: computes Ĉ for every edited layer
+        cov_s = time.perf_counter() - t
+        facts = fictional_facts(args.batches * 5, 1, seed=11)
+        times, steps = [], []
+        for i in range(args.batches):
+            t = time.perf_counter()
+            res = mem.inject(facts[5 * i : 5 * i + 5])
+            times.append(time.perf_counter() - t)
+            steps.append(res.stats[0].v_steps)
+            print(f"batch {i}: {times[-1]:.2f} s, v* steps {steps[-1]}", flush=True)
+        recall = mem.evaluate(facts).raw_recall
+    save("speed", {
+        "model_load_cached_s": round(load_s, 2),
+        "covariance_cold_s": round(cov_s, 1),
+        "inject5_s": [round(x, 2) for x in times],
+        "inject5_median_s": round(statistics.median(times), 2),
+        "v_steps": steps,
+        "raw_recall": recall,
+        "layers": list(mem.layers),
+    })
+
+
+if __name__ == "__main__":
+    main()
