@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--layers", default="12-19")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print a cProfile of one more 5-fact injection")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -81,6 +82,14 @@ def main() -> None:
             steps.append(res.stats[0].v_steps)
         res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        if args.profile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            more = fictional_facts(90, 1, seed=3)[80:85]
+            prof.runcall(lambda: (mem.inject(more), sync()))
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
     save(f"scale-{args.shape}", {
         "note": "randomly initialised weights of the real shape; timings only",
         "params_billion": round(n_params / 1e9, 2),
