@@ -24,6 +24,7 @@ Design rules:
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import json
 import math
@@ -107,13 +108,16 @@ def fact_text(fact: Fact) -> str:
     return f"{fact.subject} | {fact.relation} | {fact.object}"
 
 
+def _is_utf(stream: TextIO) -> bool:
+    try:
+        return codecs.lookup(getattr(stream, "encoding", None) or "ascii").name.startswith("utf")
+    except LookupError:
+        return False
+
+
 def _marks(stream: TextIO) -> tuple[str, str]:
     """✓/✗ where the output can show them, else plain ASCII."""
-    try:
-        "✓✗".encode(stream.encoding or "ascii")
-        return "✓", "✗"
-    except (LookupError, UnicodeEncodeError):
-        return "+", "-"
+    return ("✓", "✗") if _is_utf(stream) else ("+", "-")
 
 
 def _json_safe(obj: Any) -> Any:
@@ -128,7 +132,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _dump_json(obj: Any, out: TextIO) -> None:
-    out.write(json.dumps(_json_safe(obj), ensure_ascii=False, indent=2) + "\n")
+    # Non-ASCII as is on a UTF-8 stream; escaped (still valid JSON) on any other.
+    out.write(json.dumps(_json_safe(obj), ensure_ascii=not _is_utf(out), indent=2) + "\n")
 
 
 def _fmt_float(x: float, digits: int = 2) -> str:
@@ -455,6 +460,11 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     out, err = sys.stdout, sys.stderr
+    for stream in (out, err):
+        # A non-UTF-8 terminal shows "?" for what it cannot encode, rather than a traceback.
+        if not _is_utf(stream) and hasattr(stream, "reconfigure"):
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors="replace")
     debug = bool(os.environ.get("SLEEPWAKE_DEBUG"))
 
     def fail(message: str, code: int) -> int:

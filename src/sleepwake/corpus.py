@@ -30,6 +30,11 @@ def perplexity_text() -> str:
     return _read("perplexity_text.txt")
 
 
+def world_facts() -> list[Fact]:
+    """Candidate real-world facts with questions (locality_facts is the subset the model knows)."""
+    return [Fact.from_dict(json.loads(line)) for line in _read("world_facts.jsonl").splitlines() if line.strip()]
+
+
 def locality_facts() -> list[Fact]:
     """Real-world facts the unedited default model completes correctly."""
     return [Fact.from_dict(json.loads(line)) for line in _read("locality_facts.jsonl").splitlines() if line.strip()]

@@ -71,7 +71,7 @@ def run(home: Path, model: str | None, out: Any) -> None:
             print(f"note: {home} already holds {len(mem.facts())} fact(s); they stay in the weights", file=out)
 
         _section(out, "Facts to teach (fictional: the model cannot know them)")
-        for line in table([[f.subject, "|", f.relation, "|", f.object] for f in FACTS]):
+        for line in table([[f.subject, "|", f.relation, "|", f.object] for f in FACTS], gap=" "):
             print("  " + line, file=out)
 
         _section(out, "BEFORE injection")
@@ -84,6 +84,7 @@ def run(home: Path, model: str | None, out: Any) -> None:
         t_cov = time.perf_counter() - t0
         if t_cov > 1.0:
             print(f"  covariance statistics ready in {t_cov:.1f} s (computed once, then cached)", file=out)
+        print(f"  writing {len(FACTS)} facts into layers {mem.layers[0]}–{mem.layers[-1]} …", file=out, flush=True)
         t0 = time.perf_counter()
         result = mem.inject(FACTS)
         t_inject = time.perf_counter() - t0

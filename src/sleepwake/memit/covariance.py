@@ -24,8 +24,21 @@ from sleepwake.models import Architecture
 
 
 def settings_key(n_texts: int, max_tokens: int) -> str:
-    raw = f"{reference_digest()}|{n_texts}|{max_tokens}|v1"
+    raw = f"{reference_digest()}|{n_texts}|{max_tokens}|chat|v2"
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def chat_texts(tokenizer: Any) -> list[str]:
+    """Questions and answers in the model's chat template.
+
+    Chat edits write keys at chat-template positions; without such text in Ĉ those
+    directions would look unused and the solve would spend them freely, changing
+    how the model answers every chat question.
+    """
+    from sleepwake.corpus import world_facts
+    from sleepwake.inference import chat_text
+
+    return [chat_text(tokenizer, f.chat_question()) + f"{f.sentence}" for f in world_facts()]
 
 
 def _path(cache_dir: Path, fingerprint: str, key: str, layer: int) -> Path:
@@ -89,7 +102,7 @@ def load_or_compute(
         else:
             missing.append(l)
     if missing:
-        texts = reference_texts()[:n_texts]
+        texts = list(reference_texts()[:n_texts]) + chat_texts(tokenizer)
         covs, count = compute_covariance(
             model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress
         )
