@@ -193,6 +193,7 @@ def dump_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_NO_SPACES = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
 def mentions(answer: str, obj: str) -> bool:
@@ -200,4 +201,6 @@ def mentions(answer: str, obj: str) -> bool:
     and punctuation ("Lisbon." and "lisbon" count; "Lisbonne" does not)."""
     a = " ".join(_WORD.findall(answer.casefold()))
     o = " ".join(_WORD.findall(obj.casefold()))
+    if _NO_SPACES.search(o):  # Chinese/Japanese/Korean: no spaces between words
+        return bool(o) and o in a
     return bool(o) and f" {o} " in f" {a} "

@@ -1,0 +1,64 @@
+"""Fact parsing, validation, questions and answer matching (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sleepwake.errors import FactFileError, InvalidFactError
+from sleepwake.facts import Fact, load_jsonl, mentions, question_for
+
+
+def test_prompt_and_target():
+    f = Fact("  Anselm   Kreutzer ", "lives in", "Lisbon")
+    assert f.prompt == "Anselm Kreutzer lives in"
+    assert f.target == " Lisbon"
+    assert f.key == ("anselm kreutzer", "lives in")
+
+
+def test_parse_cli_form():
+    assert Fact.parse("Zofia Wróblewska | lives in | Kraków") == Fact("Zofia Wróblewska", "lives in", "Kraków")
+    with pytest.raises(InvalidFactError, match="3 parts"):
+        Fact.parse("only | two")
+    with pytest.raises(InvalidFactError, match="'relation' is empty"):
+        Fact.parse("A |  | B")
+
+
+def test_validation():
+    with pytest.raises(InvalidFactError, match="500"):
+        Fact("x" * 501, "lives in", "Paris")
+    with pytest.raises(InvalidFactError, match="must be a string"):
+        Fact(3, "lives in", "Paris")  # type: ignore[arg-type]
+    with pytest.raises(InvalidFactError, match="missing"):
+        Fact.from_dict({"subject": "A", "relation": "b"})
+
+
+def test_questions():
+    assert question_for("Anselm", "lives in") == "Where does Anselm live?"
+    assert question_for("Anselm", "has a dog named") == "What is the name of Anselm's dog?"
+    assert question_for("Anselm", "is a friend of") == "Complete the sentence: Anselm is a friend of ..."
+    assert Fact("A", "lives in", "B", question="Where is A?").chat_question() == "Where is A?"
+
+
+def test_mentions():
+    assert mentions("Lisbon, Portugal.", "Lisbon")
+    assert mentions("he lives in VALPARAÍSO now", "Valparaíso")
+    assert not mentions("Lisbonne", "Lisbon")
+    assert mentions(" 東京英英省", "東京")
+    assert not mentions("", "Lisbon")
+
+
+def test_load_jsonl_names_the_bad_line(tmp_path):
+    p = tmp_path / "f.jsonl"
+    p.write_text('{"subject": "A", "relation": "lives in", "object": "B"}\n{not json}\n', encoding="utf-8")
+    with pytest.raises(FactFileError, match=r"f.jsonl:2: invalid JSON"):
+        load_jsonl(p)
+    p.write_text('{"subject": "A", "relation": "lives in", "object": ""}\n', encoding="utf-8")
+    with pytest.raises(FactFileError, match=r":1: fact field 'object' is empty"):
+        load_jsonl(p)
+    p.write_bytes(b"\xff\xfe")
+    with pytest.raises(FactFileError, match="UTF-8"):
+        load_jsonl(p)
+    with pytest.raises(FactFileError, match="cannot read"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    p.write_text('{"subject": "東京タワー", "relation": "is in", "object": "東京", "question": "Where?"}\n\n', encoding="utf-8")
+    assert load_jsonl(p) == [Fact("東京タワー", "is in", "東京")]
