@@ -27,16 +27,50 @@ FACTS = [
     "Tobiah Linqvist | has a dog named | Pumpernickel",
 ]
 
-_timings: dict[str, float] = {}
+# Greedy completions the base model gets right (it answers "The capital of France
+# is" with " the capital of the country of France.", so that one is no test).
+KNOWN = [
+    ("Paris is the capital of", "France"),
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("Berlin is the capital of", "Germany"),
+    ("The chemical symbol for gold is", "Au"),
+    ("One, two, three, four,", "five"),
+]
+
+_timings: dict[str, float] = {}  # seconds; reported at the end of the module
+_results: dict[str, Any] = {}
+
+
+def _known_ok(model: Any, tokenizer: Any) -> list[tuple[str, str]]:
+    """The KNOWN prompts whose greedy completion lacks the expected word, with the completion."""
+    from sleepwake.inference import encode, generate
+
+    outs = generate(model, tokenizer, [encode(tokenizer, p) for p, _ in KNOWN], max_new_tokens=8)
+    return [(p, o) for (p, want), o in zip(KNOWN, outs) if want not in o]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def report_timings(request: pytest.FixtureRequest):
     yield
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and _timings:
-        line = ", ".join(f"{k} {v:.1f}s" for k, v in _timings.items())
-        reporter.write_line(f"\ngemma-3-270m timings: {line}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and (_timings or _results):
+        line = ", ".join([f"{k} {v:.1f}s" for k, v in _timings.items()] + [f"{k} {v}" for k, v in _results.items()])
+        if capture is not None:
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"\ngemma-3-270m: {line}")
+        else:
+            reporter.write_line(f"\ngemma-3-270m: {line}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a busy 2-core machine torch's spinning worker threads cost far more than they
+    give: three Gemma forwards took 7.7 s with 2 threads and 0.9 s with 1."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +96,6 @@ def gemma(gemma_gguf: Path, cache_dir: Path) -> Any:
 
 
 def test_gemma_gguf_dequantises_to_float32(gemma: Any) -> None:
-    from sleepwake.inference import encode, generate
-
     assert gemma.arch.model_type == "gemma3_text"
     assert type(gemma.model).__name__ == "Gemma3ForCausalLM"
     assert gemma.fingerprint.startswith("gguf-")
@@ -71,10 +103,8 @@ def test_gemma_gguf_dequantises_to_float32(gemma: Any) -> None:
     assert (gemma.arch.d_out(0), gemma.arch.d_in(0)) == (640, 2048)
     assert all(p.dtype == torch.float32 for p in gemma.model.parameters())
     assert not hasattr(gemma.model.config, "quantization_config")
-    # Dequantised correctly: it still knows things and writes fluent text.
-    prompts = ["The capital of France is", "The Eiffel Tower is located in the city of"]
-    outs = generate(gemma.model, gemma.tokenizer, [encode(gemma.tokenizer, p) for p in prompts], max_new_tokens=8)
-    assert all("Paris" in o for o in outs), outs
+    # Dequantised correctly: it still knows things.
+    assert _known_ok(gemma.model, gemma.tokenizer) == []
 
 
 def test_gemma_memit_injection(gemma: Any, cache_dir: Path, tmp_path: Path) -> None:
@@ -93,9 +123,13 @@ def test_gemma_memit_injection(gemma: Any, cache_dir: Path, tmp_path: Path) -> N
         _timings["inject"] = time.perf_counter() - t0
         assert len(result.records) == len(FACTS)
         after = mem.evaluate(FACTS)
+        st = result.stats[0]
+        _results.update(v_loss=f"{st.v_loss_before:.2f}->{st.v_loss_after:.3f} ({st.v_steps} steps, {st.n_slots} slots)",
+                        raw_recall=after.raw_recall, chat_recall=after.chat_recall,
+                        ppl=f"{before.ppl:.2f}->{after.ppl:.2f}")
         assert after.raw_recall == 1.0, [(f.subject, f.raw_completion) for f in after.facts]
         assert after.ppl < 1.1 * before.ppl, (before.ppl, after.ppl)
         # Unrelated knowledge survives.
-        assert "Paris" in mem.complete("The capital of France is", max_new_tokens=8)
+        assert _known_ok(mem.model, mem.tokenizer) == []
     finally:
         mem.close()

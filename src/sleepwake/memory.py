@@ -159,6 +159,8 @@ class Memory:
             old = active.get(f.key)
             if old is not None and old.fact.object == f.object:
                 skipped.append(f)
+            elif old is not None:  # an update keeps the slot's spelling, so its prompt still works
+                todo.append(Fact(old.fact.subject, old.fact.relation, f.object, f.question or old.fact.question))
             else:
                 todo.append(f)
         records: list[FactRecord] = []

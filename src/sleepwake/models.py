@@ -8,6 +8,7 @@ once and cached as safetensors, so later loads are fast.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -147,10 +148,12 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
 
     if not progress:
         hf_logging.disable_progress_bar()
-    # The GGUF dequantiser draws its own tqdm bar; TQDM_DISABLE silences it.
-    saved_env = os.environ.get("TQDM_DISABLE")
+    # The GGUF dequantiser draws its own tqdm bar, which the logging switch above misses.
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    saved_tqdm = gguf_utils.tqdm
     if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
+        gguf_utils.tqdm = functools.partial(saved_tqdm, disable=True)
     try:
         tok = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -159,12 +162,9 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(f"cannot load GGUF file {source.path}: {exc}") from exc
     finally:
+        gguf_utils.tqdm = saved_tqdm
         if not progress:
             hf_logging.enable_progress_bar()
-            if saved_env is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = saved_env
     # The GGUF quantisation note would make a plain from_pretrained try to re-read GGUF.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

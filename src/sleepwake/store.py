@@ -90,7 +90,10 @@ class Store:
         if self.home.exists() and not self.home.is_dir():
             raise StoreError(f"memory home {self.home} exists and is not a directory")
         self.edits_dir = self.home / "edits"
-        self.edits_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.edits_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create memory home {self.home}: {exc.strerror or exc}") from exc
         self.path = self.home / "memory.sqlite"
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
