@@ -124,9 +124,11 @@ def test_gemma_memit_injection(gemma: Any, cache_dir: Path, tmp_path: Path) -> N
         assert len(result.records) == len(FACTS)
         after = mem.evaluate(FACTS)
         st = result.stats[0]
-        _results.update(v_loss=f"{st.v_loss_before:.2f}->{st.v_loss_after:.3f} ({st.v_steps} steps, {st.n_slots} slots)",
-                        raw_recall=after.raw_recall, chat_recall=after.chat_recall,
-                        ppl=f"{before.ppl:.2f}->{after.ppl:.2f}")
+        _results.update(
+            v_loss=f"{st.v_loss_before:.2f}->{st.v_loss_after:.3f} ({st.v_steps} steps, {st.n_slots} slots)",
+            raw_recall=after.raw_recall, chat_recall=f"{after.chat_recall:.2f}",
+            ppl=f"{before.ppl:.2f}->{after.ppl:.2f}",
+        )
         assert after.raw_recall == 1.0, [(f.subject, f.raw_completion) for f in after.facts]
         assert after.ppl < 1.1 * before.ppl, (before.ppl, after.ppl)
         # Unrelated knowledge survives.

@@ -246,18 +246,21 @@ class ArchSpec:
     layers: tuple[str, ...]  # candidate attribute paths to the ModuleList
     down: str  # path inside one decoder layer
     conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out)
+    post_norm: str | None = None  # a norm between the down-projection and the residual stream
 
 
 _LLAMA_LIKE = ArchSpec(("model.layers", "model.language_model.layers", "language_model.model.layers"), "mlp.down_proj")
+# Gemma 2/3 normalise the MLP output (post_feedforward_layernorm) before adding it.
+_GEMMA_POST_NORM = ArchSpec(_LLAMA_LIKE.layers, _LLAMA_LIKE.down, post_norm="post_feedforward_layernorm")
 ARCHITECTURES: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA_POST_NORM,
+    "gemma3": _GEMMA_POST_NORM,
+    "gemma3_text": _GEMMA_POST_NORM,
     "phi3": _LLAMA_LIKE,
     "gpt2": ArchSpec(("transformer.h",), "mlp.c_proj", conv1d=True),
 }
@@ -299,6 +302,10 @@ class Architecture:
     def down_proj(self, layer: int) -> nn.Module:
         """The module whose input is the MEMIT key and whose weight MEMIT edits."""
         return _get(self.layers[layer], self.spec.down)
+
+    def post_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to the down-projection's output before the residual add, if any."""
+        return _get(self.layers[layer], self.spec.post_norm) if self.spec.post_norm else None
 
     def down_weight(self, layer: int) -> torch.Tensor:
         """The down-projection weight as (d_out, d_in), a view onto the parameter."""

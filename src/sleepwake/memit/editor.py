@@ -19,7 +19,7 @@ from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
 from sleepwake.inference import pad_right
 from sleepwake.memit.requests import build_requests
-from sleepwake.memit.solve import inverse_covariance, solve_update
+from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
 from sleepwake.memit.trace import run_capture
 from sleepwake.models import Architecture, LoadedModel
@@ -135,10 +135,23 @@ class MemitEditor:
         slot_fact = slots.fact.tolist()
         per_fact = [[s for s, f in enumerate(slot_fact) if f == i] for i in range(len(facts))]
         for i, layer in enumerate(tqdm(self.layers, desc="layers", disable=not progress, leave=False)):
-            keys, hid = run_capture(self.model, self.arch, batch, key_layers=(layer,), hidden_layers=(last,))
+            post = self.arch.post_norm(layer)
+            mlp_out: dict[int, torch.Tensor] = {}
+            handle = None
+            if post is not None:  # also read the down-projection's output
+                handle = self.arch.down_proj(layer).register_forward_hook(
+                    lambda _m, _a, o: mlp_out.__setitem__(0, o.detach())
+                )
+            try:
+                keys, hid = run_capture(self.model, self.arch, batch, key_layers=(layer,), hidden_layers=(last,))
+            finally:
+                if handle is not None:
+                    handle.remove()
             k = keys[layer][slots.rows, slots.cols].float()
             cur = hid[last][slots.rows, slots.cols].float()
             resid = (targets.values - cur) / (len(self.layers) - i)
+            if post is not None:  # the residual change this layer owes, as a down-projection change
+                resid = through_post_norm(post, mlp_out[0][slots.rows, slots.cols], resid)
             prev = None
             if self.cfg.constrain_previous and previous:
                 prev = torch.cat([e.k[layer] for e in previous if layer in e.k])

@@ -56,3 +56,39 @@ def direct_update(
         r = torch.cat([r, torch.zeros(prev_keys.shape[0], r.shape[1], dtype=r.dtype, device=r.device)])
     a = lam * cov.double() + k.T @ k
     return torch.linalg.solve(a, k.T @ r).T  # (d_out × d_in), A symmetric
+
+
+def through_post_norm(
+    norm: torch.nn.Module, out: torch.Tensor, resid: torch.Tensor, penalty: float = 1e-3, max_iter: int = 200
+) -> torch.Tensor:
+    """The change Δ of the down-projection output `out` (N×d) that moves `norm(out)` by `resid`.
+
+    Where a norm sits between the MLP and the residual stream (Gemma 2/3), a residual
+    change r is not a down-projection change r: Gemma-3-270M's MLP outputs have norm ~3
+    while the norm's gains (1 + w) range from 0 to ~600, so writing r directly
+    overshoots by orders of magnitude. Solves, per row, with L-BFGS,
+
+        min_Δ ‖norm(out + Δ) − (norm(out) + r)‖² / ‖norm(out) + r‖² + penalty · ‖Δ‖² / ‖out‖²
+
+    (the norm is scale invariant, so the small penalty picks the smallest Δ).
+    """
+    out = out.detach().float()
+    resid = resid.detach().float()
+    with torch.no_grad():
+        want = norm(out).float() + resid
+    want_sq = want.pow(2).sum(-1).clamp_min(1e-12)
+    out_sq = out.pow(2).sum(-1).clamp_min(1e-12)
+    delta = torch.zeros_like(out, requires_grad=True)
+    opt = torch.optim.LBFGS([delta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        got = norm(out + delta).float()
+        loss = ((got - want).pow(2).sum(-1) / want_sq).sum() + penalty * (delta.pow(2).sum(-1) / out_sq).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return delta.detach()
