@@ -20,7 +20,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # Without a GPU, never pull the multi-GB CUDA build: take PyTorch's CPU index
     # (a local CPU wheel, where the machine has one, satisfies the same pin).
     echo "setup: no GPU, installing torch==$TORCH_VERSION (CPU build)"
-    pip install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+    pip install --retries 1 --timeout 15 "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
       || pip install "torch==$TORCH_VERSION"
   fi
 fi

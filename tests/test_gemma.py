@@ -63,16 +63,6 @@ def report_timings(request: pytest.FixtureRequest):
             reporter.write_line(f"\ngemma-3-270m: {line}")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a busy 2-core machine torch's spinning worker threads cost far more than they
-    give: three Gemma forwards took 7.7 s with 2 threads and 0.9 s with 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def gemma_gguf(cache_dir: Path) -> Path:
     pkg = pytest.importorskip(
