@@ -323,26 +323,25 @@ def _check_prompt(text: str, what: str) -> str:
     return text
 
 
-def cmd_complete(ctx: Context) -> int:
-    prompt = _check_prompt(ctx.args.prompt, "prompt")
+def _generate(ctx: Context, kind: str) -> int:
+    """`complete` (raw pathway) and `ask` (chat pathway) differ only in the Memory call."""
+    what, key_out = ("prompt", "completion") if kind == "complete" else ("question", "answer")
+    text_in = _check_prompt(getattr(ctx.args, what), what)
     with ctx.memory() as mem:
-        text = mem.complete(prompt, max_new_tokens=ctx.args.max_new_tokens)
+        text = getattr(mem, kind)(text_in, max_new_tokens=ctx.args.max_new_tokens)
     if ctx.args.json:
-        _dump_json({"prompt": prompt, "completion": text}, ctx.out)
+        _dump_json({what: text_in, key_out: text}, ctx.out)
     else:
         ctx.say(text.strip())
     return 0
+
+
+def cmd_complete(ctx: Context) -> int:
+    return _generate(ctx, "complete")
 
 
 def cmd_ask(ctx: Context) -> int:
-    question = _check_prompt(ctx.args.question, "question")
-    with ctx.memory() as mem:
-        text = mem.ask(question, max_new_tokens=ctx.args.max_new_tokens)
-    if ctx.args.json:
-        _dump_json({"question": question, "answer": text}, ctx.out)
-    else:
-        ctx.say(text.strip())
-    return 0
+    return _generate(ctx, "ask")
 
 
 def cmd_eval(ctx: Context) -> int:
