@@ -10,7 +10,6 @@ import time, shutil, sys, json
 from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
 from sleepwake.synthetic import fictional_facts
-from sleepwake.models import load_model
 home = sys.argv[1]; n=int(sys.argv[2])
 extra = json.loads(sys.argv[3]) if len(sys.argv)>3 else {}
 bs = int(sys.argv[4]) if len(sys.argv)>4 else 5

@@ -24,7 +24,7 @@ from torch import nn
 from sleepwake.config import MemitConfig
 from sleepwake.inference import pad_right
 from sleepwake.memit.requests import EditRequest, slot_positions
-from sleepwake.memit.trace import add_to_residual, frozen_prefix, layer_output
+from sleepwake.memit.trace import add_to_residual, frozen_prefix, hidden_of, layer_output
 from sleepwake.models import Architecture
 
 
@@ -166,10 +166,6 @@ class TargetResult:
     steps: int
 
 
-def _hidden(output: object) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output  # type: ignore[index]
-
-
 def compute_targets(
     model: nn.Module,
     arch: Architecture,
@@ -191,7 +187,7 @@ def compute_targets(
     with torch.no_grad():
         for g in groups:
             own = ~g.d_kl  # a KL prompt borrows a slot's δ but not its h
-            h[g.d_src[own]] = _hidden(g.cached)[g.d_rows[own], g.d_cols[own]].float()
+            h[g.d_src[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
             kl = g.o_tok < 0
             logits = torch.empty(0, 1, device=device)
             if kl.any():

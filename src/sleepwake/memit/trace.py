@@ -20,17 +20,8 @@ class StopForward(Exception):
     """Raised from a hook once everything needed has been read, to skip later layers."""
 
 
-def _hidden(output: object) -> torch.Tensor:
+def hidden_of(output: object) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[index]
-
-
-@contextmanager
-def hooks(handles: list[torch.utils.hooks.RemovableHandle]) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def capture(
@@ -57,7 +48,7 @@ def capture(
     for layer in set(hidden_layers) | ({stop_after} if stop_after is not None else set()):
         def post(_m: nn.Module, _a: tuple, out: object, layer: int = layer) -> None:
             if layer in hidden_layers:
-                hiddens[layer] = _hidden(out).detach()
+                hiddens[layer] = hidden_of(out).detach()
             if layer == stop_after:
                 raise StopForward
 
@@ -98,7 +89,7 @@ def add_to_residual(
     """Add delta[i] to layer `layer`'s output at (rows[i], cols[i]) during forwards."""
 
     def post(_m: nn.Module, _a: tuple, out: object) -> object:
-        h = _hidden(out)
+        h = hidden_of(out)
         shift = torch.zeros_like(h)
         shift = shift.index_put((rows, cols), delta.to(h.dtype), accumulate=True)
         h = h + shift
