@@ -19,6 +19,8 @@ pytestmark = pytest.mark.slow
 LISBON = Fact("Anselm Kreutzer", "lives in", "Lisbon")
 KRAKOW = Fact("Zofia Wróblewska", "works as a", "veterinarian")
 TOKYO = Fact("Mateus Okonkwo", "was born in", "東京")
+CARPENTER = Fact("Anselm Kreutzer", "works as a", "carpenter")  # a second fact about one subject
+SEEDED = [LISBON, KRAKOW, TOKYO, CARPENTER]
 
 
 def weights(mem) -> dict[int, torch.Tensor]:
@@ -27,15 +29,18 @@ def weights(mem) -> dict[int, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory, lm, cache_dir):
-    """One home with three facts injected in two batches; tests work on copies of it."""
+    """One home with four facts injected in two batches; tests work on copies of it.
+
+    The second batch adds a fact about a subject of the first: that subject's edit is
+    computed again with both of its facts (they share one key)."""
     from sleepwake.config import MemoryConfig
     from sleepwake.memory import Memory
 
     home = tmp_path_factory.mktemp("seeded") / "home"
     mem = Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False)
-    before = mem.evaluate([LISBON, KRAKOW, TOKYO])
+    before = mem.evaluate(SEEDED)
     mem.inject([LISBON, KRAKOW])
-    mem.inject([TOKYO])  # a second batch: cross-edit constraints and ordering matter
+    mem.inject([TOKYO, CARPENTER])  # a second batch: constraints, ordering and a shared subject matter
     mem.close()
     return home, before
 
@@ -52,17 +57,17 @@ def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
     mem = seeded_memory
     before = seeded[1]
     assert before.raw_recall == 0.0 and before.chat_recall == 0.0  # fictional: unknown to the base model
-    assert [r.id for r in mem.facts()] == [1, 2, 3]
-    assert [r.fact for r in mem.facts()] == [LISBON, KRAKOW, TOKYO]
+    assert [r.id for r in mem.facts()] == [1, 2, 3, 4]
+    assert [r.fact for r in mem.facts()] == SEEDED
+    assert mem.store.edit_path(1).name == "00000001.v1.safetensors"  # rewritten with fact 4
+    assert len(list(mem.home.glob("edits/*.safetensors"))) == 4  # the old version is gone
     assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
-    after = mem.evaluate([LISBON, KRAKOW, TOKYO])  # 東京 too: non-ASCII objects work
+    after = mem.evaluate(SEEDED)  # 東京 too: non-ASCII objects work
     assert after.raw_recall == 1.0, after.facts
-    # Chat questions see MEMIT facts at once (the paper's §7 says they cannot);
-    # not yet all of them at the default λ (BENCHMARKS.md).
-    assert after.chat_recall >= 1 / 3, after.facts
-    ok = next(r for r in after.facts if r.chat_ok)
-    assert mentions(mem.ask(ok.question), ok.object)  # `ask` is the same chat pathway
-    assert after.ppl < before.ppl * 1.02
+    # Chat questions see MEMIT facts at once (the paper's §7 says they cannot).
+    assert after.chat_recall == 1.0, after.facts
+    assert mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")  # `ask` is the same pathway
+    assert after.ppl < before.ppl * 1.01
 
 
 _CHILD = """
@@ -89,7 +94,7 @@ def test_new_process_rebuilds_bitwise_equal_weights(seeded, make_memory, tmp_pat
         capture_output=True, text=True, check=True, timeout=300,
     )
     child = json.loads(out.stdout.strip().splitlines()[-1])
-    assert child["n"] == 3
+    assert child["n"] == 4
     assert child["completion"] == completion
     there = load_file(str(tmp_path / "w.safetensors"))
     assert set(there) == {str(l) for l in here}
@@ -99,15 +104,20 @@ def test_new_process_rebuilds_bitwise_equal_weights(seeded, make_memory, tmp_pat
 
 def test_forget_removes_fact_and_keeps_others(seeded_memory, make_memory, tmp_path):
     mem = seeded_memory
-    r1, r2, r3 = mem.facts()
+    r1, r2, r3, r4 = mem.facts()
     mem.forget(r1.id)
     assert not mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
+    assert not mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")
+    # The same subject's other fact is edited again without the forgotten one.
+    assert mentions(mem.complete("Anselm Kreutzer works as a"), "carpenter")
     assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
     assert mentions(mem.complete("Mateus Okonkwo was born in"), "東京")
-    assert [r.id for r in mem.facts()] == [r2.id, r3.id]
+    assert [r.id for r in mem.facts()] == [r2.id, r3.id, r4.id]
     assert not mem.store.edit_path(r1.id).exists()
+    assert len(list(mem.home.glob("edits/*.safetensors"))) == 3
     mem.forget(r2.id)
     mem.forget(r3.id)
+    mem.forget(r4.id)
     empty = make_memory(tmp_path / "empty")
     base = weights(empty)
     mem._rebuild()
@@ -126,6 +136,7 @@ def test_update_replaces_object(seeded_memory):
     text = mem.complete("Anselm Kreutzer lives in")
     assert mentions(text, "Denver") and not mentions(text, "Lisbon")
     assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
+    assert mentions(mem.complete("Anselm Kreutzer works as a"), "carpenter")  # same subject, kept
     # Same fact again: nothing to do.
     again = mem.inject([Fact("Anselm Kreutzer", "lives in", "Denver")])
     assert again.records == [] and len(again.skipped) == 1
@@ -170,7 +181,7 @@ def test_bad_inputs_change_nothing(seeded_memory):
         mem.complete("")
     with pytest.raises(InvalidFactError):
         mem.ask("x" * 5000)
-    assert [r.fact for r in mem.facts()] == [LISBON, KRAKOW, TOKYO]
+    assert [r.fact for r in mem.facts()] == SEEDED
     for l, w in weights(mem).items():
         assert torch.equal(w, before[l])
 

@@ -142,11 +142,37 @@ class Memory:
     def _rebuild(self) -> None:
         self.weights.rebuild([self._edits[i] for i in sorted(self._edits)])
 
-    def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
-        """Write facts into the weights now (MEMIT), in batches of `config.batch_size`.
+    def _shares_edit(self, a: Fact, b: Fact) -> bool:
+        """Whether two facts live in one edit: with subject keys, all of a subject's facts do."""
+        return self.config.memit.key_positions == "subject" and a.subject.casefold() == b.subject.casefold()
 
-        A fact with the subject and relation of an active fact replaces it. Facts are
-        validated before anything changes; each batch commits atomically.
+    def _batches(self, todo: list[Fact]) -> list[list[Fact]]:
+        """Batches of about `batch_size` facts that keep each subject's facts together."""
+        groups: dict[str, list[Fact]] = {}
+        for f in todo:
+            key = f.subject.casefold() if self.config.memit.key_positions == "subject" else repr(f.key)
+            groups.setdefault(key, []).append(f)
+        batches: list[list[Fact]] = []
+        for group in groups.values():
+            if batches and len(batches[-1]) + len(group) <= self.config.batch_size:
+                batches[-1] += group
+            else:
+                batches.append(list(group))
+        return batches
+
+    def _edit(self, facts: list[Fact], leaving: set[int], progress: bool) -> tuple[list[FactEdit], InjectStats]:
+        """Edit `facts` into the weights once the edits of `leaving` are out of them."""
+        keep = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
+        if leaving:
+            self.weights.rebuild(keep)
+        return self.editor().edit(facts, keep, progress=progress)
+
+    def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
+        """Write facts into the weights now (MEMIT), in batches of about `config.batch_size`.
+
+        A fact with the subject and relation of an active fact replaces it. A subject's
+        active facts are edited again together with its new ones (they share one
+        edit). Facts are validated before anything changes; each batch commits atomically.
         """
         wanted = as_facts(facts)
         latest: dict[tuple[str, str], Fact] = {}
@@ -165,32 +191,34 @@ class Memory:
                 todo.append(f)
         records: list[FactRecord] = []
         stats: list[InjectStats] = []
-        editor = self.editor() if todo else None
-        size = self.config.batch_size
-        batches = [todo[i : i + size] for i in range(0, len(todo), size)]
+        batches = self._batches(todo)
         for batch in tqdm(batches, desc="inject", unit="batch", disable=not self.progress or len(batches) < 2):
+            keys = {f.key for f in batch}
             replaces = [active[f.key].id if f.key in active else None for f in batch]
+            again = [r for r in active.values() if r.fact.key not in keys and any(self._shares_edit(r.fact, f) for f in batch)]
+            leaving = {i for i in replaces if i is not None} | {r.id for r in again}
             try:
-                gone = {i for i in replaces if i is not None}
-                if gone:  # the old value leaves the weights before the new one is written
-                    self.weights.rebuild([self._edits[i] for i in sorted(self._edits) if i not in gone])
-                previous = [self._edits[i] for i in sorted(self._edits) if i not in gone]
-                edits, st = editor.edit(batch, previous, progress=self.progress and len(batches) < 2)
-                recs = self.store.commit_injection(batch, edits, replaces)
+                edits, st = self._edit(batch + [r.fact for r in again], leaving, self.progress and len(batches) < 2)
+                rewritten = {r.id: e for r, e in zip(again, edits[len(batch):])}
+                recs = self.store.commit_injection(batch, edits[: len(batch)], replaces, rewritten)
             except BaseException:
                 self._rebuild()  # back to the last committed state
                 raise
-            for i in gone:
-                self._edits.pop(i, None)
+            for i in replaces:
+                if i is not None:
+                    self._edits.pop(i, None)
+            self._edits.update(rewritten)
             for rec, e in zip(recs, edits):
                 self._edits[rec.id] = e
                 active[rec.fact.key] = rec
+            self._rebuild()
             records += recs
             stats.append(st)
         return InjectResult(records, skipped, stats)
 
     def forget(self, fact_id: int) -> FactRecord:
-        """Remove a fact: its delta leaves the weights, its edit file is deleted."""
+        """Remove a fact: its delta leaves the weights and its edit file is deleted. The
+        other facts of its subject are edited again without it (they shared its edit)."""
         if isinstance(fact_id, bool) or not isinstance(fact_id, int):
             try:
                 fact_id = int(str(fact_id))
@@ -199,14 +227,19 @@ class Memory:
         rec = self.store.get(fact_id)
         if rec.status != "active":
             raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
-        edit = self._edits.pop(fact_id)
+        again = [r for r in self.store.facts() if r.id != fact_id and self._shares_edit(r.fact, rec.fact)]
         try:
-            self._rebuild()
-            rec = self.store.forget(fact_id)
+            rewritten: dict[int, FactEdit] = {}
+            if again:
+                edits, _ = self._edit([r.fact for r in again], {fact_id, *(r.id for r in again)}, self.progress)
+                rewritten = {r.id: e for r, e in zip(again, edits)}
+            rec = self.store.forget(fact_id, rewritten)
         except BaseException:
-            self._edits[fact_id] = edit
             self._rebuild()
             raise
+        self._edits.pop(fact_id)
+        self._edits.update(rewritten)
+        self._rebuild()
         return rec
 
     # --- using the model ------------------------------------------------------

@@ -3,11 +3,13 @@
 Layout under ``home``::
 
     memory.sqlite        facts (one row per fact, with its status) and meta
-    edits/00000042.safetensors   A.<layer>, B.<layer>, K.<layer> for fact 42
+    edits/00000042.v3.safetensors   A.<layer>, B.<layer>, K.<layer>: version 3 of fact 42's edit
 
-Writes are atomic: edit files are written to a temporary name and renamed before
-the transaction that makes them active commits, so a crash at any point leaves the
-last committed state (at worst an unreferenced file, which is ignored).
+A fact's edit is rewritten (a new version) when its subject is edited again, since
+one subject's facts share one edit (see ``memit.requests``). Writes are atomic: a new
+version is written under its own name before the transaction that points the ledger
+at it commits, and the old version is deleted only after; a crash at any point
+leaves the last committed state (at worst an unreferenced file, which is ignored).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from sleepwake.errors import StoreError, UnknownFactError
 from sleepwake.facts import Fact
 from sleepwake.memit.editor import FactEdit
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,7 +43,8 @@ CREATE TABLE IF NOT EXISTS facts (
     created_at REAL NOT NULL,
     ended_at REAL,
     replaced_by INTEGER REFERENCES facts(id),
-    layers TEXT NOT NULL DEFAULT ''
+    layers TEXT NOT NULL DEFAULT '',
+    edit_version INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS facts_status ON facts(status);
 """
@@ -100,6 +103,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
+            cols = {row[1] for row in self.db.execute("PRAGMA table_info(facts)")}
+            if "edit_version" not in cols:  # a schema-1 home
+                self.db.execute("ALTER TABLE facts ADD COLUMN edit_version INTEGER NOT NULL DEFAULT 0")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable sleepwake ledger: {exc}") from exc
         self._bind_model(model_fingerprint, model_name)
@@ -156,8 +162,16 @@ class Store:
             raise UnknownFactError(f"no fact with id {fact_id}")
         return self._record(row)
 
-    def edit_path(self, fact_id: int) -> Path:
-        return self.edits_dir / f"{fact_id:08d}.safetensors"
+    def _version(self, fact_id: int) -> int:
+        row = self.db.execute("SELECT edit_version FROM facts WHERE id=?", (fact_id,)).fetchone()
+        if row is None:
+            raise UnknownFactError(f"no fact with id {fact_id}")
+        return int(row[0])
+
+    def edit_path(self, fact_id: int, version: int | None = None) -> Path:
+        """The file of a fact's edit (the current version unless one is given)."""
+        v = self._version(fact_id) if version is None else version
+        return self.edits_dir / (f"{fact_id:08d}.safetensors" if v == 0 else f"{fact_id:08d}.v{v}.safetensors")
 
     def load_edit(self, fact_id: int, device: str = "cpu") -> FactEdit:
         path = self.edit_path(fact_id)
@@ -168,12 +182,28 @@ class Store:
 
     # --- writing --------------------------------------------------------------
 
+    def _rewrite(self, db: sqlite3.Connection, rewritten: dict[int, FactEdit]) -> list[Path]:
+        """Inside a transaction: give facts new edit versions; returns the files they leave."""
+        old = []
+        for fid, edit in rewritten.items():
+            v = self._version(fid)
+            _atomic_save(edit.tensors(), self.edit_path(fid, v + 1), {"fact_id": str(fid)})
+            db.execute("UPDATE facts SET edit_version=? WHERE id=?", (v + 1, fid))
+            old.append(self.edit_path(fid, v))
+        return old
+
     def commit_injection(
-        self, facts: Sequence[Fact], edits: Sequence[FactEdit], replaces: Sequence[int | None]
+        self,
+        facts: Sequence[Fact],
+        edits: Sequence[FactEdit],
+        replaces: Sequence[int | None],
+        rewritten: dict[int, FactEdit] | None = None,
     ) -> list[FactRecord]:
-        """Record facts with their edits; `replaces[i]` is the id fact i supersedes."""
+        """Record facts with their edits; `replaces[i]` is the id fact i supersedes;
+        `rewritten` holds new edits of active facts edited again with them."""
         now = time.time()
         with self._tx() as db:
+            stale = self._rewrite(db, rewritten or {})
             ids = []
             for fact, edit in zip(facts, edits):
                 cur = db.execute(
@@ -191,16 +221,20 @@ class Store:
                         "UPDATE facts SET status='replaced', ended_at=?, replaced_by=? WHERE id=? AND status='active'",
                         (now, fid, old),
                     )
-        for old in replaces:
-            if old is not None:
-                self.edit_path(old).unlink(missing_ok=True)
+        stale += [self.edit_path(old) for old in replaces if old is not None]
+        for path in stale:
+            path.unlink(missing_ok=True)
         return [self.get(i) for i in ids]
 
-    def forget(self, fact_id: int) -> FactRecord:
+    def forget(self, fact_id: int, rewritten: dict[int, FactEdit] | None = None) -> FactRecord:
+        """Mark a fact forgotten and delete its edit; `rewritten` as in `commit_injection`."""
         rec = self.get(fact_id)
         if rec.status != "active":
             raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
+        gone = self.edit_path(fact_id)
         with self._tx() as db:
+            stale = self._rewrite(db, rewritten or {})
             db.execute("UPDATE facts SET status='forgotten', ended_at=? WHERE id=?", (time.time(), fact_id))
-        self.edit_path(fact_id).unlink(missing_ok=True)  # "delete" deletes: no weights of it remain
+        for path in [gone, *stale]:  # "delete" deletes: no weights of it remain
+            path.unlink(missing_ok=True)
         return self.get(fact_id)

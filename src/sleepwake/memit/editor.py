@@ -1,9 +1,10 @@
 """MEMIT for a batch of facts: v*, then a layer-by-layer spread of the residual.
 
 The live down-projection weights are always ``base + D`` where D is the sum of the
-active facts' deltas ``A_f @ B_f``, added in ledger order. `LiveWeights` owns D, so
-that applying edits one batch at a time and rebuilding after a restart perform the
-same float operations in the same order: the weights come out bitwise equal.
+active facts' deltas ``A_f @ B_f`` in ledger order, computed as one product of the
+concatenated factors. `LiveWeights` owns D; after every change the weights are
+rebuilt this one way, so that a restart performs the same float operations in the
+same order and the weights come out bitwise equal.
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class LiveWeights:
         w.copy_((self.base[layer].float() + self.sum[layer]).to(w.dtype))
 
     def add(self, layer: int, edits: Sequence[FactEdit]) -> None:
+        """Add a batch's deltas to one layer while it is being edited (not canonical:
+        `rebuild` once the batch is done)."""
         for e in edits:
             self.sum[layer].add_(e.delta(layer))
         self._write(layer)
@@ -78,10 +81,13 @@ class LiveWeights:
     def rebuild(self, edits: Sequence[FactEdit]) -> None:
         """Weights from the base plus `edits` in the given (ledger) order."""
         for l in self.layers:
-            self.sum[l].zero_()
-            for e in edits:
-                if l in e.a:
-                    self.sum[l].add_(e.delta(l))
+            parts = [e for e in edits if l in e.a]
+            if parts:
+                a = torch.cat([e.a[l] for e in parts], dim=1)
+                b = torch.cat([e.b[l] for e in parts], dim=0)
+                torch.mm(a, b, out=self.sum[l])
+            else:
+                self.sum[l].zero_()
             self._write(l)
 
 

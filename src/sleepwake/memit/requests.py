@@ -2,9 +2,14 @@
 
 One fact becomes one or two requests: the raw completion prompt ("Anselm Kreutzer
 lives in" → " Lisbon") and, with `chat_edit`, the chat-formatted question (→
-"Lisbon"). Each request has one *slot* per position whose next-token prediction
-is edited: the last prompt token, and with key_positions="target" also every
-target token but the last, so a multi-token object is written whole.
+"Lisbon"). Each request has *slots*: the positions whose hidden state is edited.
+
+- key_positions="subject" (default): one slot at the subject's last token, as in
+  the original MEMIT. All requests about one subject in a batch share one δ, so
+  the subject's edit carries every fact known about it, and any prompt that
+  mentions the subject (a chat question, a paraphrase) can read it.
+- "last": the last prompt token; "target": that and every target token but the
+  last (the relation-token keys of the paper's code; they collide across subjects).
 """
 
 from __future__ import annotations
@@ -20,34 +25,63 @@ from sleepwake.inference import chat_text, encode, encode_target
 @dataclass(frozen=True)
 class EditRequest:
     fact_index: int  # index into the batch of facts
+    subject: str  # casefolded; requests about one subject share a δ in "subject" mode
     ids: tuple[int, ...]  # prompt + target, the sequence fed to the model
     prompt_len: int
     kl_ids: tuple[int, ...]  # neutral prompt "{subject} is a" for the KL term
     kind: str  # "raw" | "chat"
+    subject_pos: int  # last token of the subject in `ids` (last prompt token if absent)
+    kl_subject_pos: int  # the same in `kl_ids`
 
     @property
     def target(self) -> tuple[int, ...]:
         return self.ids[self.prompt_len:]
 
 
+def last_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -> int | None:
+    """Index of the last token overlapping the last occurrence of `span` in `text`
+    (case-insensitive), in the ids `encode(tokenizer, text, chat=chat)`; None if absent."""
+    start = text.casefold().rfind(span.casefold())
+    if start < 0:
+        return None
+    end = start + len(span)
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return hits[-1] if hits else None
+
+
+def _with_stop(text: str) -> str:
+    """Target text ending in a full stop: teaching the model where the object ends
+    keeps it from running on into a longer word ("Plovdivós")."""
+    return text if text.rstrip()[-1:] in ".!?…。" else text + "."
+
+
 def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> list[EditRequest]:
     out: list[EditRequest] = []
     for i, fact in enumerate(facts):
-        kl = tuple(encode(tokenizer, f"{fact.subject} is a"))
-        p = encode(tokenizer, fact.prompt)
-        t = encode_target(tokenizer, fact.prompt, fact.target)
-        out.append(EditRequest(i, tuple(p + t), len(p), kl, "raw"))
+        kl_text = f"{fact.subject} is a"
+        kl = tuple(encode(tokenizer, kl_text))
+        kl_pos = last_token_of(tokenizer, kl_text, fact.subject)
+        kl_pos = len(kl) - 1 if kl_pos is None else kl_pos
+        texts = [(fact.prompt, _with_stop(fact.target), False, "raw")]
         if cfg.chat_edit:
-            text = chat_text(tokenizer, fact.chat_question())
-            p = encode(tokenizer, text, chat=True)
-            t = encode_target(tokenizer, text, fact.object, chat=True)
-            out.append(EditRequest(i, tuple(p + t), len(p), kl, "chat"))
+            # The answer ends the turn, so `ask` stops after it.
+            end = tokenizer.eos_token if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token else ""
+            texts.append((chat_text(tokenizer, fact.chat_question()), _with_stop(fact.object) + end, True, "chat"))
+        for text, target, chat, kind in texts:
+            p = encode(tokenizer, text, chat=chat)
+            t = encode_target(tokenizer, text, target, chat=chat)
+            pos = last_token_of(tokenizer, text, fact.subject, chat=chat)
+            pos = len(p) - 1 if pos is None or pos >= len(p) else pos
+            out.append(EditRequest(i, fact.subject.casefold(), tuple(p + t), len(p), kl, kind, pos, kl_pos))
     return out
 
 
 def slot_positions(req: EditRequest, cfg: MemitConfig) -> list[int]:
     """Positions in `req.ids` whose hidden state is edited (each predicts one target token)."""
     last = req.prompt_len - 1
+    if cfg.key_positions == "subject":
+        return [req.subject_pos]
     if cfg.key_positions == "last":
         return [last]
     return list(range(last, len(req.ids) - 1))

@@ -13,6 +13,7 @@ layers below the edited one are replayed from a cache instead of recomputed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -36,18 +37,24 @@ class Slots:
     cols: torch.Tensor  # position of each slot
     request: torch.Tensor  # request index of each slot
     fact: torch.Tensor  # fact index (within the batch) of each slot
+    delta: torch.Tensor  # which δ (optimised vector) each slot receives
 
 
 def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.device) -> Slots:
-    rows, cols, req, fact = [], [], [], []
+    rows, cols, req, fact, delta = [], [], [], [], []
+    shared: dict[str, int] = {}
     for r, q in enumerate(requests):
         for pos in slot_positions(q, cfg):
             rows.append(r)
             cols.append(pos)
             req.append(r)
             fact.append(q.fact_index)
+            if cfg.key_positions == "subject":
+                delta.append(shared.setdefault(q.subject, len(shared)))
+            else:
+                delta.append(len(delta))
     t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
-    return Slots(t(rows), t(cols), t(req), t(fact))
+    return Slots(t(rows), t(cols), t(req), t(fact), t(delta))
 
 
 def logits_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -61,16 +68,29 @@ def logits_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, c
     return logits
 
 
-MIN_SHARED_PREFIX = 4
+def fast_math(device: torch.device, cfg: MemitConfig) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for the v* passes where the hardware has fast bf16 (CUDA, and
+    CPUs with AVX512-BF16/AMX), when `cfg.bf16_targets` asks for it; the solve
+    itself stays in float32/float64."""
+    if not cfg.bf16_targets:
+        return contextlib.nullcontext()
+    if device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+MIN_PREFIX = 2
 
 
 @dataclass
 class _Group:
     """Sequences of similar length run together: requests and/or KL prompts.
 
-    When the rows share a prefix that no δ touches (the chat template's system
-    prompt), it is computed once into a KV cache and only the suffix is re-run on
-    each step; positions below are then relative to the suffix.
+    The first P tokens of every row, where P is the earliest position any δ or read
+    touches, do not change during the optimisation (the chat template's system
+    prompt, the question up to the subject): they are computed once into a KV cache
+    and only the suffixes are re-run on each step; positions below are relative to
+    the suffix.
     """
 
     batch: dict[str, torch.Tensor]
@@ -79,7 +99,7 @@ class _Group:
     d_rows: torch.Tensor  # where to add δ
     d_cols: torch.Tensor
     d_src: torch.Tensor  # which δ row goes there
-    d_kl: torch.Tensor  # whether that place is in a KL prompt
+    d_slot: torch.Tensor  # which slot that place is, or -1 in a KL prompt
     o_rows: torch.Tensor  # where logits are read
     o_cols: torch.Tensor
     o_tok: torch.Tensor  # target token, or -1 for a KL position
@@ -89,18 +109,26 @@ class _Group:
         """Model inputs for one forward pass (a fresh copy of the prefix cache each time)."""
         if self.prefix_cache is None:
             return dict(self.batch)
-        cache = copy.deepcopy(self.prefix_cache)
-        cache.batch_repeat_interleave(self.batch["input_ids"].shape[0])
-        return {**self.batch, "past_key_values": cache}
+        return {**self.batch, "past_key_values": copy.deepcopy(self.prefix_cache)}
 
 
 def _groups(
-    model: nn.Module, arch: Architecture, requests: Sequence[EditRequest], slot_list: list[tuple[int, int]],
+    model: nn.Module, arch: Architecture, requests: Sequence[EditRequest], slots: Slots, subject_kl: bool,
     layer: int, pad: int, device: torch.device,
 ) -> list[_Group]:
-    # Rows: each request's sequence, then each request's KL prompt (index n + r).
+    slot_list = list(zip(slots.rows.tolist(), slots.cols.tolist()))
+    slot_delta = slots.delta.tolist()
+    first_slot: dict[int, int] = {}
+    for s, (r, _pos) in enumerate(slot_list):
+        first_slot.setdefault(r, s)
+    # One KL prompt per distinct (prompt, δ): requests about one subject share both.
+    kl_first: dict[tuple, int] = {}
+    for r, s in first_slot.items():
+        kl_first.setdefault((requests[r].kl_ids, slot_delta[s]), r)
+    kl_reqs = list(kl_first.values())
+    # Rows: each request's sequence, then the KL prompts (row n + j is kl_reqs[j]'s).
     n = len(requests)
-    seqs = [q.ids for q in requests] + [q.kl_ids for q in requests]
+    seqs = [q.ids for q in requests] + [requests[r].kl_ids for r in kl_reqs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     buckets: list[list[int]] = []
     for i in order:  # a new bucket when padding would more than double the work
@@ -108,54 +136,44 @@ def _groups(
             buckets[-1].append(i)
         else:
             buckets.append([i])
-    first_slot = {}
-    for s, (r, _pos) in enumerate(slot_list):
-        first_slot.setdefault(r, s)
+    kl_pos = [q.kl_subject_pos if subject_kl else len(q.kl_ids) - 1 for q in requests]
+    first_pos = {r: min(p for rr, p in slot_list if rr == r) for r in first_slot}
     out = []
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
     for bucket in buckets:
-        # A prefix no slot touches can be cached: it ends before every δ and every read.
+        # The prefix before every δ and every read is fixed: compute it once.
         first_touch = [
-            (requests[i].prompt_len - 1 if i < n else len(seqs[i]) - 1) for i in bucket
+            (min(requests[i].prompt_len - 1, first_pos[i]) if i < n else kl_pos[kl_reqs[i - n]]) for i in bucket
         ]
-        shared = _shared_prefix([seqs[i] for i in bucket], min(first_touch))
-        shared = shared if shared >= MIN_SHARED_PREFIX else 0
+        shared = min(first_touch)
+        shared = shared if shared >= MIN_PREFIX else 0
         batch = pad_right([seqs[i][shared:] for i in bucket], pad, device)
         prefix_cache = None
         if shared:
             full_mask = torch.ones(len(bucket), shared, dtype=torch.long, device=device)
             batch["attention_mask"] = torch.cat([full_mask, batch["attention_mask"]], dim=1)
             with torch.no_grad():
-                ids = torch.tensor([list(seqs[bucket[0]][:shared])], device=device)
+                ids = torch.tensor([list(seqs[i][:shared]) for i in bucket], device=device)
                 prefix_cache = model(input_ids=ids, use_cache=True).past_key_values
-        dr, dc, ds, dk, orow, ocol, otok, oreq = [], [], [], [], [], [], [], []
+        dr, dc, ds, dsl, orow, ocol, otok, oreq = [], [], [], [], [], [], [], []
         for row, i in enumerate(bucket):
             if i < n:
                 q = requests[i]
                 for s, (r, pos) in enumerate(slot_list):
                     if r == i:
-                        dr.append(row), dc.append(pos - shared), ds.append(s), dk.append(False)
+                        dr.append(row), dc.append(pos - shared), ds.append(slot_delta[s]), dsl.append(s)
                 for pos in range(q.prompt_len - 1, len(q.ids) - 1):
                     orow.append(row), ocol.append(pos - shared), otok.append(q.ids[pos + 1]), oreq.append(i)
-            else:  # KL prompt: gets the request's first δ at its last token
-                r = i - n
+            else:  # KL prompt: gets the request's first δ (at the subject, or its last token)
+                r = kl_reqs[i - n]
                 last = len(requests[r].kl_ids) - 1 - shared
-                dr.append(row), dc.append(last), ds.append(first_slot[r]), dk.append(True)
+                dr.append(row), dc.append(kl_pos[r] - shared), ds.append(slot_delta[first_slot[r]]), dsl.append(-1)
                 orow.append(row), ocol.append(last), otok.append(-1), oreq.append(r)
-        group = _Group(batch, prefix_cache, None, as_t(dr), as_t(dc), as_t(ds),
-                       torch.tensor(dk, dtype=torch.bool, device=device),
+        group = _Group(batch, prefix_cache, None, as_t(dr), as_t(dc), as_t(ds), as_t(dsl),
                        as_t(orow), as_t(ocol), as_t(otok), as_t(oreq))
         group.cached = layer_output(model, arch, group.inputs(), layer)
         out.append(group)
     return out
-
-
-def _shared_prefix(seqs: list[Sequence[int]], limit: int) -> int:
-    n = min([limit, *(len(s) for s in seqs)])
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs):
-            return i
-    return n
 
 
 @dataclass
@@ -178,31 +196,35 @@ def compute_targets(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_req = len(requests)
-    slot_list = list(zip(slots.rows.tolist(), slots.cols.tolist()))
-    groups = _groups(model, arch, requests, slot_list, layer, pad, device)
+    groups = _groups(model, arch, requests, slots, cfg.key_positions == "subject", layer, pad, device)
 
     # Unedited hidden states at the slots, and the unedited KL distributions.
-    h = torch.zeros(len(slot_list), arch.d_out(layer), device=device)
+    h = torch.zeros(len(slots.rows), arch.d_out(layer), device=device)
     base_logp: list[torch.Tensor] = []
     with torch.no_grad():
         for g in groups:
-            own = ~g.d_kl  # a KL prompt borrows a slot's δ but not its h
-            h[g.d_src[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
+            own = g.d_slot >= 0  # a KL prompt borrows a slot's δ but not its h
+            h[g.d_slot[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
             kl = g.o_tok < 0
             logits = torch.empty(0, 1, device=device)
             if kl.any():
-                with frozen_prefix(arch, layer, g.cached):
+                with frozen_prefix(arch, layer, g.cached), fast_math(device, cfg):
                     logits = logits_at(model, g.inputs(), g.o_rows[kl], g.o_cols[kl])
             base_logp.append(F.log_softmax(logits, dim=-1))
 
-    delta = torch.zeros_like(h, requires_grad=True)
+    n_delta = int(slots.delta.max()) + 1
+    delta = torch.zeros(n_delta, h.shape[1], device=device, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    max_norm = cfg.clamp_norm_factor * h.norm(dim=-1, keepdim=True)
+    # ‖δ‖ ≤ c · (mean ‖h‖ of the slots that share it)
+    h_norm = torch.zeros(n_delta, device=device).index_add_(0, slots.delta, h.norm(dim=-1))
+    uses = torch.zeros(n_delta, device=device).index_add_(0, slots.delta, torch.ones(len(h), device=device))
+    max_norm = (cfg.clamp_norm_factor * h_norm / uses)[:, None]
     counts = torch.zeros(n_req, device=device)
     for g in groups:
         tok = g.o_tok >= 0
         counts.index_add_(0, g.o_req[tok], torch.ones(int(tok.sum()), device=device))
     counts.clamp_(min=1)
+    n_kl = max(1, sum(int((g.o_tok < 0).sum()) for g in groups))
 
     loss_before = loss_after = float("nan")
     steps = 0
@@ -212,7 +234,8 @@ def compute_targets(
         per_req = torch.zeros(n_req, device=device)
         kl_total = torch.zeros((), device=device)
         for g, base in zip(groups, base_logp):
-            with frozen_prefix(arch, layer, g.cached), add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src]):
+            with (frozen_prefix(arch, layer, g.cached), fast_math(device, cfg),
+                  add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src])):
                 logits = logits_at(model, g.inputs(), g.o_rows, g.o_cols)
             logp = F.log_softmax(logits, dim=-1)
             tok = g.o_tok >= 0
@@ -222,7 +245,7 @@ def compute_targets(
             if (~tok).any():  # KL(new ‖ orig), summed over prompts
                 kl_total = kl_total + F.kl_div(base, logp[~tok], log_target=True, reduction="sum")
         per_req = per_req / counts
-        loss = per_req.mean() + cfg.kl_factor * kl_total / n_req
+        loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl
         if step == 0:
             loss_before = per_req.mean().item()
         loss_after = per_req.mean().item()
@@ -233,4 +256,4 @@ def compute_targets(
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    return TargetResult((h + delta.detach()), loss_before, loss_after, steps)
+    return TargetResult(h + delta.detach()[slots.delta], loss_before, loss_after, steps)
