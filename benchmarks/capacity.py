@@ -51,7 +51,9 @@ def main() -> None:
         mem = Memory(home=home, config=cfg, progress=False)
         mem.editor()
         ppl0 = mem.perplexity()
-        # Chat locality: real-world questions the unedited model answers correctly in chat.
+        # Locality: real-world facts the unedited model gets right, as a raw completion
+        # and as a chat answer; afterwards, the share of them still right.
+        raw_known = [f for f, a in zip(loc, raw_completions(mem.model, mem.tokenizer, loc)) if recall([a], [f])]
         chat_known = [f for f, a in zip(loc, chat_answers(mem.model, mem.tokenizer, loc)) if recall([a], [f])]
         rows = []
         t_inject = 0.0
@@ -62,7 +64,7 @@ def main() -> None:
             n = start + 5
             if n in CHECKPOINTS or n == len(facts):
                 rep = mem.evaluate(facts[:n])
-                locality = recall(raw_completions(mem.model, mem.tokenizer, loc), loc)
+                locality = recall(raw_completions(mem.model, mem.tokenizer, raw_known), raw_known)
                 chat_locality = recall(chat_answers(mem.model, mem.tokenizer, chat_known), chat_known)
                 row = {"facts": n, "raw_recall": rep.raw_recall, "chat_recall": rep.chat_recall,
                        "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 4),
@@ -72,7 +74,8 @@ def main() -> None:
                 rows.append(row)
         layers = list(mem.layers)
     save(args.name, {"layers": layers, "lambda": cfg.memit.lambda_reg, "ppl_base": round(ppl0, 4),
-                     "locality_facts": len(loc), "chat_locality_facts": len(chat_known), "rows": rows})
+                     "locality_facts": len(loc), "raw_locality_facts": len(raw_known),
+                     "chat_locality_facts": len(chat_known), "rows": rows})
     plot(rows, RESULTS / f"{args.name}.png")
 
 

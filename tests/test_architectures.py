@@ -39,10 +39,15 @@ INIT_RANGE = 0.1
 # Edit two middle layers of four, leaving one layer above v*. clamp_norm_factor 2
 # (default 0.75): a random model's hidden state holds no signal to build on, and
 # with ‖δ‖ ≤ 0.75‖h‖ phi3 and qwen3 miss the target by 0.1-0.3 logits. The
-# covariance uses fewer texts, for speed.
+# covariance uses fewer texts, for speed. Keys at the last prompt token: with the
+# default subject keys, one random attention layer would have to carry the edit from
+# the subject to the end of the prompt (test_cached_prefix_passes_match_full_forward
+# covers the subject-key machinery on every family; test_memory and test_gemma its
+# effect on real models).
 TEST_LAYERS = (1, 2)
 SMALL = MemoryConfig(progress=False).with_memit(
-    layers=TEST_LAYERS, cov_texts=40, cov_max_tokens=64, chat_edit=False, clamp_norm_factor=2.0
+    layers=TEST_LAYERS, cov_texts=40, cov_max_tokens=64, chat_edit=False, clamp_norm_factor=2.0,
+    key_positions="last",
 )
 
 
@@ -234,6 +239,40 @@ def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
         assert again.complete(PROMPT, max_new_tokens=3) == completion
     finally:
         again.close()
+
+
+def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
+    """v* re-runs only the suffix of each sequence after the first δ or read, on a
+    copy of a KV cache of the prefix. Its logits must equal a full forward pass on
+    every family (positions, masks, sliding windows), and the cache must come out
+    untouched, since every optimisation step reuses it."""
+    from sleepwake.facts import Fact
+    from sleepwake.memit.requests import build_requests
+    from sleepwake.memit.targets import _groups, logits_at, make_slots
+
+    from dataclasses import replace
+
+    lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
+    cfg = replace(SMALL.memit, key_positions="subject", chat_edit=True)
+    facts = [Fact("Anselm Kreutzer", "lives in", "Lisbon"), Fact("Anselm Kreutzer", "works as a", "carpenter"),
+             Fact("Zofia Wróblewska", "was born in", "Kraków")]
+    requests = build_requests(facts, lm.tokenizer, cfg)
+    slots = make_slots(requests, cfg, lm.device)
+    assert slots.delta.tolist() == [0, 0, 0, 0, 1, 1]  # one δ per subject (raw and chat requests)
+    groups = _groups(lm.model, lm.arch, requests, slots, True, 1, 0, lm.device)
+    assert any(g.prefix_cache is not None for g in groups)
+    for g in groups:
+        with torch.no_grad():
+            first = logits_at(lm.model, g.inputs(), g.o_rows, g.o_cols)
+            again = logits_at(lm.model, g.inputs(), g.o_rows, g.o_cols)
+            assert torch.equal(first, again)  # the cache was not extended in place
+            ids = g.batch["input_ids"]
+            full = ids if g.prefix_ids is None else torch.cat([g.prefix_ids, ids], dim=1)
+            shift = full.shape[1] - ids.shape[1]
+            mask = g.batch["attention_mask"]
+            ref = lm.model(input_ids=full, attention_mask=mask, use_cache=False).logits
+            ref = ref[g.o_rows, g.o_cols + shift].float()
+        assert torch.allclose(first, ref, atol=1e-4, rtol=1e-4), (first - ref).abs().max()
 
 
 def _gemma_post_norm_gains(model: torch.nn.Module) -> None:

@@ -43,6 +43,8 @@ class MemitConfig:
     """Adam step for δ. The paper's 0.5 needs ~80 steps for one δ shared by several
     facts and both prompt forms; 2.0 converges in ~35 (BENCHMARKS.md)."""
     kl_factor: float = 0.0625
+    v_weight_decay: float = 0.0
+    """Penalty on ‖δ‖²/‖h‖² in the v* loss: a smaller δ is a smaller weight change."""
     bf16_targets: bool = False
     """Run the v* optimisation in bfloat16 autocast where the hardware is fast at it.
     Off by default: on this CPU it saved 30% of the injection time but cost recall

@@ -27,7 +27,7 @@ from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
-# Edited layers chosen by the sweep in benchmarks/layer_sweep.py (see BENCHMARKS.md).
+# Edited layers chosen by a sweep with benchmarks/probe.py (30 facts; 4–11 beat 2–7 and 8–15, BENCHMARKS.md).
 _DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
     DEFAULT_MODEL: tuple(range(4, 12)),
 }
