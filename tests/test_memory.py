@@ -145,8 +145,9 @@ def test_update_replaces_object(seeded_memory):
 def test_many_facts_about_each_subject(make_memory):
     """20 subjects × 3 relations, injected over several batches.
 
-    The issue asks for all of them; measured raw recall is below that (see
-    BENCHMARKS.md), so this guards the level reached, not the goal.
+    The issue asks for all of them; measured recall is below that (see
+    BENCHMARKS.md), so this guards the level reached, not the goal. A subject's
+    three facts share one edit (keys at the subject), written in one batch.
     """
     from sleepwake.config import MemoryConfig
 
@@ -156,6 +157,7 @@ def test_many_facts_about_each_subject(make_memory):
     report = mem.evaluate(facts)
     missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
     assert report.raw_recall >= 0.85, missed
+    assert report.chat_recall >= 0.8, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts]
     by_subject: dict[str, int] = {}
     for f in report.facts:
         by_subject[f.subject] = by_subject.get(f.subject, 0) + f.raw_ok
