@@ -100,7 +100,7 @@ def plot(rows: list[dict], path) -> None:
     ax2 = ax.twinx()
     ax2.plot(n, [100 * r["ppl_change"] for r in rows], "r--", label="perplexity change (%)")
     ax2.set_ylabel("perplexity change (%)", color="r")
-    fig.legend(loc="lower left", fontsize=8)
+    fig.legend(loc="lower left", bbox_to_anchor=(0.1, 0.18), fontsize=8)
     ax.set_title("MEMIT capacity on SmolLM2-135M-Instruct")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

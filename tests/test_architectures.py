@@ -246,11 +246,11 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     copy of a KV cache of the prefix. Its logits must equal a full forward pass on
     every family (positions, masks, sliding windows), and the cache must come out
     untouched, since every optimisation step reuses it."""
+    from dataclasses import replace
+
     from sleepwake.facts import Fact
     from sleepwake.memit.requests import build_requests
     from sleepwake.memit.targets import _groups, logits_at, make_slots
-
-    from dataclasses import replace
 
     lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
     cfg = replace(SMALL.memit, key_positions="subject", chat_edit=True)
