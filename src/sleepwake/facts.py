@@ -105,9 +105,14 @@ class Fact:
         return f"{self.subject} {self.relation} {self.object}."
 
     @property
+    def subject_key(self) -> str:
+        """Identity of the subject: its facts share one MEMIT edit (subject keys)."""
+        return self.subject.casefold()
+
+    @property
     def key(self) -> tuple[str, str]:
         """Identity of the slot this fact fills: a newer fact with the same key replaces it."""
-        return (self.subject.casefold(), self.relation.casefold())
+        return (self.subject_key, self.relation.casefold())
 
     def chat_question(self) -> str:
         """The question a user would ask in chat to get this fact back."""

@@ -142,16 +142,18 @@ class Memory:
     def _rebuild(self) -> None:
         self.weights.rebuild([self._edits[i] for i in sorted(self._edits)])
 
+    def _edit_group(self, fact: Fact) -> object:
+        """Facts with one group live in one edit: with subject keys, a subject's facts."""
+        return fact.subject_key if self.config.memit.key_positions == "subject" else fact.key
+
     def _shares_edit(self, a: Fact, b: Fact) -> bool:
-        """Whether two facts live in one edit: with subject keys, all of a subject's facts do."""
-        return self.config.memit.key_positions == "subject" and a.subject.casefold() == b.subject.casefold()
+        return self._edit_group(a) == self._edit_group(b)
 
     def _batches(self, todo: list[Fact]) -> list[list[Fact]]:
-        """Batches of about `batch_size` facts that keep each subject's facts together."""
-        groups: dict[str, list[Fact]] = {}
+        """Batches of about `batch_size` facts that keep each edit group together."""
+        groups: dict[object, list[Fact]] = {}
         for f in todo:
-            key = f.subject.casefold() if self.config.memit.key_positions == "subject" else repr(f.key)
-            groups.setdefault(key, []).append(f)
+            groups.setdefault(self._edit_group(f), []).append(f)
         batches: list[list[Fact]] = []
         for group in groups.values():
             if batches and len(batches[-1]) + len(group) <= self.config.batch_size:

@@ -25,7 +25,7 @@ from sleepwake.inference import chat_text, encode, encode_target
 @dataclass(frozen=True)
 class EditRequest:
     fact_index: int  # index into the batch of facts
-    subject: str  # casefolded; requests about one subject share a δ in "subject" mode
+    subject: str  # Fact.subject_key; requests about one subject share a δ in "subject" mode
     ids: tuple[int, ...]  # prompt + target, the sequence fed to the model
     prompt_len: int
     kl_ids: tuple[int, ...]  # neutral prompt "{subject} is a" for the KL term
@@ -73,7 +73,7 @@ def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> l
             t = encode_target(tokenizer, text, target, chat=chat)
             pos = last_token_of(tokenizer, text, fact.subject, chat=chat)
             pos = len(p) - 1 if pos is None or pos >= len(p) else pos
-            out.append(EditRequest(i, fact.subject.casefold(), tuple(p + t), len(p), kl, kind, pos, kl_pos))
+            out.append(EditRequest(i, fact.subject_key, tuple(p + t), len(p), kl, kind, pos, kl_pos))
     return out
 
 
