@@ -2,10 +2,17 @@
 
     python benchmarks/extraction.py
 
-Two corpora under tests/data: extraction_corpus.jsonl (written before the rules;
-its author then wrote the rules, so it measures coverage of what was planned) and
-extraction_heldout.jsonl (written after the rules were frozen and committed before
-they were run on it: the honest estimate for new phrasings).
+Three corpora under tests/data, all written by the rules' author:
+- extraction_corpus.jsonl: written and committed before the rules; the rules were
+  then written with it in view, so it measures coverage of what was planned.
+- extraction_heldout.jsonl: written after the first rules and committed before they
+  ran on it (first run: precision 0.885, recall 0.582). Its misses then led to
+  general fixes, so it is no longer held out.
+- extraction_heldout2.jsonl: committed before those fixes and not looked at while
+  making them: the honest estimate for new phrasings. Its first run (rules after
+  the fixes) gave precision 1.0, recall 0.672; two bugs it showed were then fixed
+  ("my mother tongue" read as a mother; "I've worked as"), so later runs of it
+  are slightly optimistic.
 
 Facts match when subject, relation and object agree ignoring case and runs of
 whitespace. Lines that share a "conversation" key share one ConversationState,
@@ -25,6 +32,7 @@ from sleepwake.extract import ConversationState, RuleExtractor, extract_turn
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 CORPUS = DATA / "extraction_corpus.jsonl"
 HELDOUT = DATA / "extraction_heldout.jsonl"
+HELDOUT2 = DATA / "extraction_heldout2.jsonl"
 
 Triple = tuple[str, str, str]
 
@@ -84,7 +92,7 @@ def main() -> None:
     from common import save  # imports torch: only for the result file's machine line
 
     results = {}
-    for path in (CORPUS, HELDOUT):
+    for path in (CORPUS, HELDOUT, HELDOUT2):
         rows = load_corpus(path)
         results[path.stem] = {"path": str(path.relative_to(DATA.parent.parent)), **score(rows, predictions(rows))}
     save("extraction", {"extractor": "rules", "corpora": results})

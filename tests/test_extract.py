@@ -72,6 +72,42 @@ def test_family_members_become_subjects_linked_to_the_user():
         ("Maria", "has a son named", "Leo"), ("Leo", "is aged", "6")}
 
 
+@pytest.mark.parametrize("message, expected", [
+    ("My partner, Sam, is a chef.", {("the user", "has a partner named", "Sam"), ("Sam", "works as", "a chef")}),
+    ("My older brother Jamal works for the UN.",
+     {("the user", "has a brother named", "Jamal"), ("Jamal", "works at", "the UN")}),
+    ("My mother-in-law is 70.", {("the user's mother-in-law", "is aged", "70")}),
+    ("Pedro's cat is called Nube.", {("Pedro", "has a cat named", "Nube")}),
+    ("Our dog, Bolt, is 3.", {("the user", "has a dog named", "Bolt"), ("Bolt", "is aged", "3")}),
+])
+def test_relatives_in_other_shapes(message, expected):
+    assert triples(message) == expected
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Just moved to Tromsø!", {("the user", "lives in", "Tromsø")}),
+    ("Currently living in Quito, working at a hospital.",
+     {("the user", "lives in", "Quito"), ("the user", "works at", "a hospital")}),
+    ("Hello, Dave here.", {("the user", "is named", "Dave")}),
+    ("Name's Rui.", {("the user", "is named", "Rui")}),
+    ("I was born in Accra on 1 May 1990.", {("the user", "was born in", "Accra"), ("the user", "was born on", "1 May 1990")}),
+    ("I've got a shellfish allergy.", {("the user", "is allergic to", "shellfish")}),
+    ("My car's an old Saab.", {("the user", "drives", "an old Saab")}),
+    ("I'm a huge Benfica fan.", {("the user", "likes", "Benfica")}),
+    ("Polish is my first language.", {("the user", "speaks", "Polish")}),
+    ("I'm 40 and retired.", {("the user", "is aged", "40")}),
+    ("My mother tongue is Catalan.", {("the user", "speaks", "Catalan")}),  # not "<user>'s mother"
+    ("I've worked as a welder for 20 years.", {("the user", "works as", "a welder")}),
+])
+def test_chat_shorthand_and_other_phrasings(message, expected):
+    assert triples(message) == expected
+
+
+def test_a_list_with_a_possessive_item_is_not_a_list_of_things():
+    assert triples("I adore my cat, Pixel.") == set()  # not (user, likes, Pixel)
+    assert triples("We've just moved to Wellington.") == {("the user", "lives in", "Wellington")}  # not "owns"
+
+
 def test_third_person_statements():
     assert triples("Carlos works at Siemens and speaks German.") == {
         ("Carlos", "works at", "Siemens"), ("Carlos", "speaks", "German")}
@@ -176,6 +212,16 @@ def test_rules_meet_the_precision_and_recall_goal_on_the_corpus():
     result = bench.score(rows, bench.predictions(rows))
     assert result["precision"] >= 0.9, result["errors"]
     assert result["recall"] >= 0.8, result["errors"]
+
+
+@pytest.mark.parametrize("name", ["extraction_heldout.jsonl", "extraction_heldout2.jsonl"])
+def test_rules_stay_precise_on_the_held_out_corpora(name):
+    """Recall on phrasings the rules were not written for is lower (benchmarks/results/extraction.json: about 0.7);
+    precision must not be: a wrong memory is worse than a missing one."""
+    bench = _benchmark()
+    rows = bench.load_corpus(DATA / name)
+    result = bench.score(rows, bench.predictions(rows))
+    assert result["precision"] >= 0.9, result["errors"]
 
 
 # ---------------------------------------------------------------- model extractor

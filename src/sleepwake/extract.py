@@ -5,13 +5,19 @@ memory edits the model with the prompt ``subject relation`` and the target
 `` object``. "I", "me", "my" and "we" become the user's name once it is known
 (stated earlier in the conversation, or given), else ``ConversationState.default_subject``.
 
-Relation vocabulary (one relation per slot, so a newer fact replaces an older one):
+Relation vocabulary. A single-valued slot (where one lives, job, age...) always gets
+the same relation, so a newer fact replaces an older one ("I moved to Denver" gives
+"lives in"). List-valued relations (speaks, likes, is allergic to, has a <kind>
+named, plays...) give one fact per item: a memory that replaces facts by subject and
+relation keeps only the last of them. "favorite <thing> is" is the one relation that
+does not read as a sentence ("Maria favorite color is green"): "Maria's" would need
+the prompt without its space.
 
 =========================  ===========================================  =====================
 relation                   from                                         object
 =========================  ===========================================  =====================
-is named                   "my name is X", "I'm X", "call me X"         the name; the subject
-                                                                        is always the default
+is named                   "my name is X", "I'm X", "call me X",        the name; the subject
+                           "X here"                                     is always the default
 is aged                    "I'm 34", "I just turned 40", "my age is"    digits: "34"
 lives in                   "I live in / I'm based in / I moved to X"    place
 lived in                   "I used to live in X", "moved from X to"     place
@@ -39,7 +45,9 @@ plays the / plays          "I play (the) guitar" / "I play tennis"      instrume
 
 Family members and friends become subjects of their own: "my sister Ana lives in
 Porto" gives (user, has a sister named, Ana) and (Ana, lives in, Porto); an unnamed
-one is "<user>'s brother". "She"/"he" refer to the last such person in the message.
+one is "<user>'s brother"; "Pedro's dog is called Toby" links Pedro to Toby. "She"/
+"he" refer to the last such person in the message. Chat shorthand without "I"
+("Just moved to Oslo!", "Currently living in Quito") is about the user.
 Questions, hedges ("might", "want to", "if"), negations ("don't", "no longer") and
 the assistant's turns give no facts: a wrong memory is worse than a missing one.
 """
@@ -165,9 +173,9 @@ class ModelExtractor:
 def _first_json_list(text: str) -> list[object]:
     """The first JSON array in `text` (models wrap answers in prose); [] if none parses."""
     decoder = json.JSONDecoder()
-    for m in re.finditer(r"\[", text):
+    for start in (i for i, c in enumerate(text) if c == "["):
         try:
-            value, _ = decoder.raw_decode(text, m.start())
+            value, _ = decoder.raw_decode(text, start)
         except json.JSONDecodeError:
             continue
         if isinstance(value, list):
@@ -235,6 +243,7 @@ _POSSESSIONS = _words("""
     motorbike motorcycle moped scooter tractor truck van yacht
 """)
 _RELATIVES = (
+    "brother-in-law|sister-in-law|mother-in-law|father-in-law|son-in-law|daughter-in-law|"
     "best friend|boyfriend|girlfriend|friend|twin sister|twin brother|sister|brother|mother|mom|mum|"
     "mama|father|dad|papa|son|daughter|wife|husband|spouse|partner|fiancée|fiancé|fiancee|fiance|"
     "cousin|aunt|uncle|grandmother|grandma|granny|grandfather|grandpa|granddad|grandson|granddaughter|"
@@ -249,12 +258,13 @@ _SPOUSES = {"wife", "husband", "spouse"}
 _ONES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
 _TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+_NUMBER_WORDS = re.compile(r"[-\s]+")
 _NUMBER = rf"\d{{1,3}}|(?:{'|'.join(_TENS)})(?:[-\s](?:{'|'.join(_ONES[1:10])}))?|{'|'.join(_ONES)}"
 
 
 def _number(text: str) -> str | None:
     """'34', 'thirty-two' -> digits; None if not a plausible age."""
-    words = re.split(r"[-\s]+", text.lower())
+    words = _NUMBER_WORDS.split(text.lower())
     if words[0].isdigit():
         n = int(words[0])
     elif words[0] in _TENS:
@@ -279,19 +289,21 @@ _QUESTION_START = _ci(
 _CONTRACTIONS = [(_ci(p), r) for p, r in [
     (r"\bcan't\b", "cannot"), (r"\bwon't\b", "will not"), (r"n't\b", " not"),
     (r"\b(I)'m\b", r"\1 am"), (r"\b(we|you|they)'re\b", r"\1 are"), (r"\b(I|we|you|they)'ve\b", r"\1 have"),
-    (r"\b(he|she|it|that|there|name)'s\b", r"\1 is"), (r"'ll\b", " will"),
+    (r"\b(he|she|it|that|there|name)'s\b", r"\1 is"), (r"\b(\w+)'s(?=\s+an?\s)", r"\1 is"), (r"'ll\b", " will"),
     (r"\b(I|we|you|he|she|they)'d\b", r"\1 would"),
 ]]
 # A clause starts with a subject, or a verb whose subject is the previous clause's.
 _SEPARATOR = _ci(r"\s*[,;:]\s*(?:and\s+|but\s+|so\s+)?|\s+(?:and|but|so)\s+")
-_VERBS = (r"(?:live|lives|work|works|play|plays|speak|speaks|study|studies|studied|moved|grew|allergic|"
-          r"was|were|have|has|love|loves|like|likes|hate|hates|enjoy|enjoys|own|owns|drive|drives|am|is|got)")
+_VERBS = (r"(?:live|lives|work|works|play|plays|speak|speaks|study|studies|studied|moved|grew|allergic|born|"
+          r"was|were|have|has|love|loves|like|likes|hate|hates|enjoy|enjoys|own|owns|drive|drives|am|is|got|"
+          r"living|working|studying|based)")
 _CLAUSE_START = _ci(rf"^(?:(?:now|then|also|actually)\s+)?(?:(?:i|we|my|she|he)\b|{_VERBS}\b)")
-_NAME_THEN_VERB = re.compile(rf"^\S+(?:\s+\S+)?\s+{_VERBS}\b")
+_NAME_THEN_VERB = re.compile(rf"^[^\s,]+(?:\s+[^\s,]+)?\s+{_VERBS}\b")
 _LEAD = _ci(
     r"^(?:(?:and|but|so|also|actually|anyway|well|oh|btw|now|then|these days|nowadays|currently|recently|"
     r"right now|at the moment|by the way|fyi|for the record|just so you know|honestly|frankly|basically|"
-    r"personally|seriously|luckily|fortunately|unfortunately|sadly|yeah|yes|ok|okay|um|fun fact)\b[,:\s]*)+")
+    r"personally|seriously|luckily|fortunately|unfortunately|sadly|yeah|yes|ok|okay|um|fun fact|"
+    r"hey there|hi there|hi|hello|hey|good (?:morning|afternoon|evening))\b[,:!\s]*)+")
 _REMEMBER = _ci(r"^(?:please\s+)?(?:remember|note|keep in mind|do not forget|never forget)\s+(?:that\s+)?")
 # Checked on the clause with its first letter lowered, so the month "May" is no hedge.
 _HEDGE = re.compile(
@@ -302,13 +314,18 @@ _NEGATIVE_LIKES = _ci(r"\b(?:do|does|did) not (?:like|enjoy)\b|\bcan ?not stand\
 _CUT = _ci(
     r"\s+(?:with|since|for|because|as|while|when|where|which|who|though|although|until|every|last|next|"
     r"these days|nowadays|lately|currently|now|today|tonight|yesterday|tomorrow|anymore|again|too|"
-    r"as well|right now|at the moment|recently|btw|by the way|so far|already|"
+    r"as well|right now|at the moment|recently|btw|by the way|so far|already|originally|is|are|was|were|"
     r"in (?:january|february|march|april|may|june|july|august|september|october|november|december|\d{4})|"
     r"\S+ (?:years?|months?|weeks?|days?) ago)\b.*$")
 _LIST_SEPARATOR = _ci(r"\s*,\s*(?:and\s+|or\s+)?|\s+(?:and|or|&)\s+")
 _FIRST_ITEM = _ci(r"\s*[,;]|\s+and\s+")
 _PLAY_CUT = _ci(r"\s+(?:in|on|at|with)\b.*$")
 _THE = _ci(r"^the\s+")
+_ARTICLE = _ci(r"^an?\s")
+_YEAR = re.compile(r"\d{4}")
+_LETTERS = re.compile(r"[^\W\d_]+")
+_JOB_PLACE = _ci(r"\s+(?:in|from|of)\s.*$")  # "a dentist in Kraków" -> "a dentist"
+_BORN_PARTS = _ci(r"(?P<prep>in|on)\s+(?P<value>.+?)(?=\s+(?:on\s|in\s+\d{4}\b)|$)")
 # Pronouns, and possessives that would read wrongly after a third-person subject ("Maria loves my job").
 _JUNK_OBJECT = _words("it that this them him her you your there here something anything everything nothing "
                       "someone me us my our his their")
@@ -381,7 +398,8 @@ def _object(text: str) -> str | None:
 
 def _items(text: str) -> list[str]:
     """Objects of a list-valued relation: "cats and penicillin" -> two."""
-    return [o for part in _LIST_SEPARATOR.split(_tidy(text)) if (o := _object(part))]
+    items = [_object(part) for part in _LIST_SEPARATOR.split(_tidy(text))]
+    return [o for o in items if o] if all(items) else []
 
 
 def _article(noun: str) -> str:
@@ -396,8 +414,9 @@ def _kind(word: str) -> str:
 
 Pairs = list[tuple[str, str]]
 _ADV = (r"(?:(?:just|recently|also|now|currently|still|actually|really|absolutely|totally|originally|"
-        r"always|definitely|even|only|already|finally|happily|very|severely|highly|so|pretty|quite)\s+)*")
+        r"always|definitely|even|only|already|finally|happily|very|severely|highly|so|pretty|quite|started|began)\s+)*")
 _BE = rf"(?:am|is|are)\s+{_ADV}"
+_BE_OPT = rf"(?:{_BE})?"  # before a participle: "I'm living in", or shorthand "living in"
 
 
 def _p(body: str) -> re.Pattern[str]:
@@ -426,18 +445,22 @@ def _moved(m: re.Match[str]) -> Pairs:
 
 
 def _born(m: re.Match[str]) -> Pairs:
-    obj = _object(m["obj"])
-    if obj is None:
-        return []
-    if m["prep"].lower() == "on":
-        return [("was born on", obj)]
-    return [("was born in the year" if re.fullmatch(r"\d{4}", obj) else "was born in", obj)]
+    """'in Nairobi on 12 June 1988', 'in 北京 in 1990': place, date and year."""
+    pairs = []
+    for part in _BORN_PARTS.finditer(m["obj"]):
+        if (obj := _object(part["value"])) is None:
+            continue
+        if part["prep"].lower() == "on":
+            pairs.append(("was born on", obj))
+        else:
+            pairs.append(("was born in the year" if _YEAR.fullmatch(obj) else "was born in", obj))
+    return pairs
 
 
 def _job(m: re.Match[str], *, known_only: bool = False) -> Pairs:
     """'a doctor at St. Mary's' -> works as a doctor, works at St. Mary's."""
     job, _, place = _tidy(m["obj"]).partition(" at ")
-    job = _object(re.sub(r"\s+(?:in|from|of)\s.*$", "", job))
+    job = _object(_JOB_PLACE.sub("", job))
     if job is None or known_only and job.split()[-1].lower() not in _OCCUPATIONS:
         return []
     return [("works as", job)] + ([("works at", o)] if place and (o := _object(place)) else [])
@@ -446,19 +469,19 @@ def _job(m: re.Match[str], *, known_only: bool = False) -> Pairs:
 def _employer(m: re.Match[str]) -> Pairs:
     org, _, job = m["obj"].partition(" as ")
     pairs = [("works at", o)] if (o := _object(org)) else []
-    return pairs + ([("works as", j)] if re.match(r"an?\s", job) and (j := _object(job)) else [])
+    return pairs + ([("works as", j)] if _ARTICLE.match(job) and (j := _object(job)) else [])
 
 
 def _study(relation: str) -> Callable[[re.Match[str]], Pairs]:
     def pairs(m: re.Match[str]) -> Pairs:
         field, _, school = (" " + _tidy(m["obj"])).partition(" at ")
-        out = [(relation, o)] if (o := _object(field)) else []
+        out = [(relation, o)] if (o := _object(field.partition(" in ")[0])) else []
         return out + ([(relation + " at", s)] if (s := _object(school)) else [])
     return pairs
 
 
-def _languages(m: re.Match[str]) -> Pairs:
-    return [("speaks", w) for w in re.findall(r"[^\W\d_]+", m["obj"]) if w.lower() in _LANGUAGES]
+def _languages(text: str) -> Pairs:
+    return [("speaks", w) for w in _LETTERS.findall(text) if w.lower() in _LANGUAGES]
 
 
 def _plays(m: re.Match[str]) -> Pairs:
@@ -474,7 +497,8 @@ def _plays(m: re.Match[str]) -> Pairs:
 
 def _owned(obj: str | None) -> bool:
     """A thing worth remembering owning: a vehicle, a home, or a brand ("a Tesla")."""
-    return bool(obj) and (obj.split()[-1].lower() in _POSSESSIONS or any(_is_name_word(w) for w in obj.split()[1:]))
+    return bool(obj and _ARTICLE.match(obj)) and (
+        obj.split()[-1].lower() in _POSSESSIONS or any(_is_name_word(w) for w in obj.split()[1:]))
 
 
 def _bought(m: re.Match[str]) -> Pairs:
@@ -510,37 +534,41 @@ def _has(m: re.Match[str]) -> Pairs:
 _PREDICATES: list[tuple[re.Pattern[str], Callable[[re.Match[str]], Pairs]]] = [
     (_p(r"my\s+favou?rite\s+(?P<what>[a-z]+(?:\s+[a-z]+)?)\s+is\s+(?P<obj>.+)"), _favorite),
     (_p(rf"my\s+age\s+is\s+(?P<n>{_NUMBER})$"), _age),
-    (_p(rf"{_BE}(?P<n>{_NUMBER})(?:\s+(?:years?|yrs?)(?:\s+old)?|\s+y/?o)?(?:\s+now)?$"), _age),
+    (_p(rf"{_BE}(?P<n>{_NUMBER})(?:\s+(?:years?|yrs?)(?:\s+old)?|\s+y/?o)?(?:\s+now)?(?:\s+(?:and|but)\s.*)?$"), _age),
     (_p(rf"turned\s+(?P<n>{_NUMBER})\b"), _age),
-    (_p(rf"(?:live|lives|reside|resides|{_BE}(?:living|based|residing)|(?:have|has)\s+(?:been\s+living|lived))"
+    (_p(rf"(?:live|lives|reside|resides|{_BE_OPT}(?:living|based|residing)|(?:have|has)\s+(?:been\s+living|lived))"
         r"\s+in\s+(?P<obj>.+)"), _one("lives in")),
-    (_p(r"(?:(?:have|has)\s+)?(?:moved|relocated)\s+(?:back\s+)?(?:from\s+(?P<old>.+?)\s+)?to\s+(?P<obj>.+)"), _moved),
+    (_p(rf"(?:(?:have|has)\s+{_ADV})?(?:moved|relocated)\s+(?:back\s+)?(?:from\s+(?P<old>.+?)\s+)?to\s+(?P<obj>.+)"), _moved),
     (_p(r"(?:used\s+to\s+live|lived)\s+in\s+(?P<obj>.+)"), _one("lived in")),
-    (_p(r"(?:was|were)\s+born\s+(?:and\s+(?:raised|bred)\s+)?(?P<prep>in|on)\s+(?P<obj>.+)"), _born),
+    (_p(r"(?:(?:was|were)\s+)?born\s+(?:and\s+(?:raised|bred)\s+)?(?P<obj>(?:in|on)\s+.+)"), _born),
     (_p(rf"(?:{_BE}|comes?\s+{_ADV})from\s+(?P<obj>.+)"), _one("is from")),
-    (_p(rf"(?:work|works|{_BE}working)\s+as\s+(?P<obj>an?\s+.+)"), _job),
-    (_p(rf"(?:work|works|{_BE}working|(?:have|has)\s+(?:been\s+working|worked))\s+(?:at|for)\s+(?P<obj>.+)"),
+    (_p(rf"(?:work|works|{_BE_OPT}working|(?:have|has)\s+(?:been\s+working|worked))\s+as\s+(?P<obj>an?\s+.+)"),
+     _job),
+    (_p(rf"(?:work|works|{_BE_OPT}working|(?:have|has)\s+(?:been\s+working|worked))\s+(?:from\s+home\s+)?"
+        r"(?:at|for)\s+(?P<obj>.+)"),
      _employer),
-    (_p(rf"{_BE}employed\s+(?:by|at)\s+(?P<obj>.+)"), _one("works at")),
+    (_p(rf"{_BE}employed\s+(?:by|at)\s+(?P<obj>.+)"), _employer),
     (_p(r"(?:(?:have|has)\s+)?(?:got|landed|started)\s+a\s+(?:new\s+)?job\s+(?:at|with)\s+(?P<obj>.+)"),
      _one("works at")),
     (_p(rf"{_BE}(?:a\s+)?(?:big\s+|huge\s+|great\s+)?fan\s+of\s+(?P<obj>.+)"), _many("likes")),
+    (_p(rf"{_BE}an?\s+(?:big\s+|huge\s+|great\s+)?(?P<obj>.+?)\s+fan$"), _many("likes")),
     (_p(rf"{_BE}into\s+(?P<obj>.+)"), _many("likes")),
     (_p(rf"{_BE}an?\s+(?:\w+\s+)?student\s+at\s+(?P<obj>.+)"), _one("studies at")),
-    (_p(rf"{_BE}(?P<obj>an?\s+.+)"), lambda m: _job(m, known_only=True)),
-    (_p(rf"(?:study|studies|{_BE}studying)\s+(?P<obj>.+)"), _study("studies")),
+    (_p(rf"(?:{_BE}|(?:have|has)\s+been\s+{_ADV})(?P<obj>an?\s+.+)"), lambda m: _job(m, known_only=True)),
+    (_p(rf"(?:study|studies|{_BE_OPT}studying)\s+(?P<obj>.+)"), _study("studies")),
     (_p(r"studied\s+(?P<obj>.+)"), _study("studied")),
     (_p(rf"{_BE}majoring\s+in\s+(?P<obj>.+)"), _one("studies")),
     (_p(rf"{_BE}doing\s+an?\s+(?:phd|ph\.d\.|master'?s|bachelor'?s|degree|doctorate)(?:\s+degree)?\s+in\s+(?P<obj>.+)"),
      _one("studies")),
     (_p(rf"{_BE}learning\s+(?P<obj>(?!(?:a|an|the|to|how|about|from|so|that|this|it|more|much|lots)\b).+)"),
      _one("studies")),
-    (_p(r"(?:speak|speaks|can\s+speak)\s+(?P<obj>.+)"), _languages),
-    (_p(rf"{_BE}fluent\s+in\s+(?P<obj>.+)"), _languages),
-    (_p(r"my\s+(?:native\s+language|mother\s+tongue|first\s+language)\s+is\s+(?P<obj>.+)"), _languages),
+    (_p(r"(?:speak|speaks|can\s+speak)\s+(?P<obj>.+)"), lambda m: _languages(m["obj"])),
+    (_p(rf"{_BE}fluent\s+in\s+(?P<obj>.+)"), lambda m: _languages(m["obj"])),
     (_p(rf"(?:{_BE})?allergic\s+to\s+(?P<obj>.+)"), _many("is allergic to")),
-    (_p(r"(?:have|has)\s+an?\s+(?:\w+\s+)?allergy\s+to\s+(?P<obj>.+)"), _many("is allergic to")),
-    (_p(r"(?:(?:have|has)(?:\s+got)?|got)\s+(?P<obj>.+)"), _has),
+    (_p(r"(?:have|has)(?:\s+got)?\s+an?\s+(?:\w+\s+)?allergy\s+to\s+(?P<obj>.+)"), _many("is allergic to")),
+    (_p(r"(?:have|has)(?:\s+got)?\s+an?\s+(?:severe\s+|mild\s+|bad\s+)?(?P<obj>[^\W\d_]+(?:\s+[^\W\d_]+)?)"
+        r"\s+allergy$"), _many("is allergic to")),
+    (_p(r"(?:(?:have|has)(?:\s+got|\s+adopted)?|got|adopted)\s+(?P<obj>.+)"), _has),
     (_p(r"(?:own|owns)\s+(?P<obj>.+)"), _one("owns")),
     (_p(r"(?:(?:have|has)\s+)?bought\s+(?P<obj>an?\s+.+)"), _bought),
     (_p(r"(?:drive|drives)\s+(?P<obj>an?\s+.+)"), _one("drives")),
@@ -572,15 +600,26 @@ _ME = _Me()
 Subject = str | _Me
 
 
+_KINDS = rf"{_RELATIVES}|{'|'.join(sorted(_PETS))}"
 _FAVORITE_FIRST = _ci(r"^(?P<obj>.+?)\s+is\s+my\s+favou?rite\s+(?P<what>[a-z]+(?:\s+[a-z]+)?)$")
+_MY_LANGUAGE = r"my\s+(?:first\s+|native\s+|mother\s+)(?:language|tongue)"  # before "my mother ..."
+_LANGUAGE_FIRST = _ci(rf"^(?P<obj>[^\W\d_]+)\s+is\s+{_MY_LANGUAGE}$|^{_MY_LANGUAGE}\s+is\s+(?P<obj2>.+)$")
 _CALL_ME = _ci(r"\bcall\s+me\s+(?P<rest>.+)")
-_MY_NAME = _ci(r"^my\s+(?:full\s+|first\s+|real\s+)?name\s+is\s+(?P<rest>.+)")
+_NAME_IS = _ci(r"^(?:(?:my|the)\s+)?(?:full\s+|first\s+|real\s+)?name\s+is\s+(?P<rest>.+)")
+_NAME_HERE = _ci(r"^(?P<rest>.+?)\s+here$")
 _I_AM = _ci(r"^am\s+(?P<rest>.+)")
+_FROM = _ci(r"^\s+from\s")
 _FIRST_PERSON_START = _ci(r"^(?:i|we)\s+(?P<rest>.+)")
 _MY_START = _ci(r"^(?:my|our)\s")
 _PRONOUN_START = _ci(r"^(?:she|he)\s+(?P<rest>.+)")
-_MY_KIND = _ci(rf"^(?:my|our)\s+(?P<kind>{_RELATIVES}|{'|'.join(sorted(_PETS))})\b(?P<after>.*)")
+# "Just moved to Oslo!": chat shorthand that leaves out "I".
+_SHORTHAND = _ci(rf"^{_ADV}(?:living|based|working|studying|born|moved|relocated|adopted|got)\b")
+# "my sister ...", "my older brother ...", "Pedro's dog ..."
+_KIND_OF = _ci(rf"^(?P<owner>my|our|[^\W\d_][\w-]*(?:\s+[^\W\d_][\w-]*)?'s)\s+"
+               rf"(?:(?:older|younger|elder|eldest|oldest|youngest|big|little|baby)\s+)?(?P<kind>{_KINDS})\b(?P<after>.*)")
 _KIND_NAMED = _ci(r"^(?:'s\s+name\s+is|\s+is\s+(?:called|named)|,?\s+(?:called|named))\s+(?P<rest>.+)")
+_APPOSITION = re.compile(r"^,?\s+\S")
+_THEN_LOWER = re.compile(r"\s+[a-z]")  # a name followed by a verb: "Ana lives ..."
 
 
 class RuleExtractor:
@@ -600,68 +639,86 @@ class RuleExtractor:
 
     def _clause(self, clause: str, subject: Subject | None, person: str | None,
                 state: ConversationState) -> tuple[Subject | None, str | None, list[Fact]]:
-        """Facts of one clause; returns the subject a following verb-first clause inherits."""
+        """Facts of one clause; returns the subject a following verb-first clause inherits,
+        and who "she"/"he" is now."""
         clause = _REMEMBER.sub("", _LEAD.sub("", clause))
         if not clause or _HEDGE.search(_NEGATIVE_LIKES.sub("", clause[0].lower() + clause[1:])):
             return subject, person, []
         facts: list[Fact] = []
 
         def emit(who: Subject, pairs: Pairs) -> None:
-            name = state.subject if who is _ME else str(who)
+            name = state.subject if isinstance(who, _Me) else who
             facts.extend(f for r, o in pairs if (f := _fact(name, r, o)))
 
-        def named(text: str, relaxed: bool = False) -> str | None:
-            """Records the user's stated name; returns what follows it."""
+        def named(text: str, relaxed: bool = False) -> bool:
+            """Records the user's stated name, and where they are from if that follows."""
             if (taken := _take_name(text, relaxed)) is None:
-                return None
+                return False
             state.user_name = taken[0]
             emit(state.default_subject, [("is named", taken[0])])
-            return taken[1]
+            if _FROM.match(taken[1]):
+                emit(_ME, _predicates("am" + taken[1]))
+            return True
 
-        if m := _FAVORITE_FIRST.match(_tidy(clause)):
+        whole = clause.strip(" .!")
+        if m := _FAVORITE_FIRST.match(whole):
             emit(_ME, _favorite(m))
             return _ME, person, facts
-        if m := _CALL_ME.search(clause):
+        if m := _LANGUAGE_FIRST.match(whole):
+            emit(_ME, _languages(m["obj"] or m["obj2"]))
+            return _ME, person, facts
+        if m := _CALL_ME.search(clause) or _NAME_IS.match(clause):
+            named(m["rest"], relaxed=m.re is _NAME_IS)
+            return _ME, person, facts
+        if (m := _NAME_HERE.match(whole)) and (taken := _take_name(m["rest"])) and not taken[1]:
             named(m["rest"])
             return _ME, person, facts
 
         rest = clause
         if m := _FIRST_PERSON_START.match(clause):
             subject, rest = _ME, m["rest"]
-        elif m := _MY_KIND.match(clause):
-            person, rest = self._relative(m, emit, state)
+        elif (m := _KIND_OF.match(clause)) and (owner := self._owner(m["owner"])):
+            person, rest = self._relative(owner, m["kind"], m["after"], emit, state)
             subject = person
         elif _MY_START.match(clause):
             subject = _ME
         elif m := _PRONOUN_START.match(clause):
             subject, rest = person, m["rest"]
-        elif (taken := _take_name(clause)) and re.match(r"\s+[a-z]", taken[1]):
+        elif _SHORTHAND.match(clause) and subject is None:
+            subject = _ME
+        elif (taken := _take_name(clause)) and _THEN_LOWER.match(taken[1]):
             subject, rest = taken[0], taken[1]
             person = subject
         if subject is None:
             return None, person, facts
 
-        if subject is _ME and (m := _MY_NAME.match(rest) or _I_AM.match(rest)):
-            after = named(m["rest"], relaxed=m.re is _MY_NAME)
-            if after is not None:
-                if re.match(r"\s+from\s", after):
-                    emit(_ME, _predicates("am" + after))
-                return subject, person, facts
+        if isinstance(subject, _Me) and (m := _I_AM.match(rest)) and named(m["rest"]):
+            return subject, person, facts
         emit(subject, _predicates(rest))
         linked = [f.object for f in facts if f.relation.endswith(" named") or f.relation == "is married to"]
         return subject, (linked[-1] if linked else person), facts
 
     @staticmethod
-    def _relative(m: re.Match[str], emit: Callable[[Subject, Pairs], None],
+    def _owner(text: str) -> Subject | None:
+        """'my' -> the user; "Pedro's" -> Pedro; anything else is no owner."""
+        if text.lower() in ("my", "our"):
+            return _ME
+        name = text[:-2]
+        taken = _take_name(name)
+        return name if taken and not taken[1] else None
+
+    @staticmethod
+    def _relative(owner: Subject, kind: str, after: str, emit: Callable[[Subject, Pairs], None],
                   state: ConversationState) -> tuple[str, str]:
         """'my sister Ana ...' links the user to Ana and makes Ana the subject;
-        'my brother ...' makes "<user>'s brother" the subject."""
-        kind, after = _kind(m["kind"]), m["after"]
+        'my brother ...' makes "<user>'s brother" the subject. Returns (subject, rest)."""
+        kind = _kind(kind)
         if n := _KIND_NAMED.match(after):
             taken = _take_name(n["rest"], relaxed=True)
         else:
-            taken = _take_name(after) if re.match(r"\s+\S", after) else None
+            taken = _take_name(after.lstrip(" ,")) if _APPOSITION.match(after) else None
         if taken is None:
-            return f"{state.subject}'s {kind}", after.strip()
-        emit(_ME, [_link(kind, taken[0])])
+            whose = state.subject if isinstance(owner, _Me) else owner
+            return f"{whose}'s {kind}", after.strip(" ,")
+        emit(owner, [_link(kind, taken[0])])
         return taken[0], taken[1].strip(" ,")
