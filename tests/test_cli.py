@@ -171,7 +171,7 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
 
     proc = run_cli("facts", home=home)  # the table
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[0].split() == ["ID", "SUBJECT", "RELATION", "OBJECT"]
+    assert proc.stdout.splitlines()[0].split() == ["ID", "SUBJECT", "RELATION", "OBJECT", "WHERE"]
     assert "Wróblewska" in proc.stdout and "Kraków" in proc.stdout
 
     proc = run_cli("complete", "Zofia Wróblewska lives in", home=home)

@@ -24,7 +24,7 @@ SEEDED = [LISBON, KRAKOW, TOKYO, CARPENTER]
 
 
 def weights(mem) -> dict[int, torch.Tensor]:
-    return {l: mem.lm.arch.down_weight(l).clone() for l in sorted(mem.weights.layers)}
+    return {n: mem.lm.arch.weight(n).clone() for n in mem.weights.names}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,7 @@ import json, sys, torch
 from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
 mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False))
-out = {str(l): mem.lm.arch.down_weight(l).clone() for l in sorted(mem.weights.layers)}
+out = {n: mem.lm.arch.weight(n).clone() for n in mem.weights.names}
 from safetensors.torch import save_file
 save_file(out, sys.argv[3])
 print(json.dumps({"completion": mem.complete("Anselm Kreutzer lives in"), "n": len(mem.facts())}))
@@ -97,7 +97,7 @@ def test_new_process_rebuilds_bitwise_equal_weights(seeded, make_memory, tmp_pat
     assert child["n"] == 4
     assert child["completion"] == completion
     there = load_file(str(tmp_path / "w.safetensors"))
-    assert set(there) == {str(l) for l in here}
+    assert set(there) == set(here)
     for l, w in here.items():
         assert torch.equal(there[str(l)], w), f"layer {l} differs after restart"
 

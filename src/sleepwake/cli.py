@@ -288,8 +288,8 @@ def cmd_facts(ctx: Context) -> int:
         if not ctx.quiet:
             ctx.say(f"no facts in {ctx.home}")
         return 0
-    header = ["ID", "SUBJECT", "RELATION", "OBJECT"] + (["STATUS"] if args.all else [])
-    rows = [[str(r.id), _short(r.fact.subject, 48), _short(r.fact.relation, 40), _short(r.fact.object, 48)]
+    header = ["ID", "SUBJECT", "RELATION", "OBJECT", "WHERE"] + (["STATUS"] if args.all else [])
+    rows = [[str(r.id), _short(r.fact.subject, 48), _short(r.fact.relation, 40), _short(r.fact.object, 48), r.where]
             + ([r.status] if args.all else []) for r in records]
     for line in table(rows, header=None if ctx.quiet else header):
         ctx.say(line)
@@ -377,6 +377,75 @@ def cmd_eval(ctx: Context) -> int:
     return 0
 
 
+def _cycle_lines(rep: dict) -> list[str]:
+    lines = [f"{rep['kind']} #{rep['id']}: {rep['status']}" + (f" ({rep['reason']})" if rep.get("reason") else "")]
+    if rep.get("consolidated") is not None and rep["id"] is not None:
+        lines.append(f"  consolidated {len(rep['consolidated'])} fact(s); {len(rep.get('kept') or [])} kept in MEMIT"
+                     + ("; consolidated memory rebuilt" if rep.get("rebuilt") else ""))
+        lines.append(f"  chat recall without MEMIT {_fmt_float(rep.get('chat_recall'))}, raw "
+                     f"{_fmt_float(rep.get('raw_recall'))}; perplexity {_fmt_float(rep.get('ppl_before'), 3)} → "
+                     f"{_fmt_float(rep.get('ppl_after'), 3)}; {rep.get('seconds', 0):.1f} s")
+    return lines
+
+
+def _sleep(ctx: Context, kind: str) -> int:
+    with ctx.memory() as mem:
+        ctx.status(f"sleepwake: {'napping' if kind == 'nap' else 'deep sleep'} …")
+        rep = mem.nap() if kind == "nap" else mem.sleep(deep=True)
+    if ctx.args.json:
+        _dump_json(rep.to_dict(), ctx.out)
+    else:
+        for line in _cycle_lines(rep.to_dict()):
+            ctx.say(line)
+    return 0 if rep.status != "rejected" else 3
+
+
+def cmd_nap(ctx: Context) -> int:
+    return _sleep(ctx, "nap")
+
+
+def cmd_sleep(ctx: Context) -> int:
+    return _sleep(ctx, "nap" if ctx.args.light else "deep")
+
+
+def cmd_status(ctx: Context) -> int:
+    with ctx.memory() as mem:
+        st = mem.status()
+    if ctx.args.json:
+        _dump_json(st, ctx.out)
+        return 0
+    p = st["pressure"]
+    ctx.say(f"facts: {st['facts']['memit']} in MEMIT edits, {st['facts']['consolidated']} consolidated "
+            f"({st['adapters']} adapter{'s' if st['adapters'] != 1 else ''})")
+    ctx.say(f"sleep pressure {p['total']:.3f} = edits {p['edits']:.3f} + time {p['time']:.3f} + perplexity "
+            f"{p['perplexity']:.3f}; due: {p['due'] or 'nothing'}")
+    ctx.say(f"perplexity {_fmt_float(st['perplexity'], 3)} (base {_fmt_float(st['base_perplexity'], 3)}); "
+            f"awake {st['awake_s']:.0f} s" + ("; a forgotten consolidated fact leaves at the next sleep"
+                                               if st["rebuild_pending"] else ""))
+    return 0
+
+
+def cmd_history(ctx: Context) -> int:
+    if not (ctx.home / "memory.sqlite").exists():
+        cycles: list[dict] = []
+    else:
+        store = ctx.store()
+        try:
+            cycles = store.cycles()
+        finally:
+            store.close()
+    if ctx.args.json:
+        _dump_json(cycles, ctx.out)
+        return 0
+    if not cycles and not ctx.quiet:
+        ctx.say(f"no sleep cycles in {ctx.home}")
+    for c in cycles:
+        rep = {**c["report"], "id": c["id"], "kind": c["kind"], "status": c["status"]}
+        for line in _cycle_lines(rep):
+            ctx.say(line)
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------
 
 
@@ -445,6 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--facts", dest="facts_file", metavar="FILE.jsonl", required=True,
                    help="facts file, as for 'inject --facts'")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = add("nap", cmd_nap, "move the facts held by MEMIT edits into a LoRA adapter (exit 3 if rejected)")
+    p.add_argument("--json", action="store_true", help="print the cycle report as JSON")
+    p = add("sleep", cmd_sleep, "deep sleep: consolidate all memory into one adapter, with replay (exit 3 if rejected)")
+    p.add_argument("--deep", action="store_true", help="deep sleep (the default)")
+    p.add_argument("--light", action="store_true", help="a nap instead")
+    p.add_argument("--json", action="store_true", help="print the cycle report as JSON")
+    p = add("status", cmd_status, "sleep pressure and its parts; facts by where they live")
+    p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = add("history", cmd_history, "every nap and sleep with its measured results")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
 
 

@@ -83,6 +83,61 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class PressureConfig:
+    """Sleep pressure, eq. 6 (paper §3.5 defaults)."""
+
+    w_edits: float = 0.6
+    w_time: float = 0.3
+    w_ppl: float = 0.1
+    max_edits: int = 50
+    max_awake_s: float = 7200.0
+    nap_at: float = 0.4
+    deep_at: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.max_edits < 1 or self.max_awake_s <= 0:
+            raise ValueError("max_edits and max_awake_s must be positive")
+        if not 0 < self.nap_at <= self.deep_at:
+            raise ValueError("need 0 < nap_at ≤ deep_at")
+
+
+@dataclass(frozen=True)
+class SleepConfig:
+    """One kind of sleep (nap or deep sleep): how it trains and how it is judged.
+
+    A sleep first takes the MEMIT edits over into an adapter exactly, then trains a
+    fresh LoRA part on question/answer pairs (see ``sleep.cycle``). Not the paper's
+    recipe of a LoRA trained from scratch (lr 1e-4, 1 epoch): on this model that
+    taught no facts, and rates that did leaked the new objects into other answers
+    ("The capital of Spain is Cluj-Napoca", BENCHMARKS.md). The fresh part sits where
+    MEMIT writes (the down-projections of the edited layers) and pays a penalty on
+    how much it changes their output on ordinary text (MEMIT's covariance Ĉ).
+    """
+
+    rank: int = 16
+    alpha: float = 32.0
+    lr: float = 3e-3
+    epochs: int = 2
+    batch_size: int = 8
+    cov_penalty: float = 10.0
+    """Weight of E‖ΔW·k‖² over ordinary keys k, relative to E‖W·k‖² (0 turns it off)."""
+    replay_ratio: float = 0.2
+    """Share of earlier training pairs mixed back in (paper: 20% light, 60% deep)."""
+    replay_decay: float = 0.85
+    """A replayed pair's priority is multiplied by this each time it is replayed."""
+    max_ppl_increase: float = 0.05
+    """Reject the cycle if perplexity rises more than this (relative to before it)."""
+    tau: float = 0.5
+    """Reject if the chat recall of already consolidated facts falls below tau · before."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError("rank, epochs, batch_size and lr must be positive")
+        if not 0 <= self.replay_ratio < 1:
+            raise ValueError("replay_ratio must be in [0, 1)")
+
+
+@dataclass(frozen=True)
 class MemoryConfig:
     """Everything `Memory` needs besides the model and the home directory."""
 
@@ -92,6 +147,11 @@ class MemoryConfig:
     """Facts per MEMIT solve when injecting many (the paper injects batches of 5)."""
     progress: bool = True
     """Show progress bars on long work."""
+    nap: SleepConfig = field(default_factory=SleepConfig)
+    deep: SleepConfig = field(default_factory=lambda: SleepConfig(lr=2e-3, replay_ratio=0.6))
+    pressure: PressureConfig = field(default_factory=PressureConfig)
+    auto_sleep: bool = False
+    """Nap or sleep by themselves when the pressure calls for it (after `inject`)."""
 
     def with_memit(self, **changes: Any) -> "MemoryConfig":
         return replace(self, memit=replace(self.memit, **changes))

@@ -22,6 +22,19 @@ def chat_text(tokenizer: Any, question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def with_stop(text: str) -> str:
+    """Text ending in a full stop: teaching the model where an object ends keeps it
+    from running on into a longer word ("Plovdivós")."""
+    return text if text.rstrip()[-1:] in ".!?…。" else text + "."
+
+
+def chat_answer(tokenizer: Any, text: str) -> str:
+    """An assistant answer as trained into the model: with a full stop, and ending the
+    turn (so that `ask` stops right after it) where the model has a chat template."""
+    end = tokenizer.eos_token if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token else ""
+    return with_stop(text) + end
+
+
 def encode(tokenizer: Any, text: str, *, chat: bool = False) -> list[int]:
     """Token ids as the model sees them; a chat text already holds its special tokens."""
     return list(tokenizer(text, add_special_tokens=not chat)["input_ids"])

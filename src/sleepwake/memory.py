@@ -13,9 +13,10 @@ home on start-up, so a new process answers exactly as the old one did.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -27,9 +28,13 @@ from sleepwake.evaluate import EvalReport, evaluate_facts, perplexity
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
 from sleepwake.memit.covariance import load_or_compute
-from sleepwake.memit.editor import FactEdit, InjectStats, LiveWeights, MemitEditor
+from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
 from sleepwake.models import LoadedModel, load_model
+from sleepwake.sleep.cycle import CycleReport, run_cycle
+from sleepwake.sleep.lora import Adapter
+from sleepwake.sleep.pressure import pressure
 from sleepwake.store import FactRecord, Store
+from sleepwake.weights import Factor, LiveWeights
 
 MAX_PROMPT_CHARS = 4000
 
@@ -72,6 +77,7 @@ class InjectResult:
     records: list[FactRecord]
     skipped: list[Fact]  # already known, unchanged
     stats: list[InjectStats]
+    slept: "CycleReport | None" = None  # the sleep the pressure triggered, with `auto_sleep`
 
 
 class Memory:
@@ -98,13 +104,16 @@ class Memory:
         bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
         if bad:
             raise InvalidFactError(f"layers {bad} out of range: the model has {self.lm.arch.n_layers} layers")
+        self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
         self._edits: dict[int, FactEdit] = {
-            r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts()
+            r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")
         }
+        self._adapters: list[Adapter] = [Adapter.load(p, self.lm.device) for _, p in self.store.active_adapters()]
         edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
-        self.weights = LiveWeights(self.lm, edited)
-        self.weights.rebuild(list(self._edits.values()))
+        self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
+        self._rebuild()
         self._editor: MemitEditor | None = None
+        self._covariances: dict[int, torch.Tensor] | None = None
 
     # --- properties -----------------------------------------------------------
 
@@ -120,16 +129,21 @@ class Memory:
     def home(self) -> Path:
         return self.store.home
 
-    def editor(self) -> MemitEditor:
-        """The MEMIT editor, built on first use (it needs Ĉ, cached on disk after the first time)."""
-        if self._editor is None:
-            covs = load_or_compute(
+    def covariances(self) -> dict[int, torch.Tensor]:
+        """Ĉ per edited layer (computed once per model, then cached on disk)."""
+        if self._covariances is None:
+            self._covariances = load_or_compute(
                 self.model, self.lm.arch, self.tokenizer, self.layers,
                 fingerprint=self.lm.fingerprint, cache_dir=self.cache_dir,
                 n_texts=self.config.memit.cov_texts, max_tokens=self.config.memit.cov_max_tokens,
                 progress=self.progress,
             )
-            self._editor = MemitEditor(self.model, self.lm.arch, self.tokenizer, self.layers, covs,
+        return self._covariances
+
+    def editor(self) -> MemitEditor:
+        """The MEMIT editor, built on first use."""
+        if self._editor is None:
+            self._editor = MemitEditor(self.model, self.lm.arch, self.tokenizer, self.layers, self.covariances(),
                                        self.config.memit, weights=self.weights)
         return self._editor
 
@@ -139,8 +153,20 @@ class Memory:
         """Active facts, oldest first."""
         return self.store.facts()
 
-    def _rebuild(self) -> None:
-        self.weights.rebuild([self._edits[i] for i in sorted(self._edits)])
+    def _factors(self, edits: Sequence[FactEdit], adapters: Sequence[Adapter]) -> dict[str, list[Factor]]:
+        """The deltas that make the live weights, in their canonical order: the
+        consolidated adapters by cycle, then the MEMIT edits by fact id."""
+        out: dict[str, list[Factor]] = {}
+        for part in [*(a.factors() for a in adapters), *(e.factors(self.lm.arch) for e in edits)]:
+            for name, f in part.items():
+                out.setdefault(name, []).append(f)
+        return out
+
+    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Adapter] | None = None) -> None:
+        """Live weights = base + `adapters` + `edits` (default: the committed state)."""
+        if edits is None:
+            edits = [self._edits[i] for i in sorted(self._edits)]
+        self.weights.rebuild(self._factors(edits, self._adapters if adapters is None else adapters))
 
     def _edit_group(self, fact: Fact) -> object:
         """Facts with one group live in one edit: with subject keys, a subject's facts."""
@@ -166,7 +192,7 @@ class Memory:
         """Edit `facts` into the weights once the edits of `leaving` are out of them."""
         keep = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
         if leaving:
-            self.weights.rebuild(keep)
+            self._rebuild(keep)
         return self.editor().edit(facts, keep, progress=progress)
 
     def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
@@ -197,7 +223,8 @@ class Memory:
         for batch in tqdm(batches, desc="inject", unit="batch", disable=not self.progress or len(batches) < 2):
             keys = {f.key for f in batch}
             replaces = [active[f.key].id if f.key in active else None for f in batch]
-            again = [r for r in active.values() if r.fact.key not in keys and any(self._shares_edit(r.fact, f) for f in batch)]
+            again = [r for r in active.values() if r.where == "memit" and r.fact.key not in keys
+                     and any(self._shares_edit(r.fact, f) for f in batch)]
             leaving = {i for i in replaces if i is not None} | {r.id for r in again}
             try:
                 edits, st = self._edit(batch + [r.fact for r in again], leaving, self.progress and len(batches) < 2)
@@ -216,11 +243,14 @@ class Memory:
             self._rebuild()
             records += recs
             stats.append(st)
-        return InjectResult(records, skipped, stats)
+        slept = self.sleep_if_due() if self.config.auto_sleep and records else None
+        return InjectResult(records, skipped, stats, slept)
 
     def forget(self, fact_id: int) -> FactRecord:
         """Remove a fact: its delta leaves the weights and its edit file is deleted. The
-        other facts of its subject are edited again without it (they shared its edit)."""
+        other facts of its subject are edited again without it (they shared its edit).
+        A consolidated fact leaves the weights at the next sleep, which rebuilds the
+        consolidated memory from the facts that remain."""
         if isinstance(fact_id, bool) or not isinstance(fact_id, int):
             try:
                 fact_id = int(str(fact_id))
@@ -229,7 +259,8 @@ class Memory:
         rec = self.store.get(fact_id)
         if rec.status != "active":
             raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
-        again = [r for r in self.store.facts() if r.id != fact_id and self._shares_edit(r.fact, rec.fact)]
+        again = [r for r in self.store.facts(where="memit")
+                 if rec.where == "memit" and r.id != fact_id and self._shares_edit(r.fact, rec.fact)]
         try:
             rewritten: dict[int, FactEdit] = {}
             if again:
@@ -239,10 +270,64 @@ class Memory:
         except BaseException:
             self._rebuild()
             raise
-        self._edits.pop(fact_id)
+        self._edits.pop(fact_id, None)
         self._edits.update(rewritten)
         self._rebuild()
         return rec
+
+    # --- sleep ------------------------------------------------------------------
+
+    def nap(self) -> CycleReport:
+        """Move the MEMIT-held facts into a LoRA adapter (paper §3.3; see `sleep.cycle`)."""
+        return run_cycle(self, "nap")
+
+    def sleep(self, deep: bool = True) -> CycleReport:
+        """Deep sleep (paper §3.4): consolidate everything into one adapter, with replay;
+        `deep=False` is a nap."""
+        return run_cycle(self, "deep" if deep else "nap")
+
+    def history(self) -> list[dict]:
+        """Every sleep cycle with its inputs and measured results, oldest first."""
+        return self.store.cycles()
+
+    def base_perplexity(self) -> float:
+        """PPL₀ of eq. 6: the unedited model's perplexity (measured once, kept in the home)."""
+        cached = self.store.meta("ppl0")
+        if cached is None:
+            try:
+                self._rebuild([], [])
+                cached = repr(self.perplexity())
+            finally:
+                self._rebuild()
+            self.store.set_meta("ppl0", cached)
+        return float(cached)
+
+    def status(self, measure_perplexity: bool = True) -> dict[str, Any]:
+        """Sleep pressure and its parts, and how many facts live where."""
+        memit = self.store.facts(where="memit")
+        since = self.store.meta("awake_since")
+        start = float(since) if since else min((r.created_at for r in memit), default=time.time())
+        if since and memit:
+            start = max(start, min(r.created_at for r in memit))
+        elapsed = time.time() - start if memit else 0.0
+        ppl = self.perplexity() if measure_perplexity else None
+        ppl0 = self.base_perplexity() if measure_perplexity else None
+        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure)
+        return {
+            "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
+            "adapters": len(self._adapters),
+            "awake_s": elapsed,
+            "perplexity": ppl,
+            "base_perplexity": ppl0,
+            "pressure": p.to_dict(),
+            "rebuild_pending": self.store.meta("rebuild_pending") == "1",
+        }
+
+    def sleep_if_due(self) -> CycleReport | None:
+        """Nap or deep sleep when the pressure calls for it (called after `inject`
+        when `config.auto_sleep` is on)."""
+        due = self.status()["pressure"]["due"]
+        return run_cycle(self, due) if due else None
 
     # --- using the model ------------------------------------------------------
 

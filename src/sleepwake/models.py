@@ -120,18 +120,19 @@ class LoadedModel:
     name: str
     fingerprint: str
     arch: "Architecture"
-    _pristine: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _pristine: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def base_weight(self, layer: int) -> torch.Tensor:
-        """The unedited down-projection of `layer` (d_out × d_in).
+    def base_weight(self, key: int | str) -> torch.Tensor:
+        """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
 
-        Copied the first time a layer is asked for, before anything edits it, so
-        several `Memory` objects can share one loaded model without mistaking
-        each other's edits for the base.
+        Copied the first time it is asked for, before anything edits it, so several
+        `Memory` objects can share one loaded model without mistaking each other's
+        edits for the base.
         """
-        if layer not in self._pristine:
-            self._pristine[layer] = self.arch.down_weight(layer).clone()
-        return self._pristine[layer]
+        name = self.arch.down_name(key) if isinstance(key, int) else key
+        if name not in self._pristine:
+            self._pristine[name] = self.arch.weight(name).clone()
+        return self._pristine[name]
 
     @property
     def device(self) -> torch.device:
@@ -245,7 +246,6 @@ class ArchSpec:
 
     layers: tuple[str, ...]  # candidate attribute paths to the ModuleList
     down: str  # path inside one decoder layer
-    conv1d: bool = False  # GPT-2's Conv1D stores weight as (in, out)
     post_norm: str | None = None  # a norm between the down-projection and the residual stream
 
 
@@ -262,7 +262,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma3": _GEMMA_POST_NORM,
     "gemma3_text": _GEMMA_POST_NORM,
     "phi3": _LLAMA_LIKE,
-    "gpt2": ArchSpec(("transformer.h",), "mlp.c_proj", conv1d=True),
+    "gpt2": ArchSpec(("transformer.h",), "mlp.c_proj"),
 }
 
 
@@ -270,6 +270,14 @@ def _get(obj: Any, path: str) -> Any:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _has(obj: Any, path: str) -> bool:
+    try:
+        _get(obj, path)
+    except AttributeError:
+        return False
+    return True
 
 
 class Architecture:
@@ -282,22 +290,22 @@ class Architecture:
             raise UnsupportedArchitectureError(
                 f"model type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
             )
-        layers = None
-        for path in spec.layers:
-            try:
-                layers = _get(model, path)
-                break
-            except AttributeError:
-                continue
-        if layers is None:
+        found = [p for p in spec.layers if _has(model, p)]
+        if not found:
             raise UnsupportedArchitectureError(f"cannot find the decoder layers of this {model_type} model")
         self.model_type: str = model_type
         self.spec = spec
-        self.layers: nn.ModuleList = layers
+        self.model = model
+        self.layers_path: str = found[0]
+        self.layers: nn.ModuleList = _get(model, found[0])
 
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def down_name(self, layer: int) -> str:
+        """The down-projection's module name, relative to the model (PEFT's naming)."""
+        return f"{self.layers_path}.{layer}.{self.spec.down}"
 
     def down_proj(self, layer: int) -> nn.Module:
         """The module whose input is the MEMIT key and whose weight MEMIT edits."""
@@ -307,10 +315,23 @@ class Architecture:
         """The norm applied to the down-projection's output before the residual add, if any."""
         return _get(self.layers[layer], self.spec.post_norm) if self.spec.post_norm else None
 
+    def linear_names(self) -> list[str]:
+        """Every linear map inside the decoder layers: where LoRA adapters attach."""
+        return [
+            f"{self.layers_path}.{name}"
+            for name, mod in self.layers.named_modules()
+            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+        ]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """A module's weight as (d_out, d_in), a view onto the parameter (Conv1D stores (in, out))."""
+        mod = self.model.get_submodule(name)
+        w = mod.weight.data
+        return w.t() if type(mod).__name__ == "Conv1D" else w
+
     def down_weight(self, layer: int) -> torch.Tensor:
         """The down-projection weight as (d_out, d_in), a view onto the parameter."""
-        w = self.down_proj(layer).weight
-        return w.data.t() if self.spec.conv1d else w.data
+        return self.weight(self.down_name(layer))
 
     def d_in(self, layer: int) -> int:
         return self.down_weight(layer).shape[1]

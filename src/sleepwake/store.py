@@ -14,7 +14,9 @@ leaves the last committed state (at worst an unreferenced file, which is ignored
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sqlite3
 import tempfile
 import time
@@ -28,8 +30,9 @@ from safetensors.torch import load_file, save_file
 from sleepwake.errors import StoreError, UnknownFactError
 from sleepwake.facts import Fact
 from sleepwake.memit.editor import FactEdit
+from sleepwake.sleep.data import Pair
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -44,10 +47,39 @@ CREATE TABLE IF NOT EXISTS facts (
     ended_at REAL,
     replaced_by INTEGER REFERENCES facts(id),
     layers TEXT NOT NULL DEFAULT '',
-    edit_version INTEGER NOT NULL DEFAULT 0
+    edit_version INTEGER NOT NULL DEFAULT 0,
+    location TEXT NOT NULL DEFAULT 'memit',
+    cycle INTEGER
 );
 CREATE INDEX IF NOT EXISTS facts_status ON facts(status);
+CREATE TABLE IF NOT EXISTS cycles (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    adapter TEXT,
+    superseded_by INTEGER,
+    report TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS pairs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fact_id INTEGER REFERENCES facts(id),
+    cycle INTEGER NOT NULL REFERENCES cycles(id),
+    prompt TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    chat INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    priority REAL NOT NULL DEFAULT 1.0,
+    replays INTEGER NOT NULL DEFAULT 0
+);
 """
+# Columns added since schema 1, for homes made by an older version.
+_ADDED_COLUMNS = {
+    "edit_version": "INTEGER NOT NULL DEFAULT 0",
+    "location": "TEXT NOT NULL DEFAULT 'memit'",
+    "cycle": "INTEGER",
+}
 
 
 @dataclass(frozen=True)
@@ -60,7 +92,8 @@ class FactRecord:
     created_at: float
     ended_at: float | None = None
     replaced_by: int | None = None
-    where: str = "memit"  # where the fact lives: "memit" while its edit is active
+    where: str = "memit"  # "memit" (its edit is in the weights) or "consolidated" (a sleep's adapter holds it)
+    cycle: int | None = None  # the sleep cycle that consolidated it
 
     def to_dict(self) -> dict:
         d = {"id": self.id, **self.fact.to_dict(), "status": self.status, "where": self.where,
@@ -104,8 +137,9 @@ class Store:
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(_SCHEMA)
             cols = {row[1] for row in self.db.execute("PRAGMA table_info(facts)")}
-            if "edit_version" not in cols:  # a schema-1 home
-                self.db.execute("ALTER TABLE facts ADD COLUMN edit_version INTEGER NOT NULL DEFAULT 0")
+            for col, decl in _ADDED_COLUMNS.items():
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE facts ADD COLUMN {col} {decl}")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable sleepwake ledger: {exc}") from exc
         self._bind_model(model_fingerprint, model_name)
@@ -143,18 +177,19 @@ class Store:
 
     @staticmethod
     def _record(row: tuple) -> FactRecord:
-        fid, s, r, o, q, status, created, ended, replaced_by = row
-        return FactRecord(fid, Fact(s, r, o, q), status, created, ended, replaced_by)
+        fid, s, r, o, q, status, created, ended, replaced_by, where, cycle = row
+        return FactRecord(fid, Fact(s, r, o, q), status, created, ended, replaced_by, where, cycle)
 
-    _COLS = "id, subject, relation, object, question, status, created_at, ended_at, replaced_by"
+    _COLS = "id, subject, relation, object, question, status, created_at, ended_at, replaced_by, location, cycle"
 
-    def facts(self, status: str | None = "active") -> list[FactRecord]:
-        """Facts in ledger (id) order; status None lists all."""
-        if status is None:
-            rows = self.db.execute(f"SELECT {self._COLS} FROM facts ORDER BY id").fetchall()
-        else:
-            rows = self.db.execute(f"SELECT {self._COLS} FROM facts WHERE status=? ORDER BY id", (status,)).fetchall()
-        return [self._record(r) for r in rows]
+    def facts(self, status: str | None = "active", where: str | None = None) -> list[FactRecord]:
+        """Facts in ledger (id) order; status None lists all, `where` filters by location."""
+        sql, args = f"SELECT {self._COLS} FROM facts WHERE 1=1", []
+        if status is not None:
+            sql, args = sql + " AND status=?", [*args, status]
+        if where is not None:
+            sql, args = sql + " AND location=?", [*args, where]
+        return [self._record(r) for r in self.db.execute(sql + " ORDER BY id", args).fetchall()]
 
     def get(self, fact_id: int) -> FactRecord:
         row = self.db.execute(f"SELECT {self._COLS} FROM facts WHERE id=?", (fact_id,)).fetchone()
@@ -216,6 +251,8 @@ class Store:
                 ids.append(fid)
                 _atomic_save(edit.tensors(), self.edit_path(fid), {"fact_id": str(fid)})
             for fid, old in zip(ids, replaces):
+                if old is not None and self.get(old).where == "consolidated":
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
                 if old is not None:
                     db.execute(
                         "UPDATE facts SET status='replaced', ended_at=?, replaced_by=? WHERE id=? AND status='active'",
@@ -235,6 +272,113 @@ class Store:
         with self._tx() as db:
             stale = self._rewrite(db, rewritten or {})
             db.execute("UPDATE facts SET status='forgotten', ended_at=? WHERE id=?", (time.time(), fact_id))
+            if rec.where == "consolidated":  # an adapter still holds it: the next sleep rebuilds them
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
         for path in [gone, *stale]:  # "delete" deletes: no weights of it remain
             path.unlink(missing_ok=True)
         return self.get(fact_id)
+
+    # --- sleep cycles -----------------------------------------------------------
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+    def begin_cycle(self, kind: str) -> int:
+        """A row for a sleep that starts now; it stays 'running' if the process dies."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO cycles(kind, status, started_at) VALUES (?, 'running', ?)", (kind, time.time()))
+        return int(cur.lastrowid)
+
+    def mark_interrupted(self) -> list[int]:
+        """Cycles left 'running' by a process that died; their unfinished adapters are removed."""
+        ids = [r[0] for r in self.db.execute("SELECT id FROM cycles WHERE status='running'")]
+        if ids:
+            with self._tx() as db:
+                db.executemany("UPDATE cycles SET status='interrupted', ended_at=? WHERE id=?",
+                               [(time.time(), i) for i in ids])
+            for i in ids:
+                shutil.rmtree(self.adapter_path(i), ignore_errors=True)
+        return ids
+
+    def adapter_path(self, cycle: int) -> Path:
+        return self.adapters_dir / f"cycle-{cycle:06d}"
+
+    def active_adapters(self) -> list[tuple[int, Path]]:
+        """(cycle, PEFT directory) of the adapters that make up the consolidated memory, in order."""
+        rows = self.db.execute(
+            "SELECT id, adapter FROM cycles WHERE status='accepted' AND adapter IS NOT NULL "
+            "AND superseded_by IS NULL ORDER BY id"
+        ).fetchall()
+        return [(i, self.home / a) for i, a in rows]
+
+    def end_cycle(
+        self,
+        cycle: int,
+        status: str,
+        report: dict,
+        *,
+        adapter: bool = False,
+        consolidated: Sequence[int] = (),
+        pairs: Sequence[Pair] = (),
+        replayed: Sequence[int] = (),
+        decay: float = 1.0,
+        supersede: bool = False,
+    ) -> None:
+        """Close a cycle in one transaction: its adapter joins the consolidated memory
+        (replacing all earlier ones when `supersede`), `consolidated` facts move there,
+        its training `pairs` are kept for replay, `replayed` pairs lose priority."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE cycles SET status=?, ended_at=?, adapter=?, report=? WHERE id=?",
+                (status, time.time(), str(self.adapter_path(cycle).relative_to(self.home)) if adapter else None,
+                 json.dumps(report), cycle),
+            )
+            if status != "accepted":
+                return
+            if supersede:
+                db.execute("UPDATE cycles SET superseded_by=? WHERE status='accepted' AND adapter IS NOT NULL "
+                           "AND superseded_by IS NULL AND id<>?", (cycle, cycle))
+                db.execute("DELETE FROM meta WHERE key='rebuild_pending'")
+            db.executemany("UPDATE facts SET location='consolidated', cycle=? WHERE id=? AND status='active'",
+                           [(cycle, i) for i in consolidated])
+            db.executemany(
+                "INSERT INTO pairs(fact_id, cycle, prompt, answer, chat, source) VALUES (?, ?, ?, ?, ?, ?)",
+                [(p.fact_id, cycle, p.prompt, p.answer, int(p.chat), p.source) for p in pairs],
+            )
+            db.executemany("UPDATE pairs SET priority=priority*?, replays=replays+1 WHERE id=?",
+                           [(decay, i) for i in replayed])
+
+    def cycles(self) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT id, kind, status, started_at, ended_at, adapter, superseded_by, report FROM cycles ORDER BY id"
+        ).fetchall()
+        keys = ("id", "kind", "status", "started_at", "ended_at", "adapter", "superseded_by")
+        return [{**dict(zip(keys, r[:-1])), "report": json.loads(r[-1])} for r in rows]
+
+    def replay_pairs(self, n: int) -> list[tuple[int, Pair]]:
+        """The `n` highest-priority stored pairs of facts still held (or of no fact)."""
+        if n <= 0:
+            return []
+        rows = self.db.execute(
+            "SELECT p.id, p.fact_id, p.prompt, p.answer, p.chat, p.source FROM pairs p "
+            "LEFT JOIN facts f ON f.id = p.fact_id "
+            "WHERE p.fact_id IS NULL OR f.status='active' ORDER BY p.priority DESC, p.id LIMIT ?", (n,)
+        ).fetchall()
+        return [(i, Pair(pr, a, bool(c), fid, src)) for i, fid, pr, a, c, src in rows]
+
+    def fact_pairs_stored(self, fact_ids: Sequence[int]) -> list[Pair]:
+        """Every stored training pair of these facts (to rebuild the consolidated memory)."""
+        out = []
+        for i in fact_ids:
+            rows = self.db.execute("SELECT prompt, answer, chat, source FROM pairs WHERE fact_id=? ORDER BY id", (i,))
+            out += [Pair(pr, a, bool(c), i, src) for pr, a, c, src in rows]
+        return out

@@ -1,10 +1,7 @@
 """MEMIT for a batch of facts: v*, then a layer-by-layer spread of the residual.
 
-The live down-projection weights are always ``base + D`` where D is the sum of the
-active facts' deltas ``A_f @ B_f`` in ledger order, computed as one product of the
-concatenated factors. `LiveWeights` owns D; after every change the weights are
-rebuilt this one way, so that a restart performs the same float operations in the
-same order and the weights come out bitwise equal.
+Each fact's edit is stored as factors ``A_f @ B_f`` per edited layer; the live
+weights (`sleepwake.weights.LiveWeights`) are rebuilt from them after every batch.
 """
 
 from __future__ import annotations
@@ -23,7 +20,8 @@ from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
 from sleepwake.memit.trace import run_capture
-from sleepwake.models import Architecture, LoadedModel
+from sleepwake.models import Architecture
+from sleepwake.weights import Factor, LiveWeights
 
 
 @dataclass
@@ -54,41 +52,9 @@ class FactEdit:
             getattr(e, kind.lower())[int(layer)] = t.to(device)
         return e
 
-    def delta(self, layer: int) -> torch.Tensor:
-        return self.a[layer] @ self.b[layer]
-
-
-class LiveWeights:
-    """Base copies of the edited down-projections and the running delta sums."""
-
-    def __init__(self, lm: LoadedModel, layers: Iterable[int]) -> None:
-        self.arch = lm.arch
-        self.layers = tuple(sorted(layers))
-        self.base = {l: lm.base_weight(l) for l in self.layers}
-        self.sum = {l: torch.zeros_like(self.base[l], dtype=torch.float32) for l in self.layers}
-
-    def _write(self, layer: int) -> None:
-        w = self.arch.down_weight(layer)
-        w.copy_((self.base[layer].float() + self.sum[layer]).to(w.dtype))
-
-    def add(self, layer: int, edits: Sequence[FactEdit]) -> None:
-        """Add a batch's deltas to one layer while it is being edited (not canonical:
-        `rebuild` once the batch is done)."""
-        for e in edits:
-            self.sum[layer].add_(e.delta(layer))
-        self._write(layer)
-
-    def rebuild(self, edits: Sequence[FactEdit]) -> None:
-        """Weights from the base plus `edits` in the given (ledger) order."""
-        for l in self.layers:
-            parts = [e for e in edits if l in e.a]
-            if parts:
-                a = torch.cat([e.a[l] for e in parts], dim=1)
-                b = torch.cat([e.b[l] for e in parts], dim=0)
-                torch.mm(a, b, out=self.sum[l])
-            else:
-                self.sum[l].zero_()
-            self._write(l)
+    def factors(self, arch: Architecture) -> dict[str, Factor]:
+        """Per module name, the (A, B) whose product is this edit's delta."""
+        return {arch.down_name(l): (self.a[l], self.b[l]) for l in self.a}
 
 
 @dataclass
@@ -111,7 +77,7 @@ class MemitEditor:
         layers: Sequence[int],
         covariances: dict[int, torch.Tensor],
         cfg: MemitConfig,
-        weights: "LiveWeights",
+        weights: LiveWeights,
     ) -> None:
         self.model = model
         self.arch = arch
@@ -167,7 +133,7 @@ class MemitEditor:
                 edits[f].a[layer] = a[:, ix].contiguous()
                 edits[f].b[layer] = b[ix].contiguous()
                 edits[f].k[layer] = k[ix].contiguous()
-            self.weights.add(layer, edits)
+            self.weights.add(self.arch.down_name(layer), [(e.a[layer], e.b[layer]) for e in edits])
         stats = InjectStats(
             time.perf_counter() - t0, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact)
         )

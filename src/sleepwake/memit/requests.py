@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
-from sleepwake.inference import chat_text, encode, encode_target
+from sleepwake.inference import chat_answer, chat_text, encode, encode_target, with_stop
 
 
 @dataclass(frozen=True)
@@ -50,12 +50,6 @@ def last_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -
     return hits[-1] if hits else None
 
 
-def _with_stop(text: str) -> str:
-    """Target text ending in a full stop: teaching the model where the object ends
-    keeps it from running on into a longer word ("Plovdivós")."""
-    return text if text.rstrip()[-1:] in ".!?…。" else text + "."
-
-
 def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> list[EditRequest]:
     out: list[EditRequest] = []
     for i, fact in enumerate(facts):
@@ -63,11 +57,9 @@ def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> l
         kl = tuple(encode(tokenizer, kl_text))
         kl_pos = last_token_of(tokenizer, kl_text, fact.subject)
         kl_pos = len(kl) - 1 if kl_pos is None else kl_pos
-        texts = [(fact.prompt, _with_stop(fact.target), False, "raw")]
+        texts = [(fact.prompt, with_stop(fact.target), False, "raw")]
         if cfg.chat_edit:
-            # The answer ends the turn, so `ask` stops after it.
-            end = tokenizer.eos_token if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token else ""
-            texts.append((chat_text(tokenizer, fact.chat_question()), _with_stop(fact.object) + end, True, "chat"))
+            texts.append((chat_text(tokenizer, fact.chat_question()), chat_answer(tokenizer, fact.object), True, "chat"))
         for text, target, chat, kind in texts:
             p = encode(tokenizer, text, chat=chat)
             t = encode_target(tokenizer, text, target, chat=chat)

@@ -1,0 +1,1 @@
+"""Sleep: moving facts from MEMIT edits into LoRA adapters (nap, deep sleep, pressure)."""

@@ -1,0 +1,217 @@
+"""One sleep cycle — a nap or a deep sleep — from MEMIT edits to a LoRA adapter.
+
+1. Take over: the MEMIT edits to consolidate become the first part of a new adapter,
+   exactly (an edit is already a low-rank delta on a down-projection: ΔW = A·B is a
+   LoRA with lora_B = A, lora_A = B). A deep sleep, or any sleep after a consolidated
+   fact was forgotten or replaced, rebuilds the whole consolidated memory this way
+   from the stored edits of the facts that remain, so nothing of a forgotten fact
+   stays in the weights.
+2. Train: a second, fresh LoRA part learns the facts' question/answer pairs (plus
+   replayed pairs of earlier cycles) with the MEMIT edits switched off, under a
+   penalty on how much it changes the modules' output on ordinary text.
+3. Validate with the MEMIT edits off: a subject whose facts are all answered in chat
+   leaves MEMIT; the others keep their edits (for the next sleep). The cycle is
+   rejected — and nothing changes — if perplexity rises more than allowed, or the
+   already consolidated facts fall below τ times their recall before.
+4. Commit: adapter directory, then one ledger transaction; then the live weights.
+
+The paper trains a LoRA from scratch at this point (§3.3); on this model that taught
+no facts at its learning rate and leaked the new objects into other answers at
+higher ones (BENCHMARKS.md), which the take-over avoids.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sleepwake.corpus import perplexity_text
+from sleepwake.evaluate import evaluate_facts
+from sleepwake.memit.editor import FactEdit
+from sleepwake.sleep.data import examples, fact_pairs
+from sleepwake.sleep.lora import (
+    Adapter,
+    attached,
+    combine,
+    from_factors,
+    new_adapter,
+    output_penalty,
+    train,
+)
+
+if TYPE_CHECKING:
+    from sleepwake.memory import Memory
+    from sleepwake.store import FactRecord
+
+
+@dataclass
+class CycleReport:
+    """What a sleep did and what it measured."""
+
+    id: int | None
+    kind: str  # "nap" | "deep"
+    status: str  # "accepted" | "rejected" | "nothing to do"
+    consolidated: list[int] = field(default_factory=list)  # facts that left MEMIT
+    kept: list[int] = field(default_factory=list)  # facts that failed validation and keep their edit
+    rebuilt: bool = False  # the consolidated memory was rebuilt into one adapter
+    chat_recall: float | None = None  # of the cycle's facts, MEMIT edits off
+    raw_recall: float | None = None
+    held_recall_before: float | None = None  # already consolidated facts (τ gate)
+    held_recall_after: float | None = None
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    train_steps: int = 0
+    train_loss: tuple[float, float] | None = None
+    seconds: float = 0.0
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
+    """One adapter equal to the sum of `edits` (columns of an edit missing on a module are zero)."""
+    if not edits:
+        return None
+    names = sorted({n for e in edits.values() for n in e.factors(mem.lm.arch)})
+    factors = {}
+    for n in names:
+        lefts, rights = [], []
+        for e in edits.values():
+            f = e.factors(mem.lm.arch)
+            width = next(iter(e.a.values())).shape[1]
+            w = mem.lm.arch.weight(n)
+            left, right = f.get(n, (w.new_zeros(w.shape[0], width), w.new_zeros(width, w.shape[1])))
+            lefts.append(left)
+            rights.append(right)
+        factors[n] = (torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
+    return from_factors(factors)
+
+
+def run_cycle(mem: Memory, kind: str) -> CycleReport:
+    """Run one nap ("nap") or deep sleep ("deep"); see the module docstring."""
+    if kind not in ("nap", "deep"):
+        raise ValueError(f"sleep kind must be 'nap' or 'deep', not {kind!r}")
+    store = mem.store
+    memit = store.facts(where="memit")
+    rebuild = kind == "deep" or store.meta("rebuild_pending") == "1"
+    held = store.facts(where="consolidated") if rebuild else []
+    if not memit and not (rebuild and (held or mem._adapters)):
+        return CycleReport(None, kind, "nothing to do", reason="no facts are held by MEMIT edits")
+    cycle = store.begin_cycle(kind)
+    try:
+        report = _consolidate(mem, kind, cycle, memit, held, rebuild)
+    except BaseException as exc:  # also KeyboardInterrupt: back to the last good state
+        mem._rebuild()
+        shutil.rmtree(store.adapter_path(cycle), ignore_errors=True)
+        store.end_cycle(cycle, "failed", {"error": f"{type(exc).__name__}: {exc}"})
+        raise
+    return report
+
+
+def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], held: list[FactRecord],
+                 rebuild: bool) -> CycleReport:
+    t0 = time.perf_counter()
+    cfg = mem.config.nap if kind == "nap" else mem.config.deep
+    store, model, tok = mem.store, mem.model, mem.tokenizer
+    device = str(mem.lm.device)
+    text = perplexity_text()
+    report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity())
+    if held:
+        report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], text,
+                                                   progress=False).chat_recall
+    stored = {r.id: store.load_edit(r.id, device) for r in held}
+    base_adapters = [] if rebuild else list(mem._adapters)
+
+    def takeover(ids: set[int]) -> Adapter | None:
+        chosen = {i: mem._edits[i] for i in sorted(ids) if i in mem._edits}
+        chosen.update({i: e for i, e in stored.items() if i in ids})
+        return _takeover(mem, dict(sorted(chosen.items())))
+
+    ids = {r.id for r in memit} | set(stored)
+    transfer = takeover(ids)
+    if transfer is None:  # a rebuild with nothing left: the consolidated memory becomes empty
+        mem._rebuild(None, [])
+        report.ppl_after = mem.perplexity()
+        return _commit(mem, report, cycle, None, [], [], [], cfg, t0)
+
+    # Train the fresh part with every MEMIT edit off.
+    names = transfer.names
+    layer_of = {mem.lm.arch.down_name(l): l for l in mem.layers}
+    covs = mem.covariances()
+    penalty = output_penalty({n: covs[layer_of[n]] for n in names if n in layer_of},
+                             {n: mem.lm.base_weight(n) for n in names}, cfg.cov_penalty) if cfg.cov_penalty else None
+    fresh = new_adapter(model, names, cfg.rank, cfg.alpha, seed=cycle)
+    pairs = [p for r in memit + held for p in fact_pairs(r.fact, r.id)]
+    n_replay = round(len(pairs) * cfg.replay_ratio / (1 - cfg.replay_ratio))
+    replay = [(i, p) for i, p in store.replay_pairs(n_replay + len(pairs)) if p.fact_id not in ids][:n_replay]
+    mem._rebuild([], base_adapters)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    with attached(model, transfer):
+        stats = train(model, fresh, examples(pairs + [p for _, p in replay], tok), pad_id=pad, lr=cfg.lr,
+                      epochs=cfg.epochs, batch_size=cfg.batch_size, penalty=penalty, seed=cycle,
+                      progress=mem.progress, desc=kind)
+    report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
+
+    # Validate with the MEMIT edits off.
+    mem._rebuild([], [*base_adapters, combine([transfer, fresh])])
+    facts = memit + held
+    res = evaluate_facts(model, tok, [r.fact for r in facts], text, progress=False)
+    ok: dict[object, bool] = {}
+    for r, fr in zip(facts, res.facts):
+        group = mem._edit_group(r.fact)
+        ok[group] = ok.get(group, True) and fr.chat_ok
+    passed = [r.id for r in memit if ok[mem._edit_group(r.fact)]]
+    report.kept = [r.id for r in memit if r.id not in passed]
+    report.consolidated = passed
+    n = len(memit) or 1
+    report.chat_recall = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where == "memit") / n if memit else None
+    report.raw_recall = sum(fr.raw_ok for r, fr in zip(facts, res.facts) if r.where == "memit") / n if memit else None
+    if held:
+        report.held_recall_after = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit") / len(held)
+
+    # The adapter keeps the edits of the facts that passed (and of all held ones).
+    if report.kept:
+        transfer = takeover(ids - set(report.kept))
+    adapter = combine([transfer, fresh]) if transfer is not None else None
+    kept_edits = [mem._edits[i] for i in sorted(report.kept)]
+    mem._rebuild(kept_edits, [*base_adapters, *([adapter] if adapter else [])])
+    report.ppl_after = mem.perplexity()
+
+    if not passed and not rebuild:
+        report.reason = "no fact was answered in chat without its MEMIT edit"
+    elif report.ppl_after > report.ppl_before * (1 + cfg.max_ppl_increase):
+        report.reason = (f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than "
+                         f"{cfg.max_ppl_increase:.0%}")
+    elif held and report.held_recall_after < cfg.tau * report.held_recall_before:
+        report.reason = (f"consolidated facts' recall fell from {report.held_recall_before:.2f} to "
+                         f"{report.held_recall_after:.2f} (τ = {cfg.tau})")
+    else:
+        trained = [p for p in pairs if p.fact_id in set(passed) | set(stored)]
+        return _commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0)
+    mem._rebuild()
+    report.seconds = time.perf_counter() - t0
+    store.end_cycle(cycle, "rejected", report.to_dict())
+    return report
+
+
+def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None, passed: list[int],
+            pairs: list, replayed: list[int], cfg: Any, t0: float) -> CycleReport:
+    """Adapter directory first, then the ledger in one transaction, then the live weights."""
+    store = mem.store
+    if adapter is not None:
+        adapter.save(store.adapter_path(cycle), mem.lm.name)
+    report.status = "accepted"
+    report.seconds = time.perf_counter() - t0
+    store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None, consolidated=passed,
+                    pairs=pairs, replayed=replayed, decay=cfg.replay_decay, supersede=report.rebuilt)
+    store.set_meta("awake_since", repr(time.time()))
+    mem._adapters = [Adapter.load(p, mem.lm.device) for _, p in store.active_adapters()]
+    for i in passed:
+        mem._edits.pop(i, None)
+    mem._rebuild()
+    return report

@@ -1,0 +1,36 @@
+"""Sleep pressure (paper §3.5, eq. 6): when to nap and when to sleep deeply.
+
+    pressure = w_e·edits/n_max + w_t·elapsed/t_max + w_p·max(0, PPL/PPL₀ − 1)
+
+`edits` counts the facts held by MEMIT edits, `elapsed` the seconds awake since the
+last sleep (or since the first such fact), PPL₀ the base model's perplexity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from sleepwake.config import PressureConfig
+
+
+@dataclass(frozen=True)
+class Pressure:
+    edits: float  # the weighted parts, which add up to `total`
+    time: float
+    perplexity: float
+    total: float
+    due: str | None  # "deep", "nap" or None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | None,
+             cfg: PressureConfig) -> Pressure:
+    """The pressure and which sleep (if any) it calls for. Unknown perplexity counts 0."""
+    e = cfg.w_edits * n_edits / cfg.max_edits
+    t = cfg.w_time * max(0.0, elapsed_s) / cfg.max_awake_s
+    p = cfg.w_ppl * max(0.0, ppl / ppl0 - 1.0) if ppl and ppl0 else 0.0
+    total = e + t + p
+    due = "deep" if total >= cfg.deep_at else "nap" if total >= cfg.nap_at else None
+    return Pressure(e, t, p, total, due)

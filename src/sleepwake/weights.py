@@ -1,0 +1,68 @@
+"""The live weights: a frozen base plus low-rank deltas, rebuilt one canonical way.
+
+Everything the model has learned is a low-rank delta ``L @ R`` on some linear map:
+MEMIT edits on the down-projections (``A @ B`` per fact), LoRA adapters on any
+linear map (``scale·B @ A``). For each module the live weight is
+
+    base + cat(L₁, L₂, …) @ cat(R₁, R₂, …)
+
+with the parts in a fixed order (consolidated adapters by cycle, then MEMIT edits by
+fact id). Always computing it this one way, never by adding to or subtracting from
+the current weight, means a restart performs the same float operations in the same
+order, so the weights come out bitwise equal, and removing a delta is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from sleepwake.models import LoadedModel
+
+Factor = tuple[torch.Tensor, torch.Tensor]  # (L: d_out × r, R: r × d_in)
+
+
+class LiveWeights:
+    """Base copies of the modules that carry deltas, and the running delta sums."""
+
+    def __init__(self, lm: LoadedModel, names: Iterable[str] = ()) -> None:
+        self.lm = lm
+        self.base: dict[str, torch.Tensor] = {}
+        self.sum: dict[str, torch.Tensor] = {}
+        self.track(names)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.base)
+
+    def track(self, names: Iterable[str]) -> None:
+        """Start keeping base copies of more modules (before anything edits them)."""
+        for n in names:
+            if n not in self.base:
+                self.base[n] = self.lm.base_weight(n)
+                self.sum[n] = torch.zeros_like(self.base[n], dtype=torch.float32)
+
+    def _write(self, name: str) -> None:
+        w = self.lm.arch.weight(name)
+        w.copy_((self.base[name].float() + self.sum[name]).to(w.dtype))
+
+    def add(self, name: str, parts: Sequence[Factor]) -> None:
+        """Add deltas to one module while a MEMIT batch is being solved layer by layer
+        (not canonical: `rebuild` once the batch is done)."""
+        for left, right in parts:
+            self.sum[name].add_(left @ right)
+        self._write(name)
+
+    def rebuild(self, factors: Mapping[str, Sequence[Factor]]) -> None:
+        """Set every tracked module to base + its `factors` (in the given order)."""
+        self.track(factors)
+        for n in self.base:
+            parts = factors.get(n, ())
+            if parts:
+                left = torch.cat([p[0] for p in parts], dim=1)
+                right = torch.cat([p[1] for p in parts], dim=0)
+                torch.mm(left.float(), right.float(), out=self.sum[n])
+            else:
+                self.sum[n].zero_()
+            self._write(n)
