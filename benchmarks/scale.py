@@ -3,7 +3,9 @@ exact Llama-3.1-8B shape (bf16). Timing does not depend on the weights' values;
 recall figures from random weights mean nothing and are not reported.
 
 Times: covariance Ĉ over the project's reference texts, injecting 5 facts, injecting
-50 facts in one solve; and peak GPU memory.
+50 facts in one solve, a nap on 10 facts (take-over, LoRA training, validation, all
+of its work; whether random weights "recall" anything means nothing); and peak GPU
+memory.
 
     python benchmarks/scale.py --tokenizer DIR [--layers 12-19]
 
@@ -90,6 +92,11 @@ def main() -> None:
             more = fictional_facts(90, 1, seed=3)[80:85]
             prof.runcall(lambda: (mem.inject(more), sync()))
             pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+        mem.close()
+        napper = Memory(lm, home=f"{tmp}/nap", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
+        napper.inject(facts[:10])
+        nap, nap_s = timed(napper.nap)
+        peak_nap = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     save(f"scale-{args.shape}", {
         "note": "randomly initialised weights of the real shape; timings only",
         "params_billion": round(n_params / 1e9, 2),
@@ -102,6 +109,10 @@ def main() -> None:
         "inject50_one_solve_s": round(fifty_s, 3),
         "inject50_v_steps": res50.stats[0].v_steps,
         "peak_gpu_memory_gib": round(peak, 2),
+        "nap10_s": round(nap_s, 2),
+        "nap10_train_steps": nap.train_steps,
+        "nap10_status": f"{nap.status} ({nap.reason})",
+        "peak_gpu_memory_with_nap_gib": round(peak_nap, 2),
     })
 
 

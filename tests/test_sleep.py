@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -25,6 +27,8 @@ FACTS = [
     Fact("Zofia Wróblewska", "works as a", "veterinarian"),
     Fact("Mateus Okonkwo", "was born in", "Kraków"),
 ]
+ILSE = Fact("Ilse Brandvold", "lives in", "Tromsø")  # the fifth fact, which makes a nap due
+ALL = [*FACTS, ILSE]
 
 
 def snapshot(mem) -> dict[str, torch.Tensor]:
@@ -47,15 +51,21 @@ def injected(tmp_path_factory, lm, cache_dir):
 
 @pytest.fixture(scope="module")
 def napped(injected, tmp_path_factory, lm, cache_dir):
-    """A copy of the injected home after one nap; returns (home, report, answers)."""
+    """A copy of the injected home, a fifth fact, then the nap its pressure calls for.
+    Returns (home, report, answers after the nap, weights before it)."""
     from sleepwake.memory import Memory
 
     home = tmp_path_factory.mktemp("napped") / "home"
     shutil.copytree(injected, home)
-    with Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False) as mem:
-        report = mem.nap()
-        answers = [mem.ask(f.chat_question()) for f in FACTS]
-    return home, report, answers
+    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=5))  # 5 edits: pressure 0.6
+    cfg = replace(cfg, nap=SleepConfig(epochs=1))  # a short schedule keeps the suite short
+    with Memory(lm, home=home, config=cfg, cache_dir=cache_dir, progress=False) as mem:
+        mem.inject(ILSE)
+        before = snapshot(mem)
+        assert mem.status()["pressure"]["due"] == "nap"
+        report = mem.sleep_if_due()
+        answers = [mem.ask(f.chat_question()) for f in ALL]
+    return home, report, answers, before
 
 
 def copy_of(home, tmp_path):
@@ -68,9 +78,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_memory, tmp_path):
-    home, report, answers = napped
-    assert report.status == "accepted", report.reason
-    print(f"\nnap on {len(FACTS)} facts: chat {report.chat_recall} raw {report.raw_recall} "
+    home, report, answers, _ = napped
+    assert report.kind == "nap" and report.status == "accepted", report.reason
+    print(f"\nnap on {len(ALL)} facts: chat {report.chat_recall} raw {report.raw_recall} "
           f"ppl {report.ppl_before:.3f} -> {report.ppl_after:.3f} in {report.seconds:.1f} s")
     mem = make_memory(copy_of(home, tmp_path))
     assert len(report.consolidated) >= 3
@@ -79,10 +89,11 @@ def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_me
     assert set(mem._edits) == set(report.kept)  # the consolidated facts' MEMIT edits are gone
     assert (mem.home / "adapters").is_dir() and len(mem._adapters) == 1
     mem._rebuild([], None)  # every MEMIT edit off: the adapter alone
-    ok = [mentions(mem.ask(f.chat_question()), f.object) for f in FACTS]
+    ok = [mentions(mem.ask(f.chat_question()), f.object) for f in ALL]
     assert sum(ok) >= len(report.consolidated)
     assert report.ppl_after <= report.ppl_before * 1.05
-    assert sum(mentions(a, f.object) for a, f in zip(answers, FACTS)) == len(FACTS)  # everything still answered
+    assert sum(mentions(a, f.object) for a, f in zip(answers, ALL)) == len(ALL)  # everything still answered
+    assert mem.status(measure_perplexity=False)["pressure"]["due"] is None  # the nap relieved the pressure
 
 
 _CHILD = """
@@ -99,12 +110,12 @@ print(json.dumps([mem.ask(q) for q in sys.argv[4:]]))
 def test_restart_after_nap_gives_the_same_weights_and_answers(napped, make_memory, cache_dir, tmp_path):
     from safetensors.torch import load_file
 
-    home, _, answers = napped
+    home, _, answers, _ = napped
     mem = make_memory(copy_of(home, tmp_path))
     here = snapshot(mem)
     mem.close()
     out = subprocess.run([sys.executable, "-c", _CHILD, str(mem.home), str(cache_dir), str(tmp_path / "w.st"),
-                          *(f.chat_question() for f in FACTS)],
+                          *(f.chat_question() for f in ALL)],
                          capture_output=True, text=True, check=True, timeout=300)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == answers
     there = load_file(str(tmp_path / "w.st"))
@@ -114,7 +125,7 @@ def test_restart_after_nap_gives_the_same_weights_and_answers(napped, make_memor
 
 
 def test_rejected_sleep_leaves_everything_as_it_was(injected, make_memory, tmp_path):
-    strict = MemoryConfig(progress=False, nap=SleepConfig(max_ppl_increase=-1.0))  # no nap can pass this
+    strict = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, max_ppl_increase=-1.0))  # no nap passes this
     mem = make_memory(copy_of(injected, tmp_path), strict)
     before = snapshot(mem)
     ledger = [(r.id, r.where) for r in mem.facts()]
@@ -127,8 +138,8 @@ def test_rejected_sleep_leaves_everything_as_it_was(injected, make_memory, tmp_p
 
 
 def test_forget_after_sleep_removes_a_consolidated_fact(napped, make_memory, tmp_path):
-    home, _, _ = napped
-    mem = make_memory(copy_of(home, tmp_path))
+    home, _, _, _ = napped
+    mem = make_memory(copy_of(home, tmp_path), MemoryConfig(progress=False, deep=SleepConfig(epochs=1, dreams=4)))
     gone = next(r for r in mem.facts() if r.where == "consolidated" and r.fact.subject == "Zofia Wróblewska")
     mem.forget(gone.id)
     assert mem.status(measure_perplexity=False)["rebuild_pending"]
@@ -186,9 +197,50 @@ def test_pressure_formula_and_triggers():
         PressureConfig(nap_at=0.9, deep_at=0.5)
 
 
-def test_auto_sleep_naps_when_pressure_is_due(injected, make_memory, tmp_path):
-    cfg = MemoryConfig(progress=False, auto_sleep=True, pressure=PressureConfig(max_edits=5))  # 5 facts → 0.6
-    mem = make_memory(copy_of(injected, tmp_path), cfg)
-    result = mem.inject(Fact("Ilse Brandvold", "lives in", "Tromsø"))
-    assert result.slept is not None and result.slept.kind == "nap"
-    assert mem.status(measure_perplexity=False)["pressure"]["edits"] < 0.6
+def run_cli(*args: str, home) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sleepwake", "--quiet", "--home", str(home), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_cli_status_history_and_rollback(napped, make_memory, tmp_path):
+    home, report, _, before = napped
+    home = copy_of(home, tmp_path)
+    st = run_cli("status", "--json", home=home)
+    assert st.returncode == 0, st.stderr
+    status = json.loads(st.stdout)
+    assert status["facts"] == {"memit": len(report.kept), "consolidated": len(report.consolidated)}
+    assert set(status["pressure"]) >= {"edits", "time", "perplexity", "total", "due"}
+    hist = run_cli("history", "--json", home=home)
+    assert hist.returncode == 0, hist.stderr
+    [cycle] = json.loads(hist.stdout)
+    assert cycle["kind"] == "nap" and cycle["status"] == "accepted"
+    assert cycle["report"]["chat_recall"] == report.chat_recall and cycle["report"]["seconds"] > 0
+    assert run_cli("rollback", "99", home=home).returncode == 1  # unknown cycle: a clear error, nothing changes
+    rb = run_cli("rollback", str(cycle["id"]), "--json", home=home)
+    assert rb.returncode == 0, rb.stderr
+    assert json.loads(rb.stdout)["rolled_back"] == [cycle["id"]]
+    mem = make_memory(home)
+    assert all(r.where == "memit" for r in mem.facts()) and not mem._adapters
+    assert same_weights(mem, before)  # exactly the state before the nap
+
+
+@pytest.mark.parametrize("which", ["napped", "injected"])
+def test_exported_adapter_loads_in_plain_peft_with_the_same_answers(which, napped, injected, make_memory,
+                                                                   cache_dir, tmp_path):
+    from peft import PeftModel
+
+    from sleepwake.inference import chat_text, encode, generate
+    from sleepwake.models import load_model
+
+    mem = make_memory(copy_of(napped[0] if which == "napped" else injected, tmp_path))
+    facts = ALL if which == "napped" else FACTS
+    ours = [mem.ask(f.chat_question()) for f in facts]
+    path = mem.export_adapter(tmp_path / "export")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and all("down_proj" in m for m in config["target_modules"])
+    plain = load_model(cache_dir=cache_dir, progress=False)  # a fresh, unedited base model
+    model = PeftModel.from_pretrained(plain.model, str(path))
+    prompts = [encode(plain.tokenizer, chat_text(plain.tokenizer, f.chat_question()), chat=True) for f in facts]
+    theirs = [generate(model, plain.tokenizer, [p], max_new_tokens=24)[0].strip() for p in prompts]  # as `ask` does
+    assert theirs == ours
+    assert sum(mentions(a, f.object) for a, f in zip(theirs, facts)) >= len(facts) - 1

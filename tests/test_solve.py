@@ -65,4 +65,23 @@ def test_factor_storage_round_trips(tmp_path):
         assert torch.equal(back.a[layer], e.a[layer])
         assert torch.equal(back.b[layer], e.b[layer])
         assert torch.equal(back.k[layer], e.k[layer])
-        assert torch.equal(back.delta(layer), e.delta(layer))
+
+
+def test_adapter_round_trips_and_combines_to_the_sum_of_its_parts(tmp_path):
+    """An adapter saved as PEFT files loads back bitwise; side by side, adapters (and
+    MEMIT factors taken over as one) add up to the sum of their deltas."""
+    from sleepwake.sleep.lora import Adapter, combine, from_factors
+
+    g = torch.Generator().manual_seed(2)
+    one = Adapter({"m.x": torch.randn(4, 9, generator=g)}, {"m.x": torch.randn(6, 4, generator=g)}, 4, 8.0)
+    two = from_factors({"m.x": (torch.randn(6, 3, generator=g), torch.randn(3, 9, generator=g)),
+                        "m.y": (torch.randn(5, 3, generator=g), torch.randn(3, 2, generator=g))})
+    one.save(tmp_path / "a", "base")
+    back = Adapter.load(tmp_path / "a")
+    assert back.r == 4 and back.alpha == 8.0 and torch.equal(back.a["m.x"], one.a["m.x"])
+    both = combine([back, two])
+    delta = {n: l @ r for n, (l, r) in both.factors().items()}
+    want_x = 2.0 * one.b["m.x"] @ one.a["m.x"] + two.b["m.x"] @ two.a["m.x"]
+    assert torch.allclose(delta["m.x"], want_x, atol=1e-5)
+    assert torch.allclose(delta["m.y"], two.b["m.y"] @ two.a["m.y"], atol=1e-6)  # zero columns from `one`
+    assert both.r == 7 and both.scale == 1.0

@@ -68,11 +68,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _fact_id(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a fact id is a whole number, got {text!r}") from None
+def _whole_number(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a {what} id is a whole number, got {text!r}") from None
+
+    return parse
+
+
+_fact_id = _whole_number("fact")
 
 
 def _short(text: str, limit: int = 60) -> str:
@@ -446,6 +452,25 @@ def cmd_history(ctx: Context) -> int:
     return 0
 
 
+def cmd_rollback(ctx: Context) -> int:
+    with ctx.memory() as mem:
+        undone = mem.rollback(ctx.args.cycle)
+        facts = mem.status(measure_perplexity=False)["facts"]
+    if ctx.args.json:
+        _dump_json({"rolled_back": undone, "facts": facts}, ctx.out)
+    else:
+        ctx.say(f"rolled back cycle{'s' if len(undone) != 1 else ''} {', '.join(f'#{i}' for i in undone)}; "
+                f"{facts['memit']} fact(s) in MEMIT edits, {facts['consolidated']} consolidated")
+    return 0
+
+
+def cmd_export(ctx: Context) -> int:
+    with ctx.memory() as mem:
+        path = mem.export_adapter(ctx.args.adapter)
+    ctx.say(f"exported the learned memory as a PEFT LoRA adapter: {path}")
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------
 
 
@@ -523,6 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the cycle report as JSON")
     p = add("status", cmd_status, "sleep pressure and its parts; facts by where they live")
     p.add_argument("--json", action="store_true", help="print the status as JSON")
+    p = add("rollback", cmd_rollback, "return to the state before a sleep cycle (see 'sleepwake history')")
+    p.add_argument("cycle", type=_whole_number("cycle"), metavar="CYCLE", help="cycle id")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p = add("export", cmd_export, "write all learned memory as one PEFT LoRA adapter")
+    p.add_argument("--adapter", metavar="DIR", required=True, help="directory to write (new, or an earlier export)")
     p = add("history", cmd_history, "every nap and sleep with its measured results")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser

@@ -125,6 +125,9 @@ class SleepConfig:
     """Share of earlier training pairs mixed back in (paper: 20% light, 60% deep)."""
     replay_decay: float = 0.85
     """A replayed pair's priority is multiplied by this each time it is replayed."""
+    dreams: int = 0
+    """Questions the model answers itself before training ("dreaming"); training then
+    keeps its predictions along those answers (KL), so the rest of what it knows stays."""
     max_ppl_increase: float = 0.05
     """Reject the cycle if perplexity rises more than this (relative to before it)."""
     tau: float = 0.5
@@ -148,7 +151,7 @@ class MemoryConfig:
     progress: bool = True
     """Show progress bars on long work."""
     nap: SleepConfig = field(default_factory=SleepConfig)
-    deep: SleepConfig = field(default_factory=lambda: SleepConfig(lr=2e-3, replay_ratio=0.6))
+    deep: SleepConfig = field(default_factory=lambda: SleepConfig(lr=2e-3, replay_ratio=0.6, dreams=16))
     pressure: PressureConfig = field(default_factory=PressureConfig)
     auto_sleep: bool = False
     """Nap or sleep by themselves when the pressure calls for it (after `inject`)."""

@@ -30,3 +30,10 @@ class UnknownFactError(SleepwakeError, KeyError):
 
 class StoreError(SleepwakeError):
     """The memory home is unusable (wrong model, corrupt ledger, ...)."""
+
+
+class UnknownCycleError(SleepwakeError, KeyError):
+    """No sleep cycle with this id, or not one that can be rolled back."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown cycle"

@@ -23,15 +23,15 @@ from tqdm.auto import tqdm
 
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import perplexity_text
-from sleepwake.errors import InvalidFactError, UnknownFactError
+from sleepwake.errors import InvalidFactError, StoreError, UnknownCycleError, UnknownFactError
 from sleepwake.evaluate import EvalReport, evaluate_facts, perplexity
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
 from sleepwake.memit.covariance import load_or_compute
 from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
 from sleepwake.models import LoadedModel, load_model
-from sleepwake.sleep.cycle import CycleReport, run_cycle
-from sleepwake.sleep.lora import Adapter
+from sleepwake.sleep.cycle import CycleReport, run_cycle, takeover
+from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine
 from sleepwake.sleep.pressure import pressure
 from sleepwake.store import FactRecord, Store
 from sleepwake.weights import Factor, LiveWeights
@@ -285,6 +285,29 @@ class Memory:
         """Deep sleep (paper §3.4): consolidate everything into one adapter, with replay;
         `deep=False` is a nap."""
         return run_cycle(self, "deep" if deep else "nap")
+
+    def rollback(self, cycle: int) -> list[int]:
+        """Return to the state before sleep cycle `cycle` (see `Store.rollback`)."""
+        if isinstance(cycle, bool) or not isinstance(cycle, int):
+            raise UnknownCycleError(f"cycle id must be an integer, got {cycle!r}")
+        undone = self.store.rollback(cycle)
+        self._adapters = [Adapter.load(p, self.lm.device) for _, p in self.store.active_adapters()]
+        self._edits = {r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")}
+        self._rebuild()
+        return undone
+
+    def export_adapter(self, path: str | os.PathLike[str]) -> Path:
+        """Write the whole learned memory — consolidated adapters and active MEMIT edits —
+        as one PEFT LoRA adapter directory that plain transformers + PEFT load on the base."""
+        path = Path(path).expanduser()
+        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / CONFIG_FILE).exists())):
+            raise StoreError(f"{path} exists and is not an adapter directory; choose a new one")
+        memit = takeover(self, {i: self._edits[i] for i in sorted(self._edits)})
+        parts = [*self._adapters, *([memit] if memit else [])]
+        if not parts:
+            raise StoreError("nothing to export: the memory is empty")
+        combine(parts).save(path, self.lm.name)
+        return path
 
     def history(self) -> list[dict]:
         """Every sleep cycle with its inputs and measured results, oldest first."""

@@ -27,7 +27,7 @@ from typing import Iterator, Sequence
 
 from safetensors.torch import load_file, save_file
 
-from sleepwake.errors import StoreError, UnknownFactError
+from sleepwake.errors import StoreError, UnknownCycleError, UnknownFactError
 from sleepwake.facts import Fact
 from sleepwake.memit.editor import FactEdit
 from sleepwake.sleep.data import Pair
@@ -272,6 +272,7 @@ class Store:
         with self._tx() as db:
             stale = self._rewrite(db, rewritten or {})
             db.execute("UPDATE facts SET status='forgotten', ended_at=? WHERE id=?", (time.time(), fact_id))
+            db.execute("DELETE FROM pairs WHERE fact_id=?", (fact_id,))
             if rec.where == "consolidated":  # an adapter still holds it: the next sleep rebuilds them
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
         for path in [gone, *stale]:  # "delete" deletes: no weights of it remain
@@ -332,10 +333,14 @@ class Store:
         replayed: Sequence[int] = (),
         decay: float = 1.0,
         supersede: bool = False,
+        erase_superseded: bool = False,
     ) -> None:
         """Close a cycle in one transaction: its adapter joins the consolidated memory
         (replacing all earlier ones when `supersede`), `consolidated` facts move there,
-        its training `pairs` are kept for replay, `replayed` pairs lose priority."""
+        its training `pairs` are kept for replay, `replayed` pairs lose priority.
+        `erase_superseded` deletes the replaced adapters' files after the commit: they
+        hold facts that were forgotten, and "forget" must not leave them on disk."""
+        gone = [p for _, p in self.active_adapters()] if supersede and erase_superseded else []
         with self._tx() as db:
             db.execute(
                 "UPDATE cycles SET status=?, ended_at=?, adapter=?, report=? WHERE id=?",
@@ -356,6 +361,40 @@ class Store:
             )
             db.executemany("UPDATE pairs SET priority=priority*?, replays=replays+1 WHERE id=?",
                            [(decay, i) for i in replayed])
+        for path in gone:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def rollback(self, cycle: int) -> list[int]:
+        """Undo `cycle` and every accepted cycle after it, in one transaction: their
+        adapters leave the consolidated memory (the ones they superseded come back) and
+        the facts they consolidated return to their MEMIT edits, which were kept.
+        Returns the cycles undone."""
+        row = self.db.execute("SELECT status FROM cycles WHERE id=?", (cycle,)).fetchone()
+        if row is None:
+            raise UnknownCycleError(f"no sleep cycle with id {cycle}")
+        if row[0] != "accepted":
+            raise UnknownCycleError(f"cycle {cycle} was {row[0]}: only accepted cycles changed anything to undo")
+        back = self.db.execute("SELECT adapter FROM cycles WHERE superseded_by>=? AND status='accepted'", (cycle,))
+        missing = [a for (a,) in back if a and not (self.home / a).is_dir()]
+        if missing:
+            raise UnknownCycleError(
+                f"cannot roll back to before cycle {cycle}: a later sleep forgot facts and deleted the adapters "
+                f"that held them ({', '.join(missing)})")
+        with self._tx() as db:
+            undone = [r[0] for r in db.execute("SELECT id FROM cycles WHERE id>=? AND status='accepted'", (cycle,))]
+            db.execute("UPDATE cycles SET status='rolled back', ended_at=coalesce(ended_at, ?) "
+                       "WHERE id>=? AND status='accepted'", (time.time(), cycle))
+            db.execute("UPDATE cycles SET superseded_by=NULL WHERE superseded_by>=?", (cycle,))
+            db.execute("UPDATE facts SET location='memit', cycle=NULL WHERE cycle>=?", (cycle,))
+            # A fact that left while consolidated in an adapter that is back: the next sleep rebuilds.
+            stale = db.execute(
+                "SELECT 1 FROM facts f JOIN cycles c ON c.id=f.cycle WHERE f.status<>'active' "
+                "AND f.location='consolidated' AND c.status='accepted' AND c.superseded_by IS NULL").fetchone()
+            if stale:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
+            else:
+                db.execute("DELETE FROM meta WHERE key='rebuild_pending'")
+        return undone
 
     def cycles(self) -> list[dict]:
         rows = self.db.execute(

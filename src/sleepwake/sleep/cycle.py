@@ -8,7 +8,9 @@
    stays in the weights.
 2. Train: a second, fresh LoRA part learns the facts' question/answer pairs (plus
    replayed pairs of earlier cycles) with the MEMIT edits switched off, under a
-   penalty on how much it changes the modules' output on ordinary text.
+   penalty on how much it changes the modules' output on ordinary text. A deep sleep
+   also "dreams": the model first answers questions about its consolidated facts and
+   the world, and training keeps its predictions along those answers (KL).
 3. Validate with the MEMIT edits off: a subject whose facts are all answered in chat
    leaves MEMIT; the others keep their edits (for the next sleep). The cycle is
    rejected — and nothing changes — if perplexity rises more than allowed, or the
@@ -31,15 +33,18 @@ import torch
 
 from sleepwake.corpus import perplexity_text
 from sleepwake.evaluate import evaluate_facts
+from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
-from sleepwake.sleep.data import examples, fact_pairs
+from sleepwake.sleep.data import dream_questions, examples, fact_pairs
 from sleepwake.sleep.lora import (
     Adapter,
+    Example,
     attached,
     combine,
     from_factors,
     new_adapter,
     output_penalty,
+    soft_targets,
     train,
 )
 
@@ -73,7 +78,7 @@ class CycleReport:
         return asdict(self)
 
 
-def _takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
+def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
     """One adapter equal to the sum of `edits` (columns of an edit missing on a module are zero)."""
     if not edits:
         return None
@@ -85,7 +90,8 @@ def _takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
             f = e.factors(mem.lm.arch)
             width = next(iter(e.a.values())).shape[1]
             w = mem.lm.arch.weight(n)
-            left, right = f.get(n, (w.new_zeros(w.shape[0], width), w.new_zeros(width, w.shape[1])))
+            zeros = dict(dtype=torch.float32, device=w.device)
+            left, right = f.get(n, (torch.zeros(w.shape[0], width, **zeros), torch.zeros(width, w.shape[1], **zeros)))
             lefts.append(left)
             rights.append(right)
         factors[n] = (torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
@@ -127,17 +133,27 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     stored = {r.id: store.load_edit(r.id, device) for r in held}
     base_adapters = [] if rebuild else list(mem._adapters)
 
-    def takeover(ids: set[int]) -> Adapter | None:
+    def taken_over(ids: set[int]) -> Adapter | None:
         chosen = {i: mem._edits[i] for i in sorted(ids) if i in mem._edits}
         chosen.update({i: e for i, e in stored.items() if i in ids})
-        return _takeover(mem, dict(sorted(chosen.items())))
+        return takeover(mem, dict(sorted(chosen.items())))
 
     ids = {r.id for r in memit} | set(stored)
-    transfer = takeover(ids)
+    transfer = taken_over(ids)
     if transfer is None:  # a rebuild with nothing left: the consolidated memory becomes empty
         mem._rebuild(None, [])
         report.ppl_after = mem.perplexity()
         return _commit(mem, report, cycle, None, [], [], [], cfg, t0)
+
+    # Dreams: what the model answers now, before anything changes; training keeps it.
+    dreams, soft = [], []
+    if cfg.dreams:
+        qs = dream_questions(cfg.dreams, cycle, [r.fact for r in held])
+        prompts = [encode(tok, chat_text(tok, q), chat=True) for q in qs]
+        answers = generate(model, tok, prompts, max_new_tokens=mem.config.generation.max_new_tokens)
+        dreams = [Example(tuple(p) + tuple(encode_target(tok, chat_text(tok, q), a, chat=True)), ())
+                  for p, q, a in zip(prompts, qs, answers)]
+        soft = soft_targets(model, dreams, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
 
     # Train the fresh part with every MEMIT edit off.
     names = transfer.names
@@ -151,10 +167,11 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     replay = [(i, p) for i, p in store.replay_pairs(n_replay + len(pairs)) if p.fact_id not in ids][:n_replay]
     mem._rebuild([], base_adapters)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    taught = examples(pairs + [p for _, p in replay], tok)
     with attached(model, transfer):
-        stats = train(model, fresh, examples(pairs + [p for _, p in replay], tok), pad_id=pad, lr=cfg.lr,
-                      epochs=cfg.epochs, batch_size=cfg.batch_size, penalty=penalty, seed=cycle,
-                      progress=mem.progress, desc=kind)
+        stats = train(model, fresh, taught + dreams, pad_id=pad, lr=cfg.lr, epochs=cfg.epochs,
+                      batch_size=cfg.batch_size, teacher=[None] * len(taught) + soft, penalty=penalty,
+                      seed=cycle, progress=mem.progress, desc=kind)
     report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
 
     # Validate with the MEMIT edits off.
@@ -176,7 +193,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
     # The adapter keeps the edits of the facts that passed (and of all held ones).
     if report.kept:
-        transfer = takeover(ids - set(report.kept))
+        transfer = taken_over(ids - set(report.kept))
     adapter = combine([transfer, fresh]) if transfer is not None else None
     kept_edits = [mem._edits[i] for i in sorted(report.kept)]
     mem._rebuild(kept_edits, [*base_adapters, *([adapter] if adapter else [])])
@@ -207,8 +224,10 @@ def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | Non
         adapter.save(store.adapter_path(cycle), mem.lm.name)
     report.status = "accepted"
     report.seconds = time.perf_counter() - t0
+    forgetting = store.meta("rebuild_pending") == "1"
     store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None, consolidated=passed,
-                    pairs=pairs, replayed=replayed, decay=cfg.replay_decay, supersede=report.rebuilt)
+                    pairs=pairs, replayed=replayed, decay=cfg.replay_decay, supersede=report.rebuilt,
+                    erase_superseded=forgetting)
     store.set_meta("awake_since", repr(time.time()))
     mem._adapters = [Adapter.load(p, mem.lm.device) for _, p in store.active_adapters()]
     for i in passed:

@@ -10,10 +10,12 @@ was there (chat recall 1.0 → 0.1–0.6 on 10 facts, BENCHMARKS.md).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sleepwake.corpus import locality_facts, world_facts
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_answer, chat_text, encode, encode_target, with_stop
 from sleepwake.sleep.lora import Example
@@ -48,6 +50,17 @@ def fact_pairs(fact: Fact, fact_id: int | None = None) -> list[Pair]:
     pairs = [Pair(a.format(q=q), fact.object, True, fact_id) for a in _ASKINGS]
     pairs.append(Pair(fact.prompt, fact.target, False, fact_id))
     return pairs
+
+
+def dream_questions(n: int, seed: int, own: Sequence[Fact] = ()) -> list[str]:
+    """Questions for the model to answer itself before a deep sleep ("dreaming"): about
+    its consolidated facts and about the world. World questions come from the facts
+    that are *not* the locality benchmark's, so the benchmark stays a fair test."""
+    held_out = {f.key for f in locality_facts()}
+    world = [f.chat_question() for f in world_facts() if f.key not in held_out]
+    random.Random(seed).shuffle(world)
+    mine = [f.chat_question() for f in own][: n // 2]
+    return mine + world[: n - len(mine)]
 
 
 def examples(pairs: Sequence[Pair], tokenizer: Any) -> list[Example]:

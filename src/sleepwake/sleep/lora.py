@@ -114,14 +114,18 @@ def from_factors(deltas: dict[str, Factor]) -> Adapter:
 
 
 def combine(parts: Sequence[Adapter]) -> Adapter:
-    """Adapters on the same modules side by side, as one (ranks add up, scale 1)."""
-    names = parts[0].names
-    if any(set(p.names) != set(names) for p in parts):
-        raise ValueError("combined adapters must cover the same modules")
-    a = {n: torch.cat([p.a[n] for p in parts]) for n in names}
-    b = {n: torch.cat([p.b[n] * p.scale for p in parts], dim=1) for n in names}
+    """Adapters side by side, as one (ranks add up, scale 1); a module one part lacks
+    gets zero columns there, so the sum of the deltas is unchanged."""
+    names = sorted({n for p in parts for n in p.names})
+    shapes = {n: (p.b[n].shape[0], p.a[n].shape[1]) for p in parts for n in p.names}
+    a, b = {}, {}
+    for n in names:
+        d_out, d_in = shapes[n]
+        a[n] = torch.cat([p.a[n] if n in p.a else p.b[p.names[0]].new_zeros(p.r, d_in) for p in parts])
+        b[n] = torch.cat([p.b[n] * p.scale if n in p.b else p.b[p.names[0]].new_zeros(d_out, p.r)
+                          for p in parts], dim=1)
     r = sum(p.r for p in parts)
-    return Adapter(a, b, r, float(r), parts[0].conv1d)
+    return Adapter(a, b, r, float(r), frozenset().union(*(p.conv1d for p in parts)))
 
 
 def output_penalty(covariances: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
@@ -129,10 +133,10 @@ def output_penalty(covariances: dict[str, torch.Tensor], base: dict[str, torch.T
     """adapter ↦ weight · Σ E‖ΔW·k‖² / E‖W·k‖² over ordinary keys k (Ĉ = E[k kᵀ] per
     module): how much the adapter changes what the modules output on everyday text.
     Uses tr(BA Ĉ AᵀBᵀ) = tr(BᵀB · AĈAᵀ), which costs r×r, not d×d, products."""
-    norm = {n: torch.trace(base[n] @ c @ base[n].t()) for n, c in covariances.items()}
+    norm = {n: torch.trace(base[n].float() @ c @ base[n].float().t()) for n, c in covariances.items()}
 
     def penalty(adapter: Adapter) -> torch.Tensor:
-        total = torch.zeros(())
+        total = torch.zeros((), device=next(iter(covariances.values())).device)
         for n, c in covariances.items():
             a, b = adapter.a[n], adapter.b[n]
             total = total + torch.trace((b.t() @ b) @ (a @ c @ a.t())) * adapter.scale**2 / norm[n]
