@@ -61,10 +61,13 @@ def lifecycle(mem: Memory) -> dict:
     rows = [measure(mem, facts, "baseline")]
     mem.inject(first)
     rows.append(measure(mem, first, "after 5 facts (MEMIT)"))
-    rows.append({**measure(mem, first, "after nap"), "cycle": mem.nap().status})
+    nap = mem.nap()
+    rows.append({**measure(mem, first, "after nap"), "cycle": nap.status, "consolidated": len(nap.consolidated)})
     mem.inject(second)
     rows.append(measure(mem, facts, "after 5 more facts (MEMIT)"))
-    rows.append({**measure(mem, facts, "after deep sleep"), "cycle": mem.sleep().status})
+    deep = mem.sleep()
+    rows.append({**measure(mem, facts, "after deep sleep"), "cycle": deep.status,
+                 "memit_left": len(mem.facts()) - len(mem.store.facts(where="consolidated"))})
     return {"rows": rows, "ppl_ratio_end": round(rows[-1]["ppl"] / rows[0]["ppl"], 4), **locality(mem)}
 
 
