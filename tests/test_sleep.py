@@ -96,6 +96,18 @@ def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_me
     assert mem.status(measure_perplexity=False)["pressure"]["due"] is None  # the nap relieved the pressure
 
 
+def test_new_facts_after_a_nap_leave_consolidated_facts_alone(napped, make_memory, tmp_path):
+    """A MEMIT edit after a nap keeps the consolidated facts' keys fixed (eq. 5), so it
+    does not write over what the adapter holds."""
+    home, report, answers, _ = napped
+    mem = make_memory(copy_of(home, tmp_path))
+    new = Fact("Oskar Lindqvist", "works at", "Ericsson")
+    mem.inject(new)
+    assert mentions(mem.ask(new.chat_question()), new.object)
+    held = [f for f, a in zip(ALL, answers) if mentions(a, f.object)]
+    assert sum(mentions(mem.ask(f.chat_question()), f.object) for f in held) >= len(held) - 1
+
+
 _CHILD = """
 import json, sys
 from sleepwake.memory import Memory

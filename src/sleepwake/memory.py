@@ -189,11 +189,15 @@ class Memory:
         return batches
 
     def _edit(self, facts: list[Fact], leaving: set[int], progress: bool) -> tuple[list[FactEdit], InjectStats]:
-        """Edit `facts` into the weights once the edits of `leaving` are out of them."""
+        """Edit `facts` into the weights once the edits of `leaving` are out of them.
+
+        The keys of every other fact stay fixed (eq. 5), consolidated facts' included:
+        their adapters read the same keys, and a new edit must not write over them."""
         keep = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
         if leaving:
             self._rebuild(keep)
-        return self.editor().edit(facts, keep, progress=progress)
+        held = [self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="consolidated")]
+        return self.editor().edit(facts, keep + held, progress=progress)
 
     def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
         """Write facts into the weights now (MEMIT), in batches of about `config.batch_size`.
