@@ -413,11 +413,3 @@ class Store:
             "WHERE p.fact_id IS NULL OR f.status='active' ORDER BY p.priority DESC, p.id LIMIT ?", (n,)
         ).fetchall()
         return [(i, Pair(pr, a, bool(c), fid, src)) for i, fid, pr, a, c, src in rows]
-
-    def fact_pairs_stored(self, fact_ids: Sequence[int]) -> list[Pair]:
-        """Every stored training pair of these facts (to rebuild the consolidated memory)."""
-        out = []
-        for i in fact_ids:
-            rows = self.db.execute("SELECT prompt, answer, chat, source FROM pairs WHERE fact_id=? ORDER BY id", (i,))
-            out += [Pair(pr, a, bool(c), i, src) for pr, a, c, src in rows]
-        return out

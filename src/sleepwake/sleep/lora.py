@@ -165,9 +165,6 @@ class Soft:
     index: torch.Tensor  # (len - 1) × k token ids
     logp: torch.Tensor  # (len - 1) × k, renormalised over the k
 
-    def head(self, n: int) -> Soft:
-        """Only the first n positions (e.g. the prompt's, leaving the answer free)."""
-        return Soft(self.index[:n], self.logp[:n])
 
 
 @dataclass
