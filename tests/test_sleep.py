@@ -155,8 +155,18 @@ def test_forget_after_sleep_removes_a_consolidated_fact(napped, make_memory, tmp
     gone = next(r for r in mem.facts() if r.where == "consolidated" and r.fact.subject == "Zofia Wróblewska")
     mem.forget(gone.id)
     assert mem.status(measure_perplexity=False)["rebuild_pending"]
+    conv = mem.store.new_conversation()  # what was said since: curation picks what to learn
+    told = "My neighbour Ilse Brandvold lives in Tromsø."
+    for user, reply, facts in [(told, "Tromsø is a lovely Arctic city with northern lights.", [ILSE]),
+                               ("What time is it?", "I cannot tell the time.", []),
+                               (told, "Tromsø is a lovely Arctic city with northern lights.", [ILSE])]:
+        mem.store.add_message(conv, "user", user, facts)
+        mem.store.add_message(conv, "assistant", reply)
     rep = mem.sleep()
     assert rep.status == "accepted" and rep.rebuilt, rep.reason
+    assert (rep.exchanges, rep.exchanges_kept) == (3, 1)  # the question and the repeat are dropped
+    kept = mem.store.db.execute("SELECT prompt FROM pairs WHERE source='conversation'").fetchall()
+    assert kept == [(told,)] and mem.store.exchanges() == []  # kept for replay; each is curated once
     assert not mentions(mem.ask(gone.fact.chat_question()), gone.fact.object)
     others = [r.fact for r in mem.facts()]
     assert gone.id not in {r.id for r in mem.facts()}

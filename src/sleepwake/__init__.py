@@ -8,7 +8,7 @@ from sleepwake.facts import Fact
 
 __version__ = "0.1.0"
 
-__all__ = ["Fact", "Memory", "MemoryConfig", "__version__"]
+__all__ = ["Assistant", "Fact", "Memory", "MemoryConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -18,6 +18,10 @@ def __getattr__(name: str):
         from sleepwake.memory import Memory
 
         return Memory
+    if name == "Assistant":
+        from sleepwake.talk import Assistant
+
+        return Assistant
     if name == "MemoryConfig":
         from sleepwake.config import MemoryConfig
 

@@ -141,6 +141,25 @@ class SleepConfig:
 
 
 @dataclass(frozen=True)
+class CurationConfig:
+    """Which conversation exchanges a deep sleep learns from (paper §3.4; `sleep.curate`).
+    Scores are in [0, 1]; an exchange must reach every threshold."""
+
+    min_novelty: float = 0.3
+    min_importance: float = 0.5
+    """0.5 or more: the user's message stated at least one fact."""
+    min_utility: float = 0.25
+    max_exchanges: int = 16
+    """At most this many per deep sleep, the best first (they lengthen training)."""
+
+    def __post_init__(self) -> None:
+        if not all(0 <= x <= 1 for x in (self.min_novelty, self.min_importance, self.min_utility)):
+            raise ValueError("curation thresholds must be in [0, 1]")
+        if self.max_exchanges < 0:
+            raise ValueError("max_exchanges must be ≥ 0")
+
+
+@dataclass(frozen=True)
 class MemoryConfig:
     """Everything `Memory` needs besides the model and the home directory."""
 
@@ -153,10 +172,11 @@ class MemoryConfig:
     nap: SleepConfig = field(default_factory=SleepConfig)
     deep: SleepConfig = field(default_factory=lambda: SleepConfig(lr=2e-3, replay_ratio=0.6, dreams=16))
     pressure: PressureConfig = field(default_factory=PressureConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
     auto_sleep: bool = False
     """Nap or sleep by themselves when the pressure calls for it (after `inject`)."""
 
-    def with_memit(self, **changes: Any) -> "MemoryConfig":
+    def with_memit(self, **changes: Any) -> MemoryConfig:
         return replace(self, memit=replace(self.memit, **changes))
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,3 +37,7 @@ class UnknownCycleError(SleepwakeError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "unknown cycle"
+
+
+class SleepRunningError(SleepwakeError):
+    """A nap or deep sleep is running: the memory cannot change until it ends."""

@@ -105,6 +105,27 @@ def make_extractor(kind: str = "rules", generate: Callable[[str], str] | None = 
     raise ValueError(f"unknown extractor {kind!r}; choose one of: rules, model")
 
 
+_LIST_RELATIONS = frozenset({"speaks", "likes", "loves", "dislikes", "hates", "is allergic to", "has a pet", "owns",
+                             "plays", "plays the"})
+_ITEM_SEPARATOR = re.compile(r",\s*(?:and\s+)?|\s+and\s+")
+
+
+def is_list_relation(relation: str) -> bool:
+    """Relations a subject can have several objects of: one language, one sister, ... each."""
+    r = " ".join(relation.casefold().split())
+    return r in _LIST_RELATIONS or (r.startswith("has a ") and r.endswith(" named"))
+
+
+def split_items(obj: str) -> list[str]:
+    """"English, French and Spanish" -> ["English", "French", "Spanish"]."""
+    return [i for i in (p.strip() for p in _ITEM_SEPARATOR.split(obj)) if i]
+
+
+def join_items(items: list[str]) -> str:
+    """The object a memory stores for several items of a list-valued relation."""
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _fact(subject: str, relation: str, obj: str) -> Fact | None:
     try:
         return Fact(subject, relation, obj)

@@ -2,7 +2,8 @@
 
 Layout under ``home``::
 
-    memory.sqlite        facts (one row per fact, with its status) and meta
+    memory.sqlite        facts (one row per fact, with its status), meta, sleep cycles,
+                         training pairs, conversations and their messages
     edits/00000042.v3.safetensors   A.<layer>, B.<layer>, K.<layer>: version 3 of fact 42's edit
 
 A fact's edit is rewritten (a new version) when its subject is edited again, since
@@ -19,11 +20,12 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from safetensors.torch import load_file, save_file
 
@@ -32,7 +34,7 @@ from sleepwake.facts import Fact
 from sleepwake.memit.editor import FactEdit
 from sleepwake.sleep.data import Pair
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +75,21 @@ CREATE TABLE IF NOT EXISTS pairs (
     priority REAL NOT NULL DEFAULT 1.0,
     replays INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS conversations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT 'chat'
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    conversation INTEGER NOT NULL REFERENCES conversations(id),
+    role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+    content TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    facts TEXT NOT NULL DEFAULT '[]',
+    learned INTEGER NOT NULL DEFAULT 1,
+    curated INTEGER
+);
 """
 # Columns added since schema 1, for homes made by an older version.
 _ADDED_COLUMNS = {
@@ -80,6 +97,16 @@ _ADDED_COLUMNS = {
     "location": "TEXT NOT NULL DEFAULT 'memit'",
     "cycle": "INTEGER",
 }
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """A user message and the assistant's reply to it."""
+
+    id: int  # the user message's id
+    user: str
+    reply: str
+    n_facts: int  # facts extracted from the user message
 
 
 @dataclass(frozen=True)
@@ -131,6 +158,7 @@ class Store:
         except OSError as exc:
             raise StoreError(f"cannot create memory home {self.home}: {exc.strerror or exc}") from exc
         self.path = self.home / "memory.sqlite"
+        self._tx_lock = threading.RLock()
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -162,13 +190,15 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        """One write transaction; threads sharing this connection take turns."""
+        with self._tx_lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -331,13 +361,15 @@ class Store:
         consolidated: Sequence[int] = (),
         pairs: Sequence[Pair] = (),
         replayed: Sequence[int] = (),
+        curated: Sequence[int] = (),
         decay: float = 1.0,
         supersede: bool = False,
         erase_superseded: bool = False,
     ) -> None:
         """Close a cycle in one transaction: its adapter joins the consolidated memory
         (replacing all earlier ones when `supersede`), `consolidated` facts move there,
-        its training `pairs` are kept for replay, `replayed` pairs lose priority.
+        its training `pairs` are kept for replay, `replayed` pairs lose priority,
+        `curated` exchanges (user message ids) are marked as seen by curation.
         `erase_superseded` deletes the replaced adapters' files after the commit: they
         hold facts that were forgotten, and "forget" must not leave them on disk."""
         gone = [p for _, p in self.active_adapters()] if supersede and erase_superseded else []
@@ -361,6 +393,7 @@ class Store:
             )
             db.executemany("UPDATE pairs SET priority=priority*?, replays=replays+1 WHERE id=?",
                            [(decay, i) for i in replayed])
+            db.executemany("UPDATE messages SET curated=? WHERE id=?", [(cycle, i) for i in curated])
         for path in gone:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -413,3 +446,55 @@ class Store:
             "WHERE p.fact_id IS NULL OR f.status='active' ORDER BY p.priority DESC, p.id LIMIT ?", (n,)
         ).fetchall()
         return [(i, Pair(pr, a, bool(c), fid, src)) for i, fid, pr, a, c, src in rows]
+
+    # --- conversations ------------------------------------------------------------
+
+    def new_conversation(self, source: str = "chat") -> int:
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO conversations(started_at, source) VALUES (?, ?)", (time.time(), source))
+        return int(cur.lastrowid)
+
+    def has_conversation(self, conversation: int) -> bool:
+        return self.db.execute("SELECT 1 FROM conversations WHERE id=?", (conversation,)).fetchone() is not None
+
+    def add_message(self, conversation: int, role: str, content: str, facts: Sequence[Fact] = (),
+                    learned: bool = True) -> int:
+        """One message of a conversation; `facts` were extracted from it, and are
+        `learned` once injected (a message told during a sleep waits for its end)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO messages(conversation, role, content, created_at, facts, learned) VALUES (?, ?, ?, ?, ?, ?)",
+                (conversation, role, content, time.time(), json.dumps([f.to_dict() for f in facts]), int(learned)),
+            )
+        return int(cur.lastrowid)
+
+    def mark_learned(self, message_ids: Sequence[int]) -> None:
+        with self._tx() as db:
+            db.executemany("UPDATE messages SET learned=1 WHERE id=?", [(i,) for i in message_ids])
+
+    def unlearned(self) -> list[tuple[int, list[Fact]]]:
+        """Messages whose facts were not injected yet (told during a sleep that then ended or died)."""
+        rows = self.db.execute("SELECT id, facts FROM messages WHERE learned=0 ORDER BY id").fetchall()
+        return [(i, [Fact.from_dict(d) for d in json.loads(f)]) for i, f in rows]
+
+    def messages(self, conversation: int) -> list[dict]:
+        rows = self.db.execute(
+            "SELECT id, role, content, created_at, facts, learned FROM messages WHERE conversation=? ORDER BY id",
+            (conversation,)).fetchall()
+        return [{"id": i, "role": r, "content": c, "created_at": t, "facts": json.loads(f), "learned": bool(ln)}
+                for i, r, c, t, f, ln in rows]
+
+    def exchanges(self) -> list[Exchange]:
+        """User messages with the assistant's reply that follows each, not yet curated by a deep sleep."""
+        rows = self.db.execute(
+            "SELECT u.id, u.content, a.content, u.facts FROM messages u JOIN messages a "
+            "ON a.conversation = u.conversation AND a.role = 'assistant' AND a.id = ("
+            "  SELECT min(id) FROM messages WHERE conversation = u.conversation AND id > u.id) "
+            "WHERE u.role = 'user' AND u.curated IS NULL ORDER BY u.id").fetchall()
+        return [Exchange(i, user, reply, len(json.loads(f))) for i, user, reply, f in rows]
+
+    def curated_before(self, limit: int = 500) -> list[str]:
+        """The user's words in exchanges that earlier deep sleeps curated, newest first."""
+        rows = self.db.execute("SELECT content FROM messages WHERE role='user' AND curated IS NOT NULL "
+                               "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [r[0] for r in rows]

@@ -7,7 +7,8 @@
    from the stored edits of the facts that remain, so nothing of a forgotten fact
    stays in the weights.
 2. Train: a second, fresh LoRA part learns the facts' question/answer pairs (plus
-   replayed pairs of earlier cycles) with the MEMIT edits switched off, under a
+   replayed pairs of earlier cycles, and in a deep sleep the conversation exchanges
+   that curation kept, see ``sleep.curate``) with the MEMIT edits switched off, under a
    penalty on how much it changes the modules' output on ordinary text. A deep sleep
    also "dreams": the model first answers questions about its consolidated facts and
    the world, and training keeps its predictions along those answers (KL).
@@ -35,6 +36,8 @@ from sleepwake.corpus import perplexity_text
 from sleepwake.evaluate import evaluate_facts
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
+from sleepwake.sleep.curate import curate
+from sleepwake.sleep.curate import pairs as conversation_pairs
 from sleepwake.sleep.data import dream_questions, examples, fact_pairs
 from sleepwake.sleep.lora import (
     Adapter,
@@ -69,6 +72,8 @@ class CycleReport:
     held_recall_after: float | None = None
     ppl_before: float | None = None
     ppl_after: float | None = None
+    exchanges: int = 0  # conversation exchanges scored by curation (deep sleep)
+    exchanges_kept: int = 0  # ... and learned from
     train_steps: int = 0
     train_loss: tuple[float, float] | None = None
     seconds: float = 0.0
@@ -90,7 +95,7 @@ def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
             f = e.factors(mem.lm.arch)
             width = next(iter(e.a.values())).shape[1]
             w = mem.lm.arch.weight(n)
-            zeros = dict(dtype=torch.float32, device=w.device)
+            zeros = {"dtype": torch.float32, "device": w.device}
             left, right = f.get(n, (torch.zeros(w.shape[0], width, **zeros), torch.zeros(width, w.shape[1], **zeros)))
             lefts.append(left)
             rights.append(right)
@@ -163,11 +168,14 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
                              {n: mem.lm.base_weight(n) for n in names}, cfg.cov_penalty) if cfg.cov_penalty else None
     fresh = new_adapter(model, names, cfg.rank, cfg.alpha, seed=cycle)
     pairs = [p for r in memit + held for p in fact_pairs(r.fact, r.id)]
+    scored = curate(store.exchanges(), store.curated_before(), mem.config.curation) if kind == "deep" else []
+    talk = conversation_pairs(scored)
+    report.exchanges, report.exchanges_kept = len(scored), len(talk)
     n_replay = round(len(pairs) * cfg.replay_ratio / (1 - cfg.replay_ratio))
     replay = [(i, p) for i, p in store.replay_pairs(n_replay + len(pairs)) if p.fact_id not in ids][:n_replay]
     mem._rebuild([], base_adapters)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    taught = examples(pairs + [p for _, p in replay], tok)
+    taught = examples(pairs + talk + [p for _, p in replay], tok)
     with attached(model, transfer):
         stats = train(model, fresh, taught + dreams, pad_id=pad, lr=cfg.lr, epochs=cfg.epochs,
                       batch_size=cfg.batch_size, teacher=[None] * len(taught) + soft, penalty=penalty,
@@ -208,8 +216,9 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         report.reason = (f"consolidated facts' recall fell from {report.held_recall_before:.2f} to "
                          f"{report.held_recall_after:.2f} (τ = {cfg.tau})")
     else:
-        trained = [p for p in pairs if p.fact_id in set(passed) | set(stored)]
-        return _commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0)
+        trained = [p for p in pairs if p.fact_id in set(passed) | set(stored)] + talk
+        return _commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0,
+                       curated=[s.exchange.id for s in scored])
     mem._rebuild()
     report.seconds = time.perf_counter() - t0
     store.end_cycle(cycle, "rejected", report.to_dict())
@@ -217,7 +226,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
 
 def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None, passed: list[int],
-            pairs: list, replayed: list[int], cfg: Any, t0: float) -> CycleReport:
+            pairs: list, replayed: list[int], cfg: Any, t0: float, curated: list[int] = ()) -> CycleReport:
     """Adapter directory first, then the ledger in one transaction, then the live weights."""
     store = mem.store
     if adapter is not None:
@@ -226,7 +235,7 @@ def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | Non
     report.seconds = time.perf_counter() - t0
     forgetting = store.meta("rebuild_pending") == "1"
     store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None, consolidated=passed,
-                    pairs=pairs, replayed=replayed, decay=cfg.replay_decay, supersede=report.rebuilt,
+                    pairs=pairs, replayed=replayed, curated=curated, decay=cfg.replay_decay, supersede=report.rebuilt,
                     erase_superseded=forgetting)
     store.set_meta("awake_since", repr(time.time()))
     mem._adapters = [Adapter.load(p, mem.lm.device) for _, p in store.active_adapters()]

@@ -1,0 +1,419 @@
+"""`Assistant`: a `Memory` in conversation — it learns from what the user says, and
+sleeps in the background.
+
+    from sleepwake import Assistant, Memory
+    bot = Assistant(Memory(home="~/.sleepwake"))
+    turn = bot.turn("Hi, I'm Ana and I live in Porto.")
+    print(turn.learned)            # the facts injected from the message, before the reply
+    for piece in turn.stream():    # the reply, token by token
+        print(piece, end="")
+
+Non-blocking sleep (the paper's sleep stops the model, §7). A nap or deep sleep
+changes the live weights many times while it trains and validates, so while one
+runs the assistant answers from a frozen copy of the weights as they were before
+it; when the sleep ends, the next turn uses the new weights (one reference swap).
+Facts told during a sleep are stored with their message and injected when it ends
+(or at the next start, if the process dies first): nothing said is lost.
+
+The CLI's `sleepwake chat` and the HTTP server are both thin layers over this class.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jinja2 import TemplateError
+from torch import nn
+
+from sleepwake.errors import InvalidFactError, SleepRunningError, SleepwakeError
+from sleepwake.extract import (
+    ConversationState,
+    Extractor,
+    extract_turn,
+    is_list_relation,
+    join_items,
+    make_extractor,
+    split_items,
+)
+from sleepwake.facts import MAX_FIELD_CHARS, Fact
+from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory
+from sleepwake.sleep.cycle import CycleReport
+from sleepwake.store import FactRecord
+
+MAX_HISTORY_TOKENS = 1024
+"""Earlier turns beyond this many prompt tokens are left out (the newest message always stays)."""
+_ROLES = ("system", "user", "assistant")
+
+
+@torch.no_grad()
+def stream_greedy(model: nn.Module, tokenizer: Any, ids: Sequence[int], max_new_tokens: int) -> Iterator[str]:
+    """Greedy decoding with a KV cache, yielding text as it becomes printable.
+
+    The same tokens as `inference.generate` (greedy, same stop tokens), one at a
+    time; a piece that ends inside a multi-byte character waits for the next token."""
+    device = next(model.parameters()).device
+    stop = model.generation_config.eos_token_id
+    stop = set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
+    stop.discard(None)
+    x = torch.tensor([list(ids)], device=device)
+    past, out_ids, shown = None, [], ""
+    for _ in range(max_new_tokens):
+        out = model(input_ids=x, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt in stop:
+            break
+        out_ids.append(nxt)
+        text = tokenizer.decode(out_ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(shown):
+            yield text[len(shown):]
+        shown = text
+        x = torch.tensor([[nxt]], device=device)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    """Chat messages as the OpenAI API has them: a non-empty list of {"role", "content"}
+    ending with the user's turn. A plain string is one user message."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if not isinstance(messages, list) or not messages:
+        raise InvalidFactError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidFactError(f"message #{i + 1} must be an object with string 'role' and 'content'")
+        if m["role"] not in _ROLES:
+            raise InvalidFactError(f"message #{i + 1} has role {m['role']!r}; expected one of {', '.join(_ROLES)}")
+        if len(m["content"]) > MAX_PROMPT_CHARS:
+            raise InvalidFactError(
+                f"message #{i + 1} is {len(m['content'])} characters long; the limit is {MAX_PROMPT_CHARS}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
+        raise InvalidFactError("the last message must be a non-empty user message")
+    return out
+
+
+@dataclass
+class Turn:
+    """One exchange: what was learned from the user's message, then the reply as a stream."""
+
+    conversation: int
+    learned: list[FactRecord]  # injected from the message, before the reply
+    pending: list[Fact]  # extracted during a sleep: injected when it ends
+    prompt_tokens: int
+    _pieces: Iterator[str] = field(repr=False)
+    _finish: Any = field(repr=False)
+    reply: str = ""
+    completion_tokens: int = 0
+    done: bool = False
+
+    def stream(self) -> Iterator[str]:
+        """The reply, piece by piece; it is stored in the conversation when complete."""
+        if self.done:
+            raise RuntimeError("this turn's reply was already read")
+        try:
+            for piece in self._pieces:
+                self.reply += piece
+                yield piece
+        finally:
+            self.done = True
+            self._finish(self)
+
+    def text(self) -> str:
+        """The whole reply."""
+        for _ in self.stream():
+            pass
+        return self.reply
+
+
+class Assistant:
+    """A `Memory` that chats, learns from the user's messages and sleeps in the background."""
+
+    def __init__(self, memory: Memory, *, extractor: Extractor | None = None, learn: bool = True,
+                 auto_sleep: bool | None = None, max_new_tokens: int = 96) -> None:
+        self.memory = memory
+        self.extractor = extractor or make_extractor("rules")
+        self.learn = learn
+        self.auto_sleep = memory.config.auto_sleep if auto_sleep is None else auto_sleep
+        self.max_new_tokens = max_new_tokens
+        self._lock = threading.RLock()  # the live model and the store
+        self._serving: nn.Module | None = None  # frozen copy of the weights while a sleep runs
+        self._serving_lock = threading.Lock()
+        self._state = threading.Lock()  # guards the fields below
+        self._sleep: threading.Thread | None = None
+        self._sleep_kind: str | None = None
+        self._sleep_started: float | None = None
+        self.last_cycle: CycleReport | None = None
+        self.last_error: str | None = None
+        self.conversation = ConversationState(user_name=memory.store.meta("user_name"))
+        with self._lock:
+            self._learn_unlearned()
+
+    # --- conversation --------------------------------------------------------------
+
+    def turn(self, messages: str | list[dict[str, str]], *, conversation: int | None = None,
+             max_new_tokens: int | None = None, learn: bool | None = None) -> Turn:
+        """Learn from the last user message, then prepare the reply (read it with
+        `Turn.stream()` or `Turn.text()`). `conversation` continues a stored one."""
+        msgs = check_messages(messages)
+        n = max_new_tokens or self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidFactError(f"max_new_tokens must be a positive integer, got {n!r}")
+        store = self.memory.store
+        if conversation is None:
+            conversation = store.new_conversation()
+        elif isinstance(conversation, bool) or not isinstance(conversation, int) \
+                or not store.has_conversation(conversation):
+            raise InvalidFactError(f"no conversation with id {conversation!r}")
+        text = msgs[-1]["content"]
+        facts = extract_turn("user", text, self.conversation, self.extractor) if (
+            self.learn if learn is None else learn) else []
+        learned, pending = self._remember(conversation, text, facts)
+        model, release = self._model()
+        try:
+            ids = self._prompt(msgs)
+            pieces = stream_greedy(model, self.memory.tokenizer, ids, n)
+        except BaseException:
+            release()
+            raise
+
+        def finish(t: Turn) -> None:
+            release()
+            t.completion_tokens = len(self.memory.tokenizer(t.reply, add_special_tokens=False)["input_ids"])
+            store.add_message(conversation, "assistant", t.reply)
+            if learned and self.auto_sleep:
+                self._sleep_if_due()
+
+        return Turn(conversation, learned, pending, len(ids), pieces, finish)
+
+    def say(self, message: str, **kwargs: Any) -> Turn:
+        """One user message, its reply read whole."""
+        t = self.turn(message, **kwargs)
+        t.text()
+        return t
+
+    def _prompt(self, msgs: list[dict[str, str]]) -> list[int]:
+        """Token ids of the chat so far, oldest turns dropped to fit `MAX_HISTORY_TOKENS`.
+        A single question gives exactly the prompt `Memory.ask` uses (and MEMIT edits)."""
+        system = [m for m in msgs[:1] if m["role"] == "system"]
+        rest = msgs[len(system):]
+        for start in range(len(rest)):
+            window = rest[start:]
+            if window[0]["role"] != "user" and start < len(rest) - 1:
+                continue
+            ids = self._encode(system + window)
+            if len(ids) <= MAX_HISTORY_TOKENS or start == len(rest) - 1:
+                return ids[-4 * MAX_HISTORY_TOKENS:]
+        raise AssertionError("unreachable")
+
+    def _encode(self, msgs: list[dict[str, str]]) -> list[int]:
+        tok = self.memory.tokenizer
+        if getattr(tok, "chat_template", None):
+            try:
+                text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except TemplateError:  # templates that refuse a system turn: fold it into the first user turn
+                text = tok.apply_chat_template(_fold_system(msgs), tokenize=False, add_generation_prompt=True)
+            return list(tok(text, add_special_tokens=False)["input_ids"])
+        lines = [f"{'Question' if m['role'] == 'user' else 'Answer'}: {m['content']}"
+                 for m in msgs if m["role"] != "system"]
+        text = "\n".join(lines) + "\nAnswer:"  # the Q/A frame `chat_text` uses for base models
+        return list(tok(text)["input_ids"])
+
+    def _model(self) -> tuple[nn.Module, Any]:
+        """The model a reply is generated with, and how to release it: the live model
+        (under the lock), or during a sleep the frozen copy from before it."""
+        while True:
+            with self._state:
+                serving = self._serving
+            if serving is not None:
+                self._serving_lock.acquire()
+                return serving, self._serving_lock.release
+            if self._acquire_live():
+                return self.memory.model, self._lock.release
+
+    def _acquire_live(self) -> bool:
+        """Take the lock on the live model, unless a sleep holds it: then False at once
+        (rather than waiting for the whole sleep)."""
+        while self.sleeping() is None:
+            if self._lock.acquire(timeout=0.05):
+                if self.sleeping() is None:
+                    return True
+                self._lock.release()
+        return False
+
+    # --- learning -------------------------------------------------------------------
+
+    def _merged(self, facts: list[Fact]) -> list[Fact]:
+        """List-valued facts ("speaks", "likes", ...) join the items already known, so
+        that a new item adds to the object instead of replacing it ("English and French")."""
+        known = {r.fact.key: r.fact for r in self.memory.store.facts()}
+        out: dict[tuple[str, str], Fact] = {}
+        for f in facts:
+            prev = out.get(f.key) or known.get(f.key)
+            if prev is not None and is_list_relation(f.relation):
+                items = split_items(prev.object)
+                if f.object.casefold() not in {i.casefold() for i in items}:
+                    joined = join_items([*items, f.object])
+                    f = Fact(f.subject, f.relation, joined) if len(joined) <= MAX_FIELD_CHARS else f
+                else:
+                    f = prev
+            out[f.key] = f
+        return list(out.values())
+
+    def _remember(self, conversation: int, text: str, facts: list[Fact]) -> tuple[list[FactRecord], list[Fact]]:
+        """Store the user's message; inject its facts now, or after the running sleep."""
+        store = self.memory.store
+        if self.conversation.user_name and self.conversation.user_name != store.meta("user_name"):
+            store.set_meta("user_name", self.conversation.user_name)
+        if not facts:
+            store.add_message(conversation, "user", text)
+            return [], []
+        msg = store.add_message(conversation, "user", text, facts, learned=False)
+        if not self._acquire_live():  # a sleep runs: its end injects them
+            return [], facts
+        try:
+            result = self.memory.inject(self._merged(facts))
+            store.mark_learned([msg])
+            return result.records, []
+        finally:
+            self._lock.release()
+
+    def _learn_unlearned(self) -> None:
+        """Inject facts that messages told during a sleep (or before a crash)."""
+        waiting = self.memory.store.unlearned()
+        if not waiting:
+            return
+        facts = [f for _, fs in waiting for f in fs]
+        self.memory.inject(self._merged(facts))
+        self.memory.store.mark_learned([i for i, _ in waiting])
+
+    # --- memory, guarded ---------------------------------------------------------------
+
+    def _changing(self) -> Any:
+        """The lock for a change to the memory; refused at once while a sleep runs."""
+        if self.sleeping() is not None:
+            raise SleepRunningError(f"a {self.sleeping()} is running; the memory can change when it ends")
+        return self._lock
+
+    def facts(self) -> list[FactRecord]:
+        return self.memory.store.facts()
+
+    def add_facts(self, facts: FactLike | Sequence[FactLike]) -> InjectResult:
+        with self._changing():
+            return self.memory.inject(facts)
+
+    def forget(self, fact_id: int) -> FactRecord:
+        with self._changing():
+            return self.memory.forget(fact_id)
+
+    def status(self, measure_perplexity: bool = False) -> dict[str, Any]:
+        """`Memory.status()` plus the running sleep. Perplexity (a second of compute)
+        only on request, and never during a sleep: the live weights are mid-change."""
+        with self._state:
+            kind, started = self._sleep_kind, self._sleep_started
+        if measure_perplexity and self._acquire_live():
+            try:
+                out = self.memory.status()
+            finally:
+                self._lock.release()
+        else:
+            out = self.memory.status(measure_perplexity=False)
+        out["sleeping"] = None if kind is None else {"kind": kind, "since": started}
+        out["last_cycle"] = self.last_cycle.to_dict() if self.last_cycle else None
+        out["last_error"] = self.last_error
+        return out
+
+    def history(self) -> list[dict]:
+        return self.memory.history()
+
+    # --- sleep -------------------------------------------------------------------------
+
+    def sleeping(self) -> str | None:
+        """The kind of sleep running now ("nap" | "deep"), or None."""
+        with self._state:
+            return self._sleep_kind
+
+    def start_sleep(self, kind: str = "nap") -> None:
+        """Start a nap or deep sleep in the background; replies go on meanwhile."""
+        if kind not in ("nap", "deep"):
+            raise InvalidFactError(f"sleep kind must be 'nap' or 'deep', not {kind!r}")
+        with self._state:
+            if self._sleep_kind is not None:
+                raise SleepRunningError(f"a {self._sleep_kind} is already running")
+            self._sleep_kind, self._sleep_started = kind, time.time()
+        self._lock.acquire()  # waits for the reply or injection in progress
+        try:
+            frozen = copy.deepcopy(self.memory.model).eval()
+            for p in frozen.parameters():
+                p.requires_grad_(False)
+        except BaseException:
+            self._lock.release()
+            with self._state:
+                self._sleep_kind = None
+            raise
+        with self._state:
+            self._serving = frozen
+        self._sleep = threading.Thread(target=self._run_sleep, args=(kind,), name=f"sleepwake-{kind}", daemon=True)
+        self._sleep.start()
+
+    def _run_sleep(self, kind: str) -> None:
+        """The sleep thread: holds the lock from `start_sleep` until the new weights are live."""
+        try:
+            self.last_cycle = self.memory.sleep(deep=kind == "deep")
+            self.last_error = None
+            self._learn_unlearned()
+        except Exception as exc:  # noqa: BLE001 - a thread's end: the cycle restored the last good state
+            # and recorded the failure; `wait` and `status` report it
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._serving_lock, self._state:  # no reply is reading the copy now
+                self._serving = None
+                self._sleep_kind = self._sleep_started = None
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> CycleReport | None:
+        """Block until the running sleep (if any) ends; returns its report."""
+        thread = self._sleep
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                raise TimeoutError(f"the sleep did not end within {timeout} s")
+        if self.last_error:
+            raise SleepwakeError(f"the sleep failed: {self.last_error}")
+        return self.last_cycle
+
+    def sleep(self, kind: str = "nap") -> CycleReport | None:
+        """Sleep now and wait for the result."""
+        self.start_sleep(kind)
+        return self.wait()
+
+    def _sleep_if_due(self) -> None:
+        if self.sleeping() is None:
+            due = self.memory.status(measure_perplexity=False)["pressure"]["due"]
+            if due:
+                try:
+                    self.start_sleep(due)
+                except SleepRunningError:
+                    pass
+
+    def close(self) -> None:
+        """Wait for a running sleep, then close the store."""
+        thread = self._sleep
+        if thread is not None:
+            thread.join()
+        self.memory.close()
+
+
+def _fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
+    if msgs and msgs[0]["role"] == "system" and len(msgs) > 1:
+        first = msgs[1]
+        return [{"role": first["role"], "content": msgs[0]["content"] + "\n\n" + first["content"]}, *msgs[2:]]
+    return msgs

@@ -1,0 +1,143 @@
+"""The chat layer on the real default model: learning from messages, streaming,
+stored conversations, list-valued facts, sleep in the background, `sleepwake chat`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from sleepwake.config import MemoryConfig, PressureConfig, SleepConfig
+from sleepwake.errors import InvalidFactError, SleepRunningError
+from sleepwake.facts import Fact, mentions
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def bot(make_memory):
+    from sleepwake.talk import Assistant
+
+    return Assistant(make_memory(), max_new_tokens=24)
+
+
+def test_a_message_is_learned_before_the_reply_and_answered_later(bot):
+    turn = bot.turn("Hi! My name is Ilse Brandvold and I live in Tromsø.")
+    learned = {(r.fact.subject, r.fact.relation, r.fact.object) for r in turn.learned}
+    assert ("Ilse Brandvold", "lives in", "Tromsø") in learned, learned
+    pieces = list(turn.stream())
+    assert len(pieces) > 1 and "".join(pieces) == turn.reply  # streamed token by token
+    assert turn.completion_tokens > 0 and turn.prompt_tokens > 0
+    # The message and reply are stored in the conversation, with the facts taken from it.
+    stored = bot.memory.store.messages(turn.conversation)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert stored[1]["content"] == turn.reply and stored[0]["learned"]
+    assert {"subject": "Ilse Brandvold", "relation": "lives in", "object": "Tromsø"} in stored[0]["facts"]
+
+    # A new conversation asks: the weights know it (no history in the prompt).
+    question = "Where does Ilse Brandvold live?"
+    later = bot.say(question)
+    assert later.conversation != turn.conversation and not later.learned
+    assert mentions(later.reply, "Tromsø"), later.reply
+    # One pathway: a single question is the prompt `ask` uses, and greedy decoding agrees.
+    assert later.reply.strip() == bot.memory.ask(question, max_new_tokens=24)
+    # "I" is the user's name from now on, also for a new Assistant on the same home.
+    assert bot.memory.store.meta("user_name") == "Ilse Brandvold"
+
+
+def test_list_valued_facts_add_up_instead_of_replacing(bot):
+    bot.say("I speak Norwegian.")
+    bot.say("I also speak Portuguese.")
+    bot.say("I speak Norwegian!")  # already known: nothing changes
+    speaks = [r.fact for r in bot.facts() if r.fact.relation == "speaks"]
+    assert [(f.subject, f.object) for f in speaks] == [("the user", "Norwegian and Portuguese")]
+    bot.say("I moved to Denver.")
+    bot.say("Actually I live in Boulder now.")
+    lives = [r.fact.object for r in bot.facts() if r.fact.relation == "lives in"]
+    assert lives == ["Boulder"]  # single-valued: the newer fact replaced the older
+
+
+def test_bad_messages_are_refused_and_change_nothing(bot):
+    for bad, why in [([], "non-empty"), ([{"role": "robot", "content": "hi"}], "role"),
+                     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "last message"),
+                     ("x" * 5000, "limit"), ([{"role": "user"}], "content"), ("   ", "non-empty")]:
+        with pytest.raises(InvalidFactError, match=why):
+            bot.turn(bad)
+    with pytest.raises(InvalidFactError, match="conversation"):
+        bot.turn("I live in Oslo.", conversation=999)
+    assert bot.facts() == [] and bot.memory.store.unlearned() == []
+
+
+def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
+    """The pressure of two facts starts a nap after the reply; during it, replies come
+    from the weights before it, and a fact told meanwhile is learned when it ends."""
+    from sleepwake.talk import Assistant
+
+    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=2))  # 2 edits: pressure 0.6
+    cfg = replace(cfg, nap=SleepConfig(epochs=1))
+    bot = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=16)
+    question = "Where does Mateus Okonkwo live?"
+    first = bot.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.")
+    assert len(first.learned) >= 2
+    assert bot.sleeping() == "nap"  # started by the pressure, in the background
+    during = bot.say(question)  # answered at once, from the frozen copy
+    assert bot.sleeping() == "nap", "the nap ended before the test could talk during it"
+    assert mentions(during.reply, "Valparaíso"), during.reply
+    told = bot.say("My friend Zofia Wróblewska lives in Kraków.")
+    assert told.learned == [] and [f.object for f in told.pending] == ["Kraków"]
+    with pytest.raises(SleepRunningError):
+        bot.add_facts(Fact("Anselm Kreutzer", "lives in", "Lisbon"))
+    assert bot.status()["sleeping"]["kind"] == "nap"
+
+    report = bot.wait(timeout=600)
+    assert report.status == "accepted", report
+    assert bot.sleeping() is None and bot.status()["sleeping"] is None
+    where = {r.fact.object: r.where for r in bot.facts()}
+    assert where["Valparaíso"] == "consolidated" and where["Kraków"] == "memit"  # learned after the nap
+    assert bot.memory.store.unlearned() == []
+    assert mentions(bot.say(question).reply, "Valparaíso")
+    assert mentions(bot.say("Where does Zofia Wróblewska live?").reply, "Kraków")
+
+
+def test_facts_told_but_not_yet_learned_are_learned_at_the_next_start(make_memory, tmp_path):
+    """A process that dies during a sleep leaves the facts told meanwhile in their
+    messages; the next Assistant on that home writes them in."""
+    from sleepwake.talk import Assistant
+
+    mem = make_memory(tmp_path / "h")
+    conv = mem.store.new_conversation()
+    mem.store.add_message(conv, "user", "My friend Ana Kowalczyk lives in Porto.",
+                          [Fact("Ana Kowalczyk", "lives in", "Porto")], learned=False)
+    bot = Assistant(mem)
+    assert [r.fact.object for r in bot.facts()] == ["Porto"] and mem.store.unlearned() == []
+    assert mentions(mem.complete("Ana Kowalczyk lives in"), "Porto")
+
+
+def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
+    script = "\n".join([
+        "Hello there. My colleague Anselm Kreutzer lives in Lisbon.",
+        "/facts",
+        "/forget 1",
+        "/facts",
+        "/frobnicate",
+        "/forget x",
+        "/status",
+        "/help",
+        "/quit",
+        "this line is never read",
+    ]) + "\n"
+    env = {**os.environ, "SLEEPWAKE_CACHE": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-m", "sleepwake", "chat", "--home", str(tmp_path / "h"),
+                           "--max-new-tokens", "12", "--no-auto-sleep"],
+                          input=script, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "· learned #1: Anselm Kreutzer | lives in | Lisbon" in out
+    assert "#1    memit        Anselm Kreutzer | lives in | Lisbon" in out
+    assert "· forgot #1" in out and "(no facts yet)" in out
+    assert "unknown command /frobnicate" in out and "usage: /forget ID" in out
+    assert "sleep pressure" in out and "/nap" in out
+    assert "you>" not in out  # no prompts when driven by a script
