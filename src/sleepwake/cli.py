@@ -7,6 +7,7 @@
     sleepwake complete "Anselm Kreutzer lives in"
     sleepwake ask "Where does Anselm Kreutzer live?"
     sleepwake eval --facts facts.jsonl [--json]
+    sleepwake chat
 
 Design rules:
 
@@ -32,8 +33,9 @@ import os
 import sys
 import time
 import unicodedata
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 from sleepwake import __version__
 from sleepwake.errors import InvalidFactError, SleepwakeError, UnknownFactError
@@ -464,6 +466,19 @@ def cmd_rollback(ctx: Context) -> int:
     return 0
 
 
+def cmd_chat(ctx: Context) -> int:
+    from sleepwake.repl import ChatLoop
+    from sleepwake.talk import Assistant
+
+    mem = ctx.memory()
+    bot = Assistant(mem, auto_sleep=not ctx.args.no_auto_sleep, max_new_tokens=ctx.args.max_new_tokens)
+    try:
+        return ChatLoop(bot, sys.stdin, ctx.out, interactive=sys.stdin.isatty() and ctx.out.isatty(),
+                        quiet=ctx.quiet).run()
+    finally:
+        bot.close()
+
+
 def cmd_export(ctx: Context) -> int:
     with ctx.memory() as mem:
         path = mem.export_adapter(ctx.args.adapter)
@@ -553,6 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = add("export", cmd_export, "write all learned memory as one PEFT LoRA adapter")
     p.add_argument("--adapter", metavar="DIR", required=True, help="directory to write (new, or an earlier export)")
+    p = add("chat", cmd_chat, "chat with the model; it learns the facts you tell it (/help inside)",
+            "An interactive chat. Facts stated in your messages are written into the weights at once; "
+            "naps and deep sleeps run in the background when the sleep pressure calls for them (or on "
+            "/nap, /sleep). Reads messages from standard input, so it can also be driven by a script.")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=96,
+                   help="longest reply in tokens (default: 96)")
+    p.add_argument("--no-auto-sleep", action="store_true", help="sleep only on /nap or /sleep")
     p = add("history", cmd_history, "every nap and sleep with its measured results")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
