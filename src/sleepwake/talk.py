@@ -144,7 +144,9 @@ class Assistant:
         self.learn = learn
         self.auto_sleep = memory.config.auto_sleep if auto_sleep is None else auto_sleep
         self.max_new_tokens = max_new_tokens
-        self._lock = threading.RLock()  # the live model and the store
+        # The live model and the store. Not an RLock: it is released by another thread than
+        # took it (the sleep thread, or whichever thread finishes reading a streamed reply).
+        self._lock = threading.Lock()
         self._serving: nn.Module | None = None  # frozen copy of the weights while a sleep runs
         self._serving_lock = threading.Lock()
         self._state = threading.Lock()  # guards the fields below
