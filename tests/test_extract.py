@@ -14,7 +14,10 @@ from sleepwake.extract import (
     RuleExtractor,
     extract_facts,
     extract_turn,
+    is_list_relation,
+    join_items,
     make_extractor,
+    split_items,
 )
 from sleepwake.facts import Fact, question_for
 
@@ -121,6 +124,22 @@ def test_stated_name_becomes_the_subject_for_the_rest_of_the_conversation():
         ("the user", "is named", "Jonas"), ("Jonas", "lives in", "Oslo")}
     assert state.user_name == "Jonas" and state.subject == "Jonas"
     assert triples("I'm allergic to cats.", state) == {("Jonas", "is allergic to", "cats")}
+
+
+def test_he_and_she_refer_to_the_last_person_named_in_an_earlier_message():
+    state = ConversationState()
+    assert ("Tiago", "lives in", "Luanda") in triples("My brother Tiago lives in Luanda.", state)
+    assert triples("He works as a dentist.", state) == {("Tiago", "works as", "a dentist")}
+    assert triples("I'm 34.", state) == {("the user", "is aged", "34")}  # the user does not change who "he" is
+    assert triples("He plays the cello.", state) == {("Tiago", "plays the", "cello")}
+    assert triples("He plays the cello.", ConversationState()) == set()  # nobody named yet
+
+
+def test_list_valued_relations_and_their_objects():
+    assert is_list_relation("speaks") and is_list_relation("has a sister named") and not is_list_relation("lives in")
+    assert split_items("English, French and Spanish") == ["English", "French", "Spanish"]
+    assert join_items(["English"]) == "English" and join_items(["English", "French"]) == "English and French"
+    assert join_items(split_items("Welsh, Basque and Irish")) == "Welsh, Basque and Irish"
 
 
 def test_default_subject_is_configurable():

@@ -46,7 +46,7 @@ plays the / plays          "I play (the) guitar" / "I play tennis"      instrume
 Family members and friends become subjects of their own: "my sister Ana lives in
 Porto" gives (user, has a sister named, Ana) and (Ana, lives in, Porto); an unnamed
 one is "<user>'s brother"; "Pedro's dog is called Toby" links Pedro to Toby. "She"/
-"he" refer to the last such person in the message. Chat shorthand without "I"
+"he" refer to the last such person named, in this message or an earlier one. Chat shorthand without "I"
 ("Just moved to Oslo!", "Currently living in Quito") is about the user.
 Questions, hedges ("might", "want to", "if"), negations ("don't", "no longer") and
 the assistant's turns give no facts: a wrong memory is worse than a missing one.
@@ -70,6 +70,8 @@ class ConversationState:
 
     user_name: str | None = None
     default_subject: str = "the user"
+    last_person: str | None = None
+    """Who "she"/"he" refers to: the last person named, also in an earlier message."""
 
     @property
     def subject(self) -> str:
@@ -648,7 +650,7 @@ class RuleExtractor:
 
     def extract(self, message: str, state: ConversationState) -> list[Fact]:
         facts: list[Fact] = []
-        person: str | None = None  # who "she"/"he" is
+        person = state.last_person  # who "she"/"he" is
         for sentence in _sentences(message):
             if sentence.endswith("?") or _QUESTION_START.match(sentence):
                 continue
@@ -656,6 +658,7 @@ class RuleExtractor:
             for clause in _clauses(_expand(sentence)):
                 subject, person, found = self._clause(clause, subject, person, state)
                 facts += found
+        state.last_person = person
         return _dedupe(facts)
 
     def _clause(self, clause: str, subject: Subject | None, person: str | None,
