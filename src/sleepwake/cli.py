@@ -622,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", metavar="T", help="require this bearer token (default: $SLEEPWAKE_TOKEN)")
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=256,
                    help="longest reply in tokens; a request may ask for fewer (default: 256)")
-    p.add_argument("--no-auto-sleep", action="store_true", help="sleep only when asked to (POST /v1/memory/nap, /sleep)")
+    p.add_argument("--no-auto-sleep", action="store_true",
+                   help="sleep only when asked to (POST /v1/memory/nap or /v1/memory/sleep)")
     p.add_argument("--sleep-epochs", type=_positive_int, metavar="N",
                    help="training epochs of each nap and deep sleep (default: the configuration's); "
                         "fewer is faster and may consolidate less")

@@ -68,6 +68,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
            415: "request body is not JSON", 422: "request does not match the schema"}
     return {s: {"model": ErrorBody, "description": why[s]} for s in statuses}
 
+
 _ERRORS: list[tuple[type[Exception] | tuple[type[Exception], ...], int, str]] = [
     (SleepRunningError, 409, "sleep_running"),
     (UnknownFactError, 404, "unknown_fact"),
@@ -113,7 +114,8 @@ def create_app(assistant: Assistant, token: str | None = None, max_body: int = M
                  "pending": [f.to_dict() for f in turn.pending]}
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_events(turn, _Reader(turn), n, head, extra, usage), media_type="text/event-stream",
+            events = _events(turn, _Reader(turn), n, head, extra, usage)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
         text = turn.text()
         return {**head, "object": "chat.completion",
