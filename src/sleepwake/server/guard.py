@@ -28,14 +28,10 @@ _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_
                 409: "conflict_error", 500: "server_error"}
 
 
-def error_body(status: int, message: str, code: str) -> dict:
-    """The error object of OpenAI's API, which its clients know how to show."""
-    return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"),
-                      "code": code}}
-
-
 def error_response(status: int, message: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
+    """An error as OpenAI's API gives it, which its clients know how to show."""
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "invalid_request_error"), "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def is_loopback(host: str) -> bool:
