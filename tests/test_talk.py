@@ -49,6 +49,7 @@ def test_a_message_is_learned_before_the_reply_and_answered_later(bot):
 
 
 def test_list_valued_facts_add_up_instead_of_replacing(bot):
+    bot.max_new_tokens = 4  # the replies do not matter here
     bot.say("I speak Norwegian.")
     bot.say("I also speak Portuguese.")
     bot.say("I speak Norwegian!")  # already known: nothing changes
@@ -72,11 +73,11 @@ def test_bad_messages_are_refused_and_change_nothing(bot):
 
 
 def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
-    """The pressure of two facts starts a nap after the reply; during it, replies come
+    """The pressure of three facts starts a nap after the reply; during it, replies come
     from the weights before it, and a fact told meanwhile is learned when it ends."""
     from sleepwake.talk import Assistant
 
-    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=2))  # 2 edits: pressure 0.6
+    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=3))  # 3 facts: pressure 0.6
     cfg = replace(cfg, nap=SleepConfig(epochs=1))
     bot = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=16)
     question = "Where does Mateus Okonkwo live?"
@@ -87,7 +88,7 @@ def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
     assert bot.sleeping() == "nap", "the nap ended before the test could talk during it"
     assert mentions(during.reply, "Valparaíso"), during.reply
     told = bot.say("My friend Zofia Wróblewska lives in Kraków.")
-    assert told.learned == [] and [f.object for f in told.pending] == ["Kraków"]
+    assert told.learned == [] and "Kraków" in [f.object for f in told.pending]
     with pytest.raises(SleepRunningError):
         bot.add_facts(Fact("Anselm Kreutzer", "lives in", "Lisbon"))
     assert bot.status()["sleeping"]["kind"] == "nap"
@@ -109,11 +110,11 @@ def test_facts_told_but_not_yet_learned_are_learned_at_the_next_start(make_memor
 
     mem = make_memory(tmp_path / "h")
     conv = mem.store.new_conversation()
-    mem.store.add_message(conv, "user", "My friend Ana Kowalczyk lives in Porto.",
-                          [Fact("Ana Kowalczyk", "lives in", "Porto")], learned=False)
+    mem.store.add_message(conv, "user", "My friend Anselm Kreutzer lives in Lisbon.",
+                          [Fact("Anselm Kreutzer", "lives in", "Lisbon")], learned=False)
     bot = Assistant(mem)
-    assert [r.fact.object for r in bot.facts()] == ["Porto"] and mem.store.unlearned() == []
-    assert mentions(mem.complete("Ana Kowalczyk lives in"), "Porto")
+    assert [r.fact.object for r in bot.facts()] == ["Lisbon"] and mem.store.unlearned() == []
+    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
 
 
 def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):

@@ -178,7 +178,12 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
         (tmp / "sleepwake_source.json").write_text(
             json.dumps({"gguf": str(source.path), "name": source.name}), encoding="utf-8"
         )
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "sleepwake_source.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process converted it first: keep theirs
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

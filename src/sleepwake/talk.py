@@ -24,7 +24,7 @@ import copy
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -125,13 +125,19 @@ class Turn:
                 yield piece
         finally:
             self.done = True
-            self._finish(self)
+            self._finish(self, read=True)
 
     def text(self) -> str:
         """The whole reply."""
         for _ in self.stream():
             pass
         return self.reply
+
+    def close(self) -> None:
+        """Give the model back without reading the reply (a turn holds it until then)."""
+        if not self.done:
+            self.done = True
+            self._finish(self, read=False)
 
 
 class Assistant:
@@ -143,6 +149,8 @@ class Assistant:
         self.extractor = extractor or make_extractor("rules")
         self.learn = learn
         self.auto_sleep = memory.config.auto_sleep if auto_sleep is None else auto_sleep
+        if memory.config.auto_sleep:  # the assistant sleeps in the background, not inside `inject`
+            memory.config = replace(memory.config, auto_sleep=False)
         self.max_new_tokens = max_new_tokens
         # The live model and the store. Not an RLock: it is released by another thread than
         # took it (the sleep thread, or whichever thread finishes reading a streamed reply).
@@ -187,8 +195,10 @@ class Assistant:
             release()
             raise
 
-        def finish(t: Turn) -> None:
+        def finish(t: Turn, read: bool) -> None:
             release()
+            if not read:
+                return
             t.completion_tokens = len(self.memory.tokenizer(t.reply, add_special_tokens=False)["input_ids"])
             store.add_message(conversation, "assistant", t.reply)
             if learned and self.auto_sleep:
@@ -240,6 +250,7 @@ class Assistant:
                 return serving, self._serving_lock.release
             if self._acquire_live():
                 return self.memory.model, self._lock.release
+            time.sleep(0.01)  # a sleep is starting: its frozen copy is on the way
 
     def _acquire_live(self) -> bool:
         """Take the lock on the live model, unless a sleep holds it: then False at once

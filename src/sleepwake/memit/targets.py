@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,12 @@ from torch import nn
 from sleepwake.config import MemitConfig
 from sleepwake.inference import pad_right
 from sleepwake.memit.requests import EditRequest, slot_positions
-from sleepwake.memit.trace import add_to_residual, frozen_prefix, hidden_of, layer_output
+from sleepwake.memit.trace import (
+    add_to_residual,
+    frozen_prefix,
+    hidden_of,
+    layer_output,
+)
 from sleepwake.models import Architecture
 
 
@@ -53,7 +59,7 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
                 delta.append(shared.setdefault(q.subject, len(shared)))
             else:
                 delta.append(len(delta))
-    t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
     return Slots(t(rows), t(cols), t(req), t(fact), t(delta))
 
 
@@ -126,6 +132,26 @@ class _Group:
             return dict(self.batch)
         return {**self.batch, "past_key_values": _fresh_copy(self.prefix_cache)}
 
+    def without(self, drop: torch.Tensor) -> _Group | None:
+        """This group without the rows where `drop` (one bool per row) is set; None if none is left."""
+        keep = (~drop).nonzero().squeeze(1)
+        if len(keep) == 0:
+            return None
+        new_row = torch.full_like(drop, -1, dtype=torch.long)
+        new_row[keep] = torch.arange(len(keep), device=keep.device)
+        cache = None
+        if self.prefix_cache is not None:
+            cache = _fresh_copy(self.prefix_cache)
+            cache.batch_select_indices(keep)
+        cached = self.cached
+        cached = (cached[0][keep], *cached[1:]) if isinstance(cached, tuple) else cached[keep]
+        d, o = ~drop[self.d_rows], ~drop[self.o_rows]
+        return _Group(
+            {k: v[keep] for k, v in self.batch.items()}, None if self.prefix_ids is None else self.prefix_ids[keep],
+            cache, cached, new_row[self.d_rows[d]], self.d_cols[d], self.d_src[d], self.d_slot[d],
+            new_row[self.o_rows[o]], self.o_cols[o], self.o_tok[o], self.o_req[o],
+        )
+
 
 def _groups(
     model: nn.Module, arch: Architecture, requests: Sequence[EditRequest], slots: Slots, subject_kl: bool,
@@ -154,7 +180,7 @@ def _groups(
     kl_pos = [q.kl_subject_pos if subject_kl else len(q.kl_ids) - 1 for q in requests]
     first_pos = {r: min(p for rr, p in slot_list if rr == r) for r in first_slot}
     out = []
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)  # noqa: E731
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
     for bucket in buckets:
         # The prefix before every δ and every read is fixed: compute it once.
         first_touch = [
@@ -189,6 +215,20 @@ def _groups(
         group.cached = layer_output(model, arch, group.inputs(), layer)
         out.append(group)
     return out
+
+
+def _retire(groups: list[_Group], base_logp: list[torch.Tensor], frozen: torch.Tensor
+            ) -> tuple[list[_Group], list[torch.Tensor]]:
+    """The groups without the rows whose every δ is frozen (and their KL baselines)."""
+    out_g, out_b = [], []
+    for g, base in zip(groups, base_logp):
+        live = torch.zeros(len(g.batch["input_ids"]), dtype=torch.bool, device=frozen.device)
+        live[g.d_rows[~frozen[g.d_src]]] = True
+        smaller = g.without(~live)
+        if smaller is not None:
+            out_g.append(smaller)
+            out_b.append(base[live[g.o_rows[g.o_tok < 0]]])
+    return out_g, out_b
 
 
 @dataclass
@@ -242,7 +282,15 @@ def compute_targets(
     counts.clamp_(min=1)
     n_kl = max(1, sum(int((g.o_tok < 0).sum()) for g in groups))
 
-    loss_before = loss_after = float("nan")
+    # A δ whose prompts all reach the early-stop loss is done: it is frozen, and its
+    # rows leave the batch, so the remaining steps only pay for the δs still learning
+    # (δs do not interact: each has its own rows, KL prompt and Adam state).
+    req_deltas = [set() for _ in range(n_req)]
+    for r, d in zip(slots.request.tolist(), slots.delta.tolist()):
+        req_deltas[r].add(d)
+    frozen = torch.zeros(n_delta, dtype=torch.bool, device=device)
+    last_loss = torch.zeros(n_req, device=device)
+    loss_before = float("nan")
     steps = 0
     for step in range(cfg.v_steps):
         steps = step + 1
@@ -261,16 +309,25 @@ def compute_targets(
             if (~tok).any():  # KL(new ‖ orig), summed over prompts
                 kl_total = kl_total + F.kl_div(base, logp[~tok], log_target=True, reduction="sum")
         per_req = per_req / counts
-        size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
-        loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
+        live = torch.tensor([not all(frozen[d] for d in ds) for ds in req_deltas], device=device)
+        last_loss = torch.where(live, per_req.detach(), last_loss)
         if step == 0:
             loss_before = per_req.mean().item()
-        loss_after = per_req.mean().item()
-        if per_req.max().item() < cfg.early_stop_loss:
+        met = last_loss < cfg.early_stop_loss
+        if bool(met.all()):
             break
+        done = torch.tensor([all(bool(met[r]) for r in range(n_req) if d in req_deltas[r]) for d in range(n_delta)],
+                            device=device) & ~frozen
+        size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
+        loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
         loss.backward()
+        keep = delta.detach()[frozen | done].clone()
         opt.step()
-        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖
+        with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-    return TargetResult(h + delta.detach()[slots.delta], loss_before, loss_after, steps)
+            delta[frozen | done] = keep
+        if bool(done.any()):
+            frozen |= done
+            groups, base_logp = _retire(groups, base_logp, frozen)
+    return TargetResult(h + delta.detach()[slots.delta], loss_before, last_loss.mean().item(), steps)
