@@ -246,6 +246,26 @@ def test_cli_status_history_and_rollback(napped, make_memory, tmp_path):
     assert same_weights(mem, before)  # exactly the state before the nap
 
 
+def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_edits(injected, make_memory,
+                                                                                     tmp_path):
+    """A training that breaks facts (here: a learning rate far too high, and no gate on
+    perplexity): they fail validation, keep a MEMIT edit written again on top of the
+    new adapter, and are still answered; a rollback brings back their old edits."""
+    cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0))
+    mem = make_memory(copy_of(injected, tmp_path), cfg)
+    before = snapshot(mem)
+    versions = {r.id: mem.store._version(r.id) for r in mem.facts()}
+    rep = mem.nap()
+    assert rep.status == "accepted" and rep.kept, rep
+    assert rep.kept_recall == 1.0, rep
+    kept = [r for r in mem.facts() if r.id in rep.kept]
+    assert all(r.where == "memit" and mem.store._version(r.id) == versions[r.id] + 1 for r in kept)
+    assert all(mentions(mem.ask(r.fact.chat_question()), r.fact.object) for r in kept)
+    mem.rollback(rep.id)
+    assert {r.id: mem.store._version(r.id) for r in mem.facts()} == versions
+    assert same_weights(mem, before)
+
+
 @pytest.mark.parametrize("which", ["napped", "injected"])
 def test_exported_adapter_loads_in_plain_peft_with_the_same_answers(which, napped, injected, make_memory,
                                                                    cache_dir, tmp_path):

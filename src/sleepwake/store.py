@@ -362,6 +362,7 @@ class Store:
         pairs: Sequence[Pair] = (),
         replayed: Sequence[int] = (),
         curated: Sequence[int] = (),
+        rewritten: dict[int, FactEdit] | None = None,
         decay: float = 1.0,
         supersede: bool = False,
         erase_superseded: bool = False,
@@ -369,11 +370,17 @@ class Store:
         """Close a cycle in one transaction: its adapter joins the consolidated memory
         (replacing all earlier ones when `supersede`), `consolidated` facts move there,
         its training `pairs` are kept for replay, `replayed` pairs lose priority,
-        `curated` exchanges (user message ids) are marked as seen by curation.
+        `curated` exchanges (user message ids) are marked as seen by curation, and
+        `rewritten` facts (kept in MEMIT, edited again on top of the adapter) get new
+        edit versions; their old ones stay on disk for `rollback`.
         `erase_superseded` deletes the replaced adapters' files after the commit: they
         hold facts that were forgotten, and "forget" must not leave them on disk."""
         gone = [p for _, p in self.active_adapters()] if supersede and erase_superseded else []
         with self._tx() as db:
+            if status == "accepted" and rewritten:
+                versions = {fid: self._version(fid) for fid in rewritten}
+                self._rewrite(db, rewritten)
+                report = {**report, "rewritten": {str(f): [v, v + 1] for f, v in versions.items()}}
             db.execute(
                 "UPDATE cycles SET status=?, ended_at=?, adapter=?, report=? WHERE id=?",
                 (status, time.time(), str(self.adapter_path(cycle).relative_to(self.home)) if adapter else None,
@@ -415,6 +422,13 @@ class Store:
                 f"that held them ({', '.join(missing)})")
         with self._tx() as db:
             undone = [r[0] for r in db.execute("SELECT id FROM cycles WHERE id>=? AND status='accepted'", (cycle,))]
+            dropped = []  # kept facts' edits written on top of an adapter that leaves: back to the old ones
+            for (report,) in db.execute("SELECT report FROM cycles WHERE id>=? AND status='accepted' ORDER BY id DESC",
+                                        (cycle,)).fetchall():
+                for fid, (old, new) in json.loads(report).get("rewritten", {}).items():
+                    if self._version(int(fid)) == new and self.edit_path(int(fid), old).exists():
+                        db.execute("UPDATE facts SET edit_version=? WHERE id=?", (old, int(fid)))
+                        dropped.append(self.edit_path(int(fid), new))
             db.execute("UPDATE cycles SET status='rolled back', ended_at=coalesce(ended_at, ?) "
                        "WHERE id>=? AND status='accepted'", (time.time(), cycle))
             db.execute("UPDATE cycles SET superseded_by=NULL WHERE superseded_by>=?", (cycle,))
@@ -427,6 +441,8 @@ class Store:
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
             else:
                 db.execute("DELETE FROM meta WHERE key='rebuild_pending'")
+        for path in dropped:
+            path.unlink(missing_ok=True)
         return undone
 
     def cycles(self) -> list[dict]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,8 @@ class CycleReport:
     kind: str  # "nap" | "deep"
     status: str  # "accepted" | "rejected" | "nothing to do"
     consolidated: list[int] = field(default_factory=list)  # facts that left MEMIT
-    kept: list[int] = field(default_factory=list)  # facts that failed validation and keep their edit
+    kept: list[int] = field(default_factory=list)  # facts that failed validation: edited in again, on top
+    kept_recall: float | None = None  # chat recall of those, after that
     rebuilt: bool = False  # the consolidated memory was rebuilt into one adapter
     chat_recall: float | None = None  # of the cycle's facts, MEMIT edits off
     raw_recall: float | None = None
@@ -199,12 +201,21 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     if held:
         report.held_recall_after = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit") / len(held)
 
-    # The adapter keeps the edits of the facts that passed (and of all held ones).
+    # The adapter keeps the edits of the facts that passed (and of all held ones). The
+    # others failed with this adapter, their own edits included: they are edited in
+    # again on top of it, so that they stay answered until a later sleep.
     if report.kept:
         transfer = taken_over(ids - set(report.kept))
     adapter = combine([transfer, fresh]) if transfer is not None else None
-    kept_edits = [mem._edits[i] for i in sorted(report.kept)]
-    mem._rebuild(kept_edits, [*base_adapters, *([adapter] if adapter else [])])
+    adapters = [*base_adapters, *([adapter] if adapter else [])]
+    mem._rebuild([], adapters)
+    consolidated = [stored.get(r.id) or store.load_edit(r.id, device) for r in store.facts(where="consolidated")]
+    again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)],
+                         [mem._edits[i] for i in passed] + consolidated)
+    if again:
+        mem._rebuild([again[i] for i in sorted(again)], adapters)
+        report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], text,
+                                            progress=False).chat_recall
     report.ppl_after = mem.perplexity()
 
     if not passed and not rebuild:
@@ -218,15 +229,25 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     else:
         trained = [p for p in pairs if p.fact_id in set(passed) | set(stored)] + talk
         return _commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0,
-                       curated=[s.exchange.id for s in scored])
+                       curated=[s.exchange.id for s in scored], rewritten=again)
     mem._rebuild()
     report.seconds = time.perf_counter() - t0
     store.end_cycle(cycle, "rejected", report.to_dict())
     return report
 
 
+def rewrite_kept(mem: Memory, kept: list[FactRecord], constraints: list[FactEdit]) -> dict[int, FactEdit]:
+    """New MEMIT edits of `kept` on the live weights as they are, keeping the keys of
+    `constraints` (the facts consolidated) fixed; the edits go into the live weights."""
+    if not kept:
+        return {}
+    edits, _ = mem.editor().edit([r.fact for r in kept], constraints)
+    return {r.id: e for r, e in zip(kept, edits)}
+
+
 def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None, passed: list[int],
-            pairs: list, replayed: list[int], cfg: Any, t0: float, curated: list[int] = ()) -> CycleReport:
+            pairs: list, replayed: list[int], cfg: Any, t0: float, curated: Sequence[int] = (),
+            rewritten: dict[int, FactEdit] | None = None) -> CycleReport:
     """Adapter directory first, then the ledger in one transaction, then the live weights."""
     store = mem.store
     if adapter is not None:
@@ -235,11 +256,12 @@ def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | Non
     report.seconds = time.perf_counter() - t0
     forgetting = store.meta("rebuild_pending") == "1"
     store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None, consolidated=passed,
-                    pairs=pairs, replayed=replayed, curated=curated, decay=cfg.replay_decay, supersede=report.rebuilt,
-                    erase_superseded=forgetting)
+                    pairs=pairs, replayed=replayed, curated=curated, rewritten=rewritten, decay=cfg.replay_decay,
+                    supersede=report.rebuilt, erase_superseded=forgetting)
     store.set_meta("awake_since", repr(time.time()))
     mem._adapters = [Adapter.load(p, mem.lm.device) for _, p in store.active_adapters()]
     for i in passed:
         mem._edits.pop(i, None)
+    mem._edits.update(rewritten or {})
     mem._rebuild()
     return report
