@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test bench clean
+.PHONY: setup setup-test demo test scenario bench clean
 
 setup:
 	scripts/setup.sh
@@ -17,6 +17,10 @@ demo: setup
 
 test: setup-test
 	$(BIN)/python -m pytest -q
+
+# The end-to-end evidence of issue #4: 15 messages through the server, deep sleep, restart, page.
+scenario: setup-test
+	$(BIN)/python -m pytest -q -s -m scenario
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

@@ -19,7 +19,7 @@ from test_web import CHROMIUM, CHROMIUM_ARGS, VIEWPORT
 
 from sleepwake.facts import Fact, mentions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.scenario]  # not in `make test`: ~8 min; `make scenario`
 
 SCENARIO = json.loads((Path(__file__).parent / "data" / "scenario.json").read_text(encoding="utf-8"))
 EXPECTED = [Fact.from_dict(d) for d in SCENARIO["expected"]]

@@ -8,6 +8,7 @@
     sleepwake ask "Where does Anselm Kreutzer live?"
     sleepwake eval --facts facts.jsonl [--json]
     sleepwake chat
+    sleepwake serve [--host H] [--port P] [--token T]
 
 Design rules:
 
