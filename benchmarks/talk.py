@@ -35,7 +35,7 @@ def latency(lm, home: Path) -> dict:
     rows = []
     for i, (name, city) in enumerate(PEOPLE):
         t0 = time.perf_counter()
-        turn = bot.turn(f"My friend {name} lives in {city}.")
+        turn = bot.turn(f"{name} lives in {city}.")  # one fact per message
         learned = time.perf_counter() - t0
         first = None
         for _ in turn.stream():
