@@ -100,6 +100,23 @@ def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
     assert mentions(bot.say("Where does Zofia Wróblewska live?").reply, "Kraków")
 
 
+def test_the_model_extractor_asks_the_loaded_model(make_memory):
+    """`extractor="model"` (CLI `--extractor model`) asks the loaded model for JSON
+    triples and keeps only facts whose object the user said; the 135M default model is
+    too small to be good at it, so this checks the wiring and the filter, not the quality."""
+    from sleepwake.extract import ModelExtractor
+    from sleepwake.talk import Assistant
+
+    bot = Assistant(make_memory(), extractor="model", max_new_tokens=4)
+    assert isinstance(bot.extractor, ModelExtractor)
+    text = "Ilse Brandvold lives in Tromsø."
+    assert bot.extractor.generate("Say hello.").strip()  # the loaded model answers its prompts
+    turn = bot.say(text)
+    assert all(r.fact.object.casefold() in text.casefold() for r in turn.learned)
+    with pytest.raises(ValueError, match="unknown extractor"):
+        Assistant(bot.memory, extractor="magic")
+
+
 def test_facts_told_but_not_yet_learned_are_learned_at_the_next_start(make_memory, tmp_path):
     """A process that dies during a sleep leaves the facts told meanwhile in their
     messages; the next Assistant on that home writes them in."""

@@ -472,7 +472,8 @@ def cmd_chat(ctx: Context) -> int:
     from sleepwake.talk import Assistant
 
     mem = ctx.memory()
-    bot = Assistant(mem, auto_sleep=not ctx.args.no_auto_sleep, max_new_tokens=ctx.args.max_new_tokens)
+    bot = Assistant(mem, auto_sleep=not ctx.args.no_auto_sleep, max_new_tokens=ctx.args.max_new_tokens,
+                    extractor=ctx.args.extractor)
     try:
         return ChatLoop(bot, sys.stdin, ctx.out, interactive=sys.stdin.isatty() and ctx.out.isatty(),
                         quiet=ctx.quiet).run()
@@ -509,7 +510,8 @@ def cmd_serve(ctx: Context) -> int:
         cfg = mem.config
         mem.config = replace(cfg, nap=replace(cfg.nap, epochs=args.sleep_epochs),
                              deep=replace(cfg.deep, epochs=args.sleep_epochs))
-    bot = Assistant(mem, auto_sleep=not args.no_auto_sleep, max_new_tokens=args.max_new_tokens)
+    bot = Assistant(mem, auto_sleep=not args.no_auto_sleep, max_new_tokens=args.max_new_tokens,
+                    extractor=args.extractor)
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){', token required' if token else ''}; "
                "Ctrl-C stops")
@@ -536,6 +538,12 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "local cache (default: SmolLM2-135M-Instruct)")
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="no progress bars or status lines; minimal output")
+
+
+def _extractor_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--extractor", choices=["rules", "model"], default="rules",
+                   help="how facts are found in messages: rules (default), or the loaded model asked for "
+                        "JSON triples (for capable models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -613,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=96,
                    help="longest reply in tokens (default: 96)")
     p.add_argument("--no-auto-sleep", action="store_true", help="sleep only on /nap or /sleep")
+    _extractor_option(p)
     p = add("serve", cmd_serve, "serve the chat (OpenAI-compatible), the memory API and a web page over HTTP",
             "An HTTP server: a web page at /, OpenAI's chat completions at /v1/chat/completions (it learns "
             "from the user's messages, as 'chat' does), the memory at /v1/memory/..., the API's description "
@@ -628,6 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sleep-epochs", type=_positive_int, metavar="N",
                    help="training epochs of each nap and deep sleep (default: the configuration's); "
                         "fewer is faster and may consolidate less")
+    _extractor_option(p)
     p = add("history", cmd_history, "every nap and sleep with its measured results")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser

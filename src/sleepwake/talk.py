@@ -143,10 +143,13 @@ class Turn:
 class Assistant:
     """A `Memory` that chats, learns from the user's messages and sleeps in the background."""
 
-    def __init__(self, memory: Memory, *, extractor: Extractor | None = None, learn: bool = True,
+    def __init__(self, memory: Memory, *, extractor: Extractor | str = "rules", learn: bool = True,
                  auto_sleep: bool | None = None, max_new_tokens: int = 96) -> None:
         self.memory = memory
-        self.extractor = extractor or make_extractor("rules")
+        # "rules" (the default: the default model is small) or "model": the loaded model
+        # itself is asked for JSON triples, for capable models.
+        self.extractor = extractor if not isinstance(extractor, str) else make_extractor(
+            extractor, generate=lambda prompt: memory.ask(prompt, max_new_tokens=256))
         self.learn = learn
         self.auto_sleep = memory.config.auto_sleep if auto_sleep is None else auto_sleep
         if memory.config.auto_sleep:  # the assistant sleeps in the background, not inside `inject`
