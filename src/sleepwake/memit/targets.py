@@ -285,11 +285,11 @@ def compute_targets(
     # A δ whose prompts all reach the early-stop loss is done: it is frozen, and its
     # rows leave the batch, so the remaining steps only pay for the δs still learning
     # (δs do not interact: each has its own rows, KL prompt and Adam state).
-    req_deltas = [set() for _ in range(n_req)]
+    uses: list[set[int]] = [set() for _ in range(n_delta)]  # the requests each δ is read by
     for r, d in zip(slots.request.tolist(), slots.delta.tolist()):
-        req_deltas[r].add(d)
-    frozen = torch.zeros(n_delta, dtype=torch.bool, device=device)
-    last_loss = torch.zeros(n_req, device=device)
+        uses[d].add(r)
+    frozen = [False] * n_delta
+    last_loss = [float("nan")] * n_req  # bookkeeping on the CPU: one sync per step
     loss_before = float("nan")
     steps = 0
     for step in range(cfg.v_steps):
@@ -309,25 +309,28 @@ def compute_targets(
             if (~tok).any():  # KL(new ‖ orig), summed over prompts
                 kl_total = kl_total + F.kl_div(base, logp[~tok], log_target=True, reduction="sum")
         per_req = per_req / counts
-        live = torch.tensor([not all(frozen[d] for d in ds) for ds in req_deltas], device=device)
-        last_loss = torch.where(live, per_req.detach(), last_loss)
+        now = per_req.tolist()
+        for d in (d for d in range(n_delta) if not frozen[d]):
+            for r in uses[d]:
+                last_loss[r] = now[r]
         if step == 0:
-            loss_before = per_req.mean().item()
-        met = last_loss < cfg.early_stop_loss
-        if bool(met.all()):
+            loss_before = sum(now) / n_req
+        met = [x < cfg.early_stop_loss for x in last_loss]
+        if all(met):
             break
-        done = torch.tensor([all(bool(met[r]) for r in range(n_req) if d in req_deltas[r]) for d in range(n_delta)],
-                            device=device) & ~frozen
+        done = [d for d in range(n_delta) if not frozen[d] and all(met[r] for r in uses[d])]
         size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
         loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
         loss.backward()
-        keep = delta.detach()[frozen | done].clone()
+        still = torch.tensor([f or d in done for d, f in enumerate(frozen)], device=device)
+        keep = delta.detach()[still].clone()
         opt.step()
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-            delta[frozen | done] = keep
-        if bool(done.any()):
-            frozen |= done
-            groups, base_logp = _retire(groups, base_logp, frozen)
-    return TargetResult(h + delta.detach()[slots.delta], loss_before, last_loss.mean().item(), steps)
+            delta[still] = keep
+        if done:
+            for d in done:
+                frozen[d] = True
+            groups, base_logp = _retire(groups, base_logp, still)
+    return TargetResult(h + delta.detach()[slots.delta], loss_before, sum(last_loss) / n_req, steps)
