@@ -112,6 +112,7 @@ def main() -> None:
         "nap10_s": round(nap_s, 2),
         "nap10_train_steps": nap.train_steps,
         "nap10_status": f"{nap.status} ({nap.reason})",
+        "nap10_consolidated_kept": [len(nap.consolidated), len(nap.kept)],
         "peak_gpu_memory_with_nap_gib": round(peak_nap, 2),
     })
 

@@ -322,15 +322,17 @@ def compute_targets(
         size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
         loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
         loss.backward()
-        still = torch.tensor([f or d in done for d, f in enumerate(frozen)], device=device)
-        keep = delta.detach()[still].clone()
+        still = [f or d in done for d, f in enumerate(frozen)]
+        mask = torch.tensor(still, device=device) if any(still) else None  # masks cost a sync: only if needed
+        keep = delta.detach()[mask].clone() if mask is not None else None
         opt.step()
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
-            delta[still] = keep
+            if mask is not None:
+                delta[mask] = keep
         if done:
             for d in done:
                 frozen[d] = True
-            groups, base_logp = _retire(groups, base_logp, still)
+            groups, base_logp = _retire(groups, base_logp, mask)
     return TargetResult(h + delta.detach()[slots.delta], loss_before, sum(last_loss) / n_req, steps)
