@@ -41,6 +41,7 @@ from typing import Any, TextIO
 from sleepwake import __version__
 from sleepwake.errors import InvalidFactError, SleepwakeError, UnknownFactError
 from sleepwake.facts import Fact, load_jsonl
+from sleepwake.jsonsafe import json_safe
 
 PROG = "sleepwake"
 MAX_NEW_TOKENS = 2048
@@ -129,20 +130,9 @@ def _marks(stream: TextIO) -> tuple[str, str]:
     return ("✓", "✗") if _is_utf(stream) else ("+", "-")
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _dump_json(obj: Any, out: TextIO) -> None:
     # Non-ASCII as is on a UTF-8 stream; escaped (still valid JSON) on any other.
-    out.write(json.dumps(_json_safe(obj), ensure_ascii=not _is_utf(out), indent=2) + "\n")
+    out.write(json.dumps(json_safe(obj), ensure_ascii=not _is_utf(out), indent=2) + "\n")
 
 
 def _fmt_float(x: float, digits: int = 2) -> str:

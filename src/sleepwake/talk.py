@@ -226,7 +226,7 @@ class Assistant:
                 continue
             ids = self._encode(system + window)
             if len(ids) <= MAX_HISTORY_TOKENS or start == len(rest) - 1:
-                return ids[-4 * MAX_HISTORY_TOKENS:]
+                return ids
         raise AssertionError("unreachable")
 
     def _encode(self, msgs: list[dict[str, str]]) -> list[int]:

@@ -11,7 +11,6 @@ even if the client never reads it.
 from __future__ import annotations
 
 import json
-import math
 import queue
 import threading
 import time
@@ -37,6 +36,7 @@ from sleepwake.errors import (
     UnknownCycleError,
     UnknownFactError,
 )
+from sleepwake.jsonsafe import json_safe
 from sleepwake.server.guard import Guard, error_response
 from sleepwake.server.schemas import (
     ID_MAX,
@@ -158,12 +158,12 @@ def create_app(assistant: Assistant, token: str | None = None, max_body: int = M
     @app.get("/v1/memory/status", tags=["memory"])
     def status() -> dict:
         """Sleep pressure and its parts, facts by where they live, the running sleep, the last cycle."""
-        return _finite(assistant.status())
+        return json_safe(assistant.status())
 
     @app.get("/v1/memory/history", tags=["memory"])
     def history() -> list[dict]:
         """Every nap and sleep with its measured results, oldest first."""
-        return _finite(assistant.history())
+        return json_safe(assistant.history())
 
     app.add_middleware(Guard, token=token, max_body=max_body)  # runs before routing and parsing
     return app
@@ -259,14 +259,3 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def crash(request: Request, exc: Exception) -> JSONResponse:
         return error_response(500, "internal server error", "internal_error")
-
-
-def _finite(obj: Any) -> Any:
-    """NaN and infinity are not JSON: null instead."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
