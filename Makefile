@@ -15,8 +15,9 @@ setup-test:
 demo: setup
 	$(BIN)/python -m sleepwake.demo
 
+# Two workers, a test file each at a time (module fixtures are built once).
 test: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The end-to-end evidence of issue #4: 15 messages through the server, deep sleep, restart, page.
 scenario: setup-test

@@ -77,11 +77,12 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
         _, cov_s = timed(mem.editor)
         mem.inject(facts[:5])  # warm-up: kernels, allocator
-        five, steps = [], []
+        five, steps, v_part = [], [], []
         for i in range(args.repeats):
             res, s = timed(lambda i=i: mem.inject(facts[5 + 5 * i : 10 + 5 * i]))
             five.append(s)
             steps.append(res.stats[0].v_steps)
+            v_part.append(round(res.stats[0].v_seconds, 3))
         res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         if args.profile:
@@ -106,6 +107,7 @@ def main() -> None:
         "inject5_s": [round(x, 3) for x in five],
         "inject5_median_s": round(statistics.median(five), 3),
         "inject5_v_steps": steps,
+        "inject5_v_star_s": v_part,
         "inject50_one_solve_s": round(fifty_s, 3),
         "inject50_v_steps": res50.stats[0].v_steps,
         "peak_gpu_memory_gib": round(peak, 2),
@@ -113,6 +115,7 @@ def main() -> None:
         "nap10_train_steps": nap.train_steps,
         "nap10_status": f"{nap.status} ({nap.reason})",
         "nap10_consolidated_kept": [len(nap.consolidated), len(nap.kept)],
+        "nap10_phases_s": nap.phases,
         "peak_gpu_memory_with_nap_gib": round(peak_nap, 2),
     })
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sleepwake.errors import FactFileError, InvalidFactError
-from sleepwake.facts import Fact, load_jsonl, mentions, question_for
+from sleepwake.facts import Fact, load_jsonl, mentions, mentions_for_good, question_for
 
 
 def test_prompt_and_target():
@@ -45,6 +45,21 @@ def test_mentions():
     assert not mentions("Lisbonne", "Lisbon")
     assert mentions(" 東京英英省", "東京")
     assert not mentions("", "Lisbon")
+
+
+def test_mentions_for_good_never_changes_its_mind():
+    """Generation for a recall check stops once this is true: it must stay true (and
+    `mentions` of the whole answer must agree) however the answer goes on."""
+    assert not mentions_for_good("He lives in Lisbon", "Lisbon")  # "Lisbonne" may follow
+    assert mentions_for_good("He lives in Lisbon.", "Lisbon")
+    assert mentions_for_good("Lisbon, Portugal", "Lisbon")
+    assert not mentions_for_good("In San", "San Francisco")
+    assert mentions_for_good("東京", "東京")
+    answer = "She lives in Lisbonne, not Lisbon. Yes."
+    for end in range(len(answer) + 1):
+        if mentions_for_good(answer[:end], "Lisbon"):
+            assert all(mentions(answer[:later], "Lisbon") for later in range(end, len(answer) + 1))
+    assert mentions_for_good(answer, "Lisbon") == mentions(answer, "Lisbon")
 
 
 def test_load_jsonl_names_the_bad_line(tmp_path):

@@ -5,6 +5,9 @@
   contains the object;
 - perplexity on a fixed reference text (coherence);
 - locality: the share of real-world facts the model still completes correctly.
+
+Generation for a check stops once the object is named (the check's result is the
+same), so a stored completion ends there: "Lisbon." rather than a whole paragraph.
 """
 
 from __future__ import annotations
@@ -45,12 +48,15 @@ class EvalReport:
 
 
 def raw_completions(model: Any, tok: Any, facts: Sequence[Fact], max_new_tokens: int = 16) -> list[str]:
-    return generate(model, tok, [encode(tok, f.prompt) for f in facts], max_new_tokens=max_new_tokens)
+    """Greedy completions of the facts' prompts, each ended once it names its object."""
+    prompts = [encode(tok, f.prompt) for f in facts]
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens, until=[f.object for f in facts])
 
 
 def chat_answers(model: Any, tok: Any, facts: Sequence[Fact], max_new_tokens: int = 24) -> list[str]:
+    """Greedy chat answers to the facts' questions, each ended once it names its object."""
     prompts = [encode(tok, chat_text(tok, f.chat_question()), chat=True) for f in facts]
-    return generate(model, tok, prompts, max_new_tokens=max_new_tokens)
+    return generate(model, tok, prompts, max_new_tokens=max_new_tokens, until=[f.object for f in facts])
 
 
 def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:

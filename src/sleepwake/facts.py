@@ -217,6 +217,7 @@ def dump_jsonl(facts: Iterable[Fact], path: str | Path) -> None:
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_LAST_WORD = re.compile(r"\w+$", re.UNICODE)
 _NO_SPACES = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
@@ -228,3 +229,11 @@ def mentions(answer: str, obj: str) -> bool:
     if _NO_SPACES.search(o):  # Chinese/Japanese/Korean: no spaces between words
         return bool(o) and o in a
     return bool(o) and f" {o} " in f" {a} "
+
+
+def mentions_for_good(answer: str, obj: str) -> bool:
+    """`mentions` on the part of a growing answer that more text cannot change (its
+    last word may still grow: "Lisbon" → "Lisbonne"), so once true it stays true."""
+    if _NO_SPACES.search(obj):  # matched as a substring, which more text cannot undo
+        return mentions(answer, obj)
+    return mentions(_LAST_WORD.sub("", answer), obj)

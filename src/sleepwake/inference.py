@@ -10,6 +10,9 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from sleepwake.facts import mentions_for_good
 
 
 def chat_text(tokenizer: Any, question: str) -> str:
@@ -59,6 +62,18 @@ def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
+class _UntilMentioned(StoppingCriteria):
+    """Ends a row once its text so far mentions its expected object for good."""
+
+    def __init__(self, tokenizer: Any, start: int, objects: Sequence[str]) -> None:
+        self.tokenizer, self.start, self.objects = tokenizer, start, objects
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        done = [mentions_for_good(t, o) for t, o in zip(texts, self.objects)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -67,8 +82,14 @@ def generate(
     *,
     max_new_tokens: int = 24,
     batch_size: int = 16,
+    until: Sequence[str] | None = None,
 ) -> list[str]:
-    """Greedy continuations of already-encoded prompts, decoded without special tokens."""
+    """Greedy continuations of already-encoded prompts, decoded without special tokens.
+
+    `until` (one expected object per prompt, for recall checks) ends a row as soon as
+    it mentions its object for good: the check's result is the same as on the whole
+    continuation, and a model that knows its facts is measured several times faster.
+    """
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
@@ -80,12 +101,16 @@ def generate(
         for i, p in enumerate(chunk):  # left padding: every row ends where generation starts
             ids[i, n - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, n - len(p):] = 1
+        stop = None
+        if until is not None:
+            stop = StoppingCriteriaList([_UntilMentioned(tokenizer, n, until[start : start + batch_size])])
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
+            stopping_criteria=stop,
         )
         for row in gen[:, n:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True))

@@ -60,6 +60,7 @@ class FactEdit:
 @dataclass
 class InjectStats:
     seconds: float
+    v_seconds: float  # of which v* (the rest: key passes and solves)
     v_loss_before: float
     v_loss_after: float
     v_steps: int
@@ -101,8 +102,14 @@ class MemitEditor:
         slots = make_slots(requests, self.cfg, device)
         last = self.layers[-1]
         targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, self.cfg)
+        v_seconds = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = pad_right([q.ids for q in requests], pad, device)
+        # Keys and hidden states are read at the slots only, and attention is causal:
+        # tokens after a row's last slot cannot change them, so the passes stop there.
+        last_slot = [0] * len(requests)
+        for r, c in zip(slots.rows.tolist(), slots.cols.tolist()):
+            last_slot[r] = max(last_slot[r], c)
+        batch = pad_right([q.ids[: last_slot[r] + 1] for r, q in enumerate(requests)], pad, device)
         edits = [FactEdit() for _ in facts]
         slot_fact = slots.fact.tolist()
         per_fact = [[s for s, f in enumerate(slot_fact) if f == i] for i in range(len(facts))]
@@ -135,6 +142,6 @@ class MemitEditor:
                 edits[f].k[layer] = k[ix].contiguous()
             self.weights.add(self.arch.down_name(layer), [(e.a[layer], e.b[layer]) for e in edits])
         stats = InjectStats(
-            time.perf_counter() - t0, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact)
+            time.perf_counter() - t0, v_seconds, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact)
         )
         return edits, stats

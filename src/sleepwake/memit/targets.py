@@ -6,9 +6,10 @@ layer so that all target tokens become likely, with a KL term on a neutral promp
 coordinate, which is why the paper's lr 0.5 works here although the residual norm
 is ~160 (DESIGN.md).
 
-Speed: sequences are grouped by length (chat prompts are long, raw ones short) so
-little compute goes to padding, the LM head runs only where a loss is taken, and the
-layers below the edited one are replayed from a cache instead of recomputed.
+Speed: on a CPU, sequences are grouped by length (chat prompts are long, raw ones
+short) so little compute goes to padding; on a GPU, where kernel launches cost more
+than padded tokens, a small batch runs as one group. The LM head runs only where a loss is
+taken, and the layers below the edited one are replayed from a cache.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def fast_math(device: torch.device, cfg: MemitConfig) -> contextlib.AbstractCont
 
 
 MIN_PREFIX = 2
+GPU_ONE_GROUP_TOKENS = 4096  # 5 facts: ~750 padded tokens (one group); 50 facts: ~7500 (by length)
 
 
 def _fresh_copy(cache: object) -> object:
@@ -113,7 +115,7 @@ class _Group:
     the suffix.
     """
 
-    batch: dict[str, torch.Tensor]  # the suffixes, right-padded; the mask covers prefix + suffix
+    batch: dict[str, torch.Tensor]  # the suffixes, right-padded (input ids only, see `_groups`)
     prefix_ids: torch.Tensor | None  # the prefixes (rows × P), behind `prefix_cache`
     prefix_cache: object | None
     cached: object  # output of the edited layer without δ
@@ -172,8 +174,10 @@ def _groups(
     seqs = [q.ids for q in requests] + [requests[r].kl_ids for r in kl_reqs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     buckets: list[list[int]] = []
+    # A GPU pays per kernel launch more than per padded token, up to a point.
+    one_group = device.type == "cuda" and len(seqs) * max(map(len, seqs)) <= GPU_ONE_GROUP_TOKENS
     for i in order:  # a new bucket when padding would more than double the work
-        if buckets and len(seqs[i]) <= 2 * len(seqs[buckets[-1][0]]):
+        if buckets and (one_group or len(seqs[i]) <= 2 * len(seqs[buckets[-1][0]])):
             buckets[-1].append(i)
         else:
             buckets.append([i])
@@ -188,11 +192,11 @@ def _groups(
         ]
         shared = min(first_touch)
         shared = shared if shared >= MIN_PREFIX else 0
-        batch = pad_right([seqs[i][shared:] for i in bucket], pad, device)
+        # No attention mask: rows are right-padded and attention is causal, so no position
+        # that is read or edited ever sees a pad; a mask would only cost time.
+        batch = {"input_ids": pad_right([seqs[i][shared:] for i in bucket], pad, device)["input_ids"]}
         prefix_cache = ids = None
         if shared:
-            full_mask = torch.ones(len(bucket), shared, dtype=torch.long, device=device)
-            batch["attention_mask"] = torch.cat([full_mask, batch["attention_mask"]], dim=1)
             with torch.no_grad():
                 ids = torch.tensor([list(seqs[i][:shared]) for i in bucket], device=device)
                 prefix_cache = model(input_ids=ids, use_cache=True).past_key_values

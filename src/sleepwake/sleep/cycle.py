@@ -79,6 +79,7 @@ class CycleReport:
     train_steps: int = 0
     train_loss: tuple[float, float] | None = None
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the time went
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +135,13 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     device = str(mem.lm.device)
     text = perplexity_text()
     report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity())
+    mark = [t0]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        report.phases[name] = round(report.phases.get(name, 0.0) + now - mark[0], 3)
+        mark[0] = now
+
     if held:
         report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], text,
                                                    progress=False).chat_recall
@@ -145,6 +153,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         chosen.update({i: e for i, e in stored.items() if i in ids})
         return takeover(mem, dict(sorted(chosen.items())))
 
+    phase("measure")
     ids = {r.id for r in memit} | set(stored)
     transfer = taken_over(ids)
     if transfer is None:  # a rebuild with nothing left: the consolidated memory becomes empty
@@ -178,11 +187,13 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     mem._rebuild([], base_adapters)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     taught = examples(pairs + talk + [p for _, p in replay], tok)
+    phase("prepare")
     with attached(model, transfer):
         stats = train(model, fresh, taught + dreams, pad_id=pad, lr=cfg.lr, epochs=cfg.epochs,
                       batch_size=cfg.batch_size, teacher=[None] * len(taught) + soft, penalty=penalty,
                       seed=cycle, progress=mem.progress, desc=kind)
     report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
+    phase("train")
 
     # Validate with the MEMIT edits off.
     mem._rebuild([], [*base_adapters, combine([transfer, fresh])])
@@ -200,6 +211,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     report.raw_recall = sum(fr.raw_ok for r, fr in zip(facts, res.facts) if r.where == "memit") / n if memit else None
     if held:
         report.held_recall_after = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit") / len(held)
+    phase("validate")
 
     # The adapter keeps the edits of the facts that passed (and of all held ones). The
     # others failed with this adapter, their own edits included: they are edited in
@@ -216,7 +228,9 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         mem._rebuild([again[i] for i in sorted(again)], adapters)
         report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], text,
                                             progress=False).chat_recall
+    phase("edit kept facts again")
     report.ppl_after = mem.perplexity()
+    phase("measure")
 
     if not passed and not rebuild:
         report.reason = "no fact was answered in chat without its MEMIT edit"
