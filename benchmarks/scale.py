@@ -15,6 +15,8 @@ DIR holds any tokenizer (the default model's works: its ids fit the 8B vocabular
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import tempfile
 import time
@@ -46,6 +48,28 @@ def timed(fn):
     out = fn()
     sync()
     return out, time.perf_counter() - t
+
+
+def graph_check(mem: Memory, facts: list) -> dict:
+    """v* for the same facts with and without the CUDA graph: time, and whether they agree."""
+    from dataclasses import replace
+
+    from sleepwake.memit.requests import build_requests
+    from sleepwake.memit.targets import compute_targets, make_slots
+
+    editor = mem.editor()
+    runs = {}
+    for name, graphs in (("eager", False), ("graph", True)):
+        cfg = replace(editor.cfg, cuda_graphs=graphs)
+        requests = build_requests(facts, mem.tokenizer, cfg)
+        slots = make_slots(requests, cfg, mem.lm.device)
+        runs[name] = timed(lambda: compute_targets(mem.model, mem.lm.arch, mem.tokenizer, requests, slots,
+                                                   editor.layers[-1], cfg))
+    (e, e_s), (g, g_s) = runs["eager"], runs["graph"]
+    rel = ((e.values - g.values).norm(dim=-1) / e.values.norm(dim=-1)).max()
+    return {"v_star_5_eager_s": round(e_s, 3), "v_star_5_graph_s": round(g_s, 3),
+            "v_loss_after_eager_graph": [round(e.loss_after, 4), round(g.loss_after, 4)],
+            "v_values_max_rel_diff": float(rel)}
 
 
 def main() -> None:
@@ -83,12 +107,10 @@ def main() -> None:
             five.append(s)
             steps.append(res.stats[0].v_steps)
             v_part.append(round(res.stats[0].v_seconds, 3))
+        check = graph_check(mem, fictional_facts(100, 1, seed=4)[:5]) if device == "cuda" else {}
         res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
         if args.profile:
-            import cProfile
-            import pstats
-
             prof = cProfile.Profile()
             more = fictional_facts(90, 1, seed=3)[80:85]
             prof.runcall(lambda: (mem.inject(more), sync()))
@@ -96,7 +118,12 @@ def main() -> None:
         mem.close()
         napper = Memory(lm, home=f"{tmp}/nap", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
         napper.inject(facts[:10])
-        nap, nap_s = timed(napper.nap)
+        if args.profile:
+            prof = cProfile.Profile()
+            nap, nap_s = prof.runcall(lambda: timed(napper.nap))
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        else:
+            nap, nap_s = timed(napper.nap)
         peak_nap = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     save(f"scale-{args.shape}", {
         "note": "randomly initialised weights of the real shape; timings only",
@@ -111,6 +138,7 @@ def main() -> None:
         "inject50_one_solve_s": round(fifty_s, 3),
         "inject50_v_steps": res50.stats[0].v_steps,
         "peak_gpu_memory_gib": round(peak, 2),
+        **check,
         "nap10_s": round(nap_s, 2),
         "nap10_train_steps": nap.train_steps,
         "nap10_status": f"{nap.status} ({nap.reason})",

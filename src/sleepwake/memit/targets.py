@@ -6,18 +6,20 @@ layer so that all target tokens become likely, with a KL term on a neutral promp
 coordinate, which is why the paper's lr 0.5 works here although the residual norm
 is ~160 (DESIGN.md).
 
-Speed: on a CPU, sequences are grouped by length (chat prompts are long, raw ones
-short) so little compute goes to padding; on a GPU, where kernel launches cost more
-than padded tokens, a small batch runs as one group. The LM head runs only where a loss is
-taken, and the layers below the edited one are replayed from a cache.
+Speed: sequences are grouped by length (chat prompts are long, raw ones short) so
+little compute goes to padding (on a GPU, a small batch is one group), the LM head runs only where a loss is taken, the
+layers below the edited one are replayed from a cache, and on a GPU one step is
+captured as a CUDA graph and replayed (launching its kernels one by one from Python
+cost twice the step itself on the 8B shape).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -87,7 +89,7 @@ def fast_math(device: torch.device, cfg: MemitConfig) -> contextlib.AbstractCont
 
 
 MIN_PREFIX = 2
-GPU_ONE_GROUP_TOKENS = 4096  # 5 facts: ~750 padded tokens (one group); 50 facts: ~7500 (by length)
+GPU_ONE_GROUP_TOKENS = 4096  # 8B shape: 5 facts (~750 padded tokens) one group, 50 facts (~7500) by length
 
 
 def _fresh_copy(cache: object) -> object:
@@ -127,6 +129,12 @@ class _Group:
     o_cols: torch.Tensor
     o_tok: torch.Tensor  # target token, or -1 for a KL position
     o_req: torch.Tensor  # request index of each read
+    tok_idx: torch.Tensor = field(init=False)  # reads of a target token ...
+    kl_idx: torch.Tensor = field(init=False)  # ... and of a KL prompt, as indices (masks cost a GPU sync)
+
+    def __post_init__(self) -> None:
+        self.tok_idx = (self.o_tok >= 0).nonzero().squeeze(1)
+        self.kl_idx = (self.o_tok < 0).nonzero().squeeze(1)
 
     def inputs(self) -> dict[str, object]:
         """Model inputs for one forward pass (a fresh copy of the prefix cache each time)."""
@@ -174,9 +182,11 @@ def _groups(
     seqs = [q.ids for q in requests] + [requests[r].kl_ids for r in kl_reqs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     buckets: list[list[int]] = []
-    # A GPU pays per kernel launch more than per padded token, up to a point.
+    # A new bucket when padding would more than double the work. On a GPU every group
+    # costs its own few thousand kernels (and the time to build their CUDA graph), which
+    # outweighs padding for a small batch: that runs as one group.
     one_group = device.type == "cuda" and len(seqs) * max(map(len, seqs)) <= GPU_ONE_GROUP_TOKENS
-    for i in order:  # a new bucket when padding would more than double the work
+    for i in order:
         if buckets and (one_group or len(seqs[i]) <= 2 * len(seqs[buckets[-1][0]])):
             buckets[-1].append(i)
         else:
@@ -235,6 +245,43 @@ def _retire(groups: list[_Group], base_logp: list[torch.Tensor], frozen: torch.T
     return out_g, out_b
 
 
+class _StepGraph:
+    """One v* step — forward, loss, backward into δ.grad — captured once as a CUDA graph
+    and replayed. On a GPU, launching a step's few thousand small kernels from Python
+    costs several times their work (8B shape: ~40 ms a step, eager)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, per_req: torch.Tensor) -> None:
+        self.graph, self.per_req = graph, per_req
+
+    @classmethod
+    def capture(cls, forward: Callable[[], tuple[torch.Tensor, torch.Tensor]], delta: torch.Tensor
+                ) -> _StepGraph | None:
+        """The captured step, or None (with a warning) where capture fails: then steps stay eager."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side):  # a warm-up pass on a side stream, as capture requires
+                delta.grad = None
+                forward()[1].backward()
+            torch.cuda.current_stream().wait_stream(side)
+            delta.grad = None  # backward in the graph writes a fresh, static δ.grad
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                per_req, loss = forward()
+                loss.backward()
+        except RuntimeError as exc:
+            warnings.warn(f"v*: CUDA graph capture failed, stepping eagerly ({exc})", stacklevel=2)
+            torch.cuda.synchronize()
+            delta.grad = None
+            return None
+        return cls(graph, per_req)
+
+    def replay(self) -> torch.Tensor:
+        """Run the step again (δ and δ.grad are the same tensors); per-request losses."""
+        self.graph.replay()
+        return self.per_req
+
+
 @dataclass
 class TargetResult:
     values: torch.Tensor  # (n_slots, d_model): v* = h + δ
@@ -264,9 +311,9 @@ def compute_targets(
         for g in groups:
             own = g.d_slot >= 0  # a KL prompt borrows a slot's δ but not its h
             h[g.d_slot[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
-            kl = g.o_tok < 0
+            kl = g.kl_idx
             logits = torch.empty(0, 1, device=device)
-            if kl.any():
+            if len(kl):
                 with frozen_prefix(arch, layer, g.cached), fast_math(device, cfg):
                     logits = logits_at(model, g.inputs(), g.o_rows[kl], g.o_cols[kl])
             base_logp.append(F.log_softmax(logits, dim=-1))
@@ -281,24 +328,12 @@ def compute_targets(
     max_norm = cfg.clamp_norm_factor * ref_norm
     counts = torch.zeros(n_req, device=device)
     for g in groups:
-        tok = g.o_tok >= 0
-        counts.index_add_(0, g.o_req[tok], torch.ones(int(tok.sum()), device=device))
+        counts.index_add_(0, g.o_req[g.tok_idx], torch.ones(len(g.tok_idx), device=device))
     counts.clamp_(min=1)
-    n_kl = max(1, sum(int((g.o_tok < 0).sum()) for g in groups))
+    n_kl = max(1, sum(len(g.kl_idx) for g in groups))
 
-    # A δ whose prompts all reach the early-stop loss is done: it is frozen, and its
-    # rows leave the batch, so the remaining steps only pay for the δs still learning
-    # (δs do not interact: each has its own rows, KL prompt and Adam state).
-    uses: list[set[int]] = [set() for _ in range(n_delta)]  # the requests each δ is read by
-    for r, d in zip(slots.request.tolist(), slots.delta.tolist()):
-        uses[d].add(r)
-    frozen = [False] * n_delta
-    last_loss = [float("nan")] * n_req  # bookkeeping on the CPU: one sync per step
-    loss_before = float("nan")
-    steps = 0
-    for step in range(cfg.v_steps):
-        steps = step + 1
-        opt.zero_grad()
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-request mean target NLL, and the loss, with δ as it is now."""
         per_req = torch.zeros(n_req, device=device)
         kl_total = torch.zeros((), device=device)
         for g, base in zip(groups, base_logp):
@@ -306,13 +341,36 @@ def compute_targets(
                   add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src])):
                 logits = logits_at(model, g.inputs(), g.o_rows, g.o_cols)
             logp = F.log_softmax(logits, dim=-1)
-            tok = g.o_tok >= 0
-            if tok.any():
-                nll = -logp[tok].gather(1, g.o_tok[tok][:, None]).squeeze(1)
-                per_req = per_req.index_add(0, g.o_req[tok], nll)
-            if (~tok).any():  # KL(new ‖ orig), summed over prompts
-                kl_total = kl_total + F.kl_div(base, logp[~tok], log_target=True, reduction="sum")
+            t = g.tok_idx
+            if len(t):
+                nll = -logp[t].gather(1, g.o_tok[t][:, None]).squeeze(1)
+                per_req = per_req.index_add(0, g.o_req[t], nll)
+            if len(g.kl_idx):  # KL(new ‖ orig), summed over prompts
+                kl_total = kl_total + F.kl_div(base, logp[g.kl_idx], log_target=True, reduction="sum")
         per_req = per_req / counts
+        size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
+        return per_req, per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
+
+    # A δ whose prompts all reach the early-stop loss is done: it is frozen, and its
+    # rows leave the batch, so the remaining steps only pay for the δs still learning
+    # (δs do not interact: each has its own rows, KL prompt and Adam state). Under a
+    # CUDA graph the rows stay (its shapes are fixed) and frozen δs are just kept.
+    uses: list[set[int]] = [set() for _ in range(n_delta)]  # the requests each δ is read by
+    for r, d in zip(slots.request.tolist(), slots.delta.tolist()):
+        uses[d].add(r)
+    frozen = [False] * n_delta
+    last_loss = [float("nan")] * n_req  # bookkeeping on the CPU: one sync per step
+    loss_before = float("nan")
+    steps = 0
+    use_graph = cfg.cuda_graphs and device.type == "cuda"
+    graph: _StepGraph | None = None
+    for step in range(cfg.v_steps):
+        steps = step + 1
+        if graph is None:
+            opt.zero_grad()
+            per_req, loss = forward()
+        else:
+            per_req = graph.replay()  # forward and backward
         now = per_req.tolist()
         for d in (d for d in range(n_delta) if not frozen[d]):
             for r in uses[d]:
@@ -323,20 +381,24 @@ def compute_targets(
         if all(met):
             break
         done = [d for d in range(n_delta) if not frozen[d] and all(met[r] for r in uses[d])]
-        size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
-        loss = per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
-        loss.backward()
+        if graph is None:
+            loss.backward()
         still = [f or d in done for d, f in enumerate(frozen)]
-        mask = torch.tensor(still, device=device) if any(still) else None  # masks cost a sync: only if needed
-        keep = delta.detach()[mask].clone() if mask is not None else None
+        mask = torch.tensor(still, device=device)[:, None] if any(still) else None
+        keep = delta.detach().clone() if mask is not None else None
         opt.step()
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
             if mask is not None:
-                delta[mask] = keep
+                delta.copy_(torch.where(mask, keep, delta))
         if done:
             for d in done:
                 frozen[d] = True
-            groups, base_logp = _retire(groups, base_logp, mask)
+            if not use_graph:
+                groups, base_logp = _retire(groups, base_logp, mask[:, 0])
+        if use_graph and graph is None and step + 1 < cfg.v_steps:
+            per_req = loss = None  # the eager step's autograd graph must be gone before capture
+            graph = _StepGraph.capture(forward, delta)
+            use_graph = graph is not None
     return TargetResult(h + delta.detach()[slots.delta], loss_before, sum(last_loss) / n_req, steps)

@@ -197,6 +197,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
     # Validate with the MEMIT edits off.
     mem._rebuild([], [*base_adapters, combine([transfer, fresh])])
+    phase("rebuild")
     facts = memit + held
     res = evaluate_facts(model, tok, [r.fact for r in facts], text, progress=False)
     ok: dict[object, bool] = {}
@@ -221,6 +222,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     adapter = combine([transfer, fresh]) if transfer is not None else None
     adapters = [*base_adapters, *([adapter] if adapter else [])]
     mem._rebuild([], adapters)
+    phase("rebuild")
     consolidated = [stored.get(r.id) or store.load_edit(r.id, device) for r in store.facts(where="consolidated")]
     again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)],
                          [mem._edits[i] for i in passed] + consolidated)
