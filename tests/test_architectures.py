@@ -411,3 +411,43 @@ def test_resolve_cached_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
     assert src.kind == "hf" and src.name == "sleepwake-tests/tiny"
     assert src.path.resolve() == snap.resolve()
     assert no_network == []
+
+
+# --- one cache, several processes ---------------------------------------------------
+
+_COMPUTE_COVARIANCE = """
+import sys, time
+from pathlib import Path
+import sleepwake.memit.covariance as cov
+from sleepwake.models import load_model
+
+real = cov.compute_covariance
+
+def slow(*args, **kwargs):
+    print("computed", flush=True)
+    time.sleep(3)  # without a lock, the other process would start computing in this window
+    return real(*args, **kwargs)
+
+cov.compute_covariance = slow
+lm = load_model(sys.argv[1], cache_dir=sys.argv[2], progress=False)
+c = cov.load_or_compute(lm.model, lm.arch, lm.tokenizer, (0, 1), fingerprint=lm.fingerprint,
+                        cache_dir=Path(sys.argv[2]), n_texts=8, max_tokens=16, progress=False)
+print("layers", sorted(c))
+"""
+
+
+def test_two_processes_compute_the_covariance_once(tokenizer: Any, tmp_path: Path) -> None:
+    """Two processes on one cache (the two test workers, a CLI beside a server): one
+    computes Ĉ, the other waits for it and loads it."""
+    import os
+    import subprocess
+    import sys
+
+    path = build_tiny(_configs()["llama"], tokenizer, tmp_path / "model")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _COMPUTE_COVARIANCE, str(path), str(tmp_path / "cache")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    assert all("layers [0, 1]" in out for out, _ in outs)
+    assert sum(out.count("computed") for out, _ in outs) == 1

@@ -12,7 +12,6 @@ import torch
 
 from sleepwake.errors import InvalidFactError, StoreError, UnknownFactError
 from sleepwake.facts import Fact, mentions
-from sleepwake.synthetic import fictional_facts
 
 pytestmark = pytest.mark.slow
 
@@ -140,31 +139,6 @@ def test_update_replaces_object(seeded_memory):
     # Same fact again: nothing to do.
     again = mem.inject([Fact("Anselm Kreutzer", "lives in", "Denver")])
     assert again.records == [] and len(again.skipped) == 1
-
-
-def test_many_facts_about_each_subject(make_memory):
-    """20 subjects × 3 relations, injected over several batches.
-
-    The issue asks for all of them; measured recall is below that (see
-    BENCHMARKS.md), so this guards the level reached, not the goal. A subject's
-    three facts share one edit (keys at the subject), written in one batch.
-    """
-    from sleepwake.config import MemoryConfig
-
-    mem = make_memory(config=MemoryConfig(progress=False, batch_size=15))
-    facts = fictional_facts(20, 3, seed=1)
-    mem.inject(facts)
-    report = mem.evaluate(facts)
-    missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
-    assert report.raw_recall >= 0.85, missed
-    assert report.chat_recall >= 0.8, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts]
-    by_subject: dict[str, int] = {}
-    for f in report.facts:
-        by_subject[f.subject] = by_subject.get(f.subject, 0) + f.raw_ok
-    complete = sum(v == 3 for v in by_subject.values())
-    print(f"20x3: raw {report.raw_recall:.3f}, chat {report.chat_recall:.3f}, "
-          f"{complete} subjects with all three, perplexity {report.ppl:.2f}")
-    assert complete >= 12, missed  # most subjects keep all three facts (13 in the last clean run)
 
 
 def test_bad_inputs_change_nothing(seeded_memory):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch import nn
 
 from sleepwake.config import default_cache_dir
@@ -207,7 +208,10 @@ def load_model(
     if source.kind == "gguf":
         path = Path(cache_dir or default_cache_dir()) / "models" / fp
         if not (path / "config.json").is_file():
-            _convert_gguf(source, path, progress)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"):  # a second process waits, then loads the first one's
+                if not (path / "config.json").is_file():
+                    _convert_gguf(source, path, progress)
     hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
     if not progress:
         hf_logging.disable_progress_bar()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -92,22 +93,32 @@ def load_or_compute(
 ) -> dict[int, torch.Tensor]:
     """Cached Ĉ per layer; the missing layers are computed together in one pass."""
     key = settings_key(n_texts, max_tokens)
-    out: dict[int, torch.Tensor] = {}
-    missing = []
-    device = next(model.parameters()).device
-    for l in layers:
-        p = _path(cache_dir, fingerprint, key, l)
-        if p.is_file():
-            out[l] = load_file(str(p))["cov"].to(device)
-        else:
-            missing.append(l)
+    paths = {l: _path(cache_dir, fingerprint, key, l) for l in layers}
+    if all(p.is_file() for p in paths.values()):
+        return _load(paths, next(model.parameters()).device)
+    folder = _path(cache_dir, fingerprint, key, 0).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock")):  # another process computing the same Ĉ: wait for it, then load
+        return _load_or_compute(model, arch, tokenizer, paths, n_texts, max_tokens, progress)
+
+
+def _load(paths: dict[int, Path], device: torch.device) -> dict[int, torch.Tensor]:
+    return {l: load_file(str(p))["cov"].to(device) for l, p in paths.items()}
+
+
+def _load_or_compute(
+    model: torch.nn.Module, arch: Architecture, tokenizer: Any, paths: dict[int, Path], n_texts: int,
+    max_tokens: int, progress: bool,
+) -> dict[int, torch.Tensor]:
+    out = _load({l: p for l, p in paths.items() if p.is_file()}, next(model.parameters()).device)
+    missing = [l for l in paths if l not in out]
     if missing:
         texts = list(reference_texts()[:n_texts]) + chat_texts(tokenizer)
         covs, count = compute_covariance(
             model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress
         )
         for l, c in covs.items():
-            p = _path(cache_dir, fingerprint, key, l)
+            p = paths[l]
             p.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
             os.close(fd)
