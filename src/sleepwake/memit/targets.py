@@ -7,10 +7,10 @@ coordinate, which is why the paper's lr 0.5 works here although the residual nor
 is ~160 (DESIGN.md).
 
 Speed: sequences are grouped by length (chat prompts are long, raw ones short) so
-little compute goes to padding (on a GPU, a small batch is one group), the LM head runs only where a loss is taken, the
-layers below the edited one are replayed from a cache, and on a GPU one step is
-captured as a CUDA graph and replayed (launching its kernels one by one from Python
-cost twice the step itself on the 8B shape).
+little compute goes to padding (on a GPU, a small batch is one group); the LM head
+runs only where a loss is taken; the layers below the edited one are replayed from a
+cache; and on a GPU one step is captured as a CUDA graph and replayed (launching its
+kernels one by one from Python cost as much as the step itself on the 8B shape).
 """
 
 from __future__ import annotations
