@@ -96,7 +96,7 @@ def load_or_compute(
     paths = {l: _path(cache_dir, fingerprint, key, l) for l in layers}
     if all(p.is_file() for p in paths.values()):
         return _load(paths, next(model.parameters()).device)
-    folder = _path(cache_dir, fingerprint, key, 0).parent
+    folder = next(iter(paths.values())).parent  # one folder per (model, settings)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):  # another process computing the same Ĉ: wait for it, then load
         return _load_or_compute(model, arch, tokenizer, paths, n_texts, max_tokens, progress)

@@ -384,19 +384,19 @@ def compute_targets(
         if graph is None:
             loss.backward()
         still = [f or d in done for d, f in enumerate(frozen)]
-        mask = torch.tensor(still, device=device)[:, None] if any(still) else None
+        mask = torch.tensor(still, device=device) if any(still) else None  # the δs to keep as they are
         keep = delta.detach().clone() if mask is not None else None
         opt.step()
         with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
             norms = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
             if mask is not None:
-                delta.copy_(torch.where(mask, keep, delta))
+                delta.copy_(torch.where(mask[:, None], keep, delta))
         if done:
             for d in done:
                 frozen[d] = True
             if not use_graph:
-                groups, base_logp = _retire(groups, base_logp, mask[:, 0])
+                groups, base_logp = _retire(groups, base_logp, mask)
         if use_graph and graph is None and step + 1 < cfg.v_steps:
             per_req = loss = None  # the eager step's autograd graph must be gone before capture
             graph = _StepGraph.capture(forward, delta)
