@@ -21,6 +21,7 @@ import torch
 from sleepwake.config import MemoryConfig
 from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.inference import encode, encode_target
+from sleepwake.memit.trace import run_capture
 from sleepwake.memory import Memory
 from sleepwake.models import ARCHITECTURES, default_layers, load_model, resolve_model
 
@@ -209,6 +210,13 @@ def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
 
     result = mem.inject(FACT)
     assert len(result.records) == 1 and result.stats[0].n_slots >= 1
+    # Each layer's keys were read in a pass that replayed the layers below the one
+    # edited before it: they must be what the edited model reads there now.
+    keys, _ = run_capture(mem.model, mem.lm.arch, {"input_ids": torch.tensor([prompt_ids])},
+                          key_layers=TEST_LAYERS)
+    stored = mem._edits[result.records[0].id].k
+    for layer in TEST_LAYERS:
+        assert torch.allclose(keys[layer][0, -1], stored[layer][0], atol=1e-5, rtol=1e-4), layer
 
     # Efficacy: the greedy completion starts with the target's first token.
     after_edit = _next_logits(mem.model, prompt_ids)
@@ -243,10 +251,10 @@ def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
 
 def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     """v* re-runs only the suffix of each sequence after the first δ or read, on a
-    copy of a KV cache of the prefix, without an attention mask (rows are right-padded).
-    Its logits must equal a full forward pass with the padding masked on every family
-    (positions, masks, sliding windows), and the cache must come out
-    untouched, since every optimisation step reuses it."""
+    copy of a KV cache of the prefix: one prefix length for all rows and no mask, or
+    each row its own (left-padded, with a 4-D mask and positions). Its logits must
+    equal each sequence run alone on every family (positions, masks, sliding
+    windows), and the cache must come out untouched, since every step reuses it."""
     from dataclasses import replace
 
     from sleepwake.facts import Fact
@@ -262,6 +270,7 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     assert slots.delta.tolist() == [0, 0, 0, 0, 1, 1]  # one δ per subject (raw and chat requests)
     groups = _groups(lm.model, lm.arch, requests, slots, True, 1, 0, lm.device)
     assert any(g.prefix_cache is not None for g in groups)
+    assert any("position_ids" in g.batch for g in groups)  # rows with prefixes of their own lengths
     for g in groups:
         with torch.no_grad():
             first = logits_at(lm.model, g.inputs(), g.o_rows, g.o_cols)
@@ -270,10 +279,11 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
             ids = g.batch["input_ids"]
             full = ids if g.prefix_ids is None else torch.cat([g.prefix_ids, ids], dim=1)
             shift = full.shape[1] - ids.shape[1]
-            mask = (full != 0).long()  # pads (id 0 here, in no fact or template) masked, as v* does not
-            ref = lm.model(input_ids=full, attention_mask=mask, use_cache=False).logits
-            ref = ref[g.o_rows, g.o_cols + shift].float()
-        assert torch.allclose(first, ref, atol=1e-4, rtol=1e-4), (first - ref).abs().max()
+            for i, (row, col) in enumerate(zip(g.o_rows.tolist(), (g.o_cols + shift).tolist())):
+                real = full[row, : col + 1]
+                real = real[real != 0]  # pads (id 0 here, in no fact or template) out: the row alone
+                ref = lm.model(input_ids=real[None], use_cache=False).logits[0, -1].float()
+                assert torch.allclose(first[i], ref, atol=1e-4, rtol=1e-4), (first[i] - ref).abs().max()
 
 
 def _gemma_post_norm_gains(model: torch.nn.Module) -> None:

@@ -6,6 +6,7 @@ weights (`sleepwake.weights.LiveWeights`) are rebuilt from them after every batc
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -19,7 +20,7 @@ from sleepwake.inference import pad_right
 from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
-from sleepwake.memit.trace import run_capture
+from sleepwake.memit.trace import frozen_prefix, run_capture
 from sleepwake.models import Architecture
 from sleepwake.weights import Factor, LiveWeights
 
@@ -113,24 +114,31 @@ class MemitEditor:
         edits = [FactEdit() for _ in facts]
         slot_fact = slots.fact.tolist()
         per_fact = [[s for s, f in enumerate(slot_fact) if f == i] for i in range(len(facts))]
+        # Layers below the previous pass's edited layer are as they were then: each pass
+        # replays the output of the layer below this one from the pass before.
+        replay: tuple[int, object] | None = None
         for i, layer in enumerate(tqdm(self.layers, desc="layers", disable=not progress, leave=False)):
             post = self.arch.post_norm(layer)
-            mlp_out: dict[int, torch.Tensor] = {}
-            handle = None
+            seen: dict[str, object] = {}
+            handles = []
             if post is not None:  # also read the down-projection's output
-                handle = self.arch.down_proj(layer).register_forward_hook(
-                    lambda _m, _a, o: mlp_out.__setitem__(0, o.detach())
-                )
+                handles.append(self.arch.down_proj(layer).register_forward_hook(
+                    lambda _m, _a, o: seen.__setitem__("mlp_out", o.detach())))
+            if layer > 0 and i + 1 < len(self.layers):
+                handles.append(self.arch.layers[layer - 1].register_forward_hook(
+                    lambda _m, _a, o: seen.__setitem__("below", o)))
             try:
-                keys, hid = run_capture(self.model, self.arch, batch, key_layers=(layer,), hidden_layers=(last,))
+                with frozen_prefix(self.arch, *replay) if replay else contextlib.nullcontext():
+                    keys, hid = run_capture(self.model, self.arch, batch, key_layers=(layer,), hidden_layers=(last,))
             finally:
-                if handle is not None:
-                    handle.remove()
+                for h in handles:
+                    h.remove()
+            replay = (layer - 1, seen["below"]) if "below" in seen else None
             k = keys[layer][slots.rows, slots.cols].float()
             cur = hid[last][slots.rows, slots.cols].float()
             resid = (targets.values - cur) / (len(self.layers) - i)
             if post is not None:  # the residual change this layer owes, as a down-projection change
-                resid = through_post_norm(post, mlp_out[0][slots.rows, slots.cols], resid)
+                resid = through_post_norm(post, seen["mlp_out"][slots.rows, slots.cols], resid)
             prev = None
             if self.cfg.constrain_previous and previous:
                 prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
