@@ -6,6 +6,7 @@ must be byte-for-byte the one `ask` sends: both come from `chat_text` here.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import torch
@@ -50,6 +51,20 @@ def encode_target(tokenizer: Any, prompt: str, target: str, *, chat: bool = Fals
     if full[: len(p)] == p and len(full) > len(p):
         return full[len(p):]
     return list(tokenizer(target, add_special_tokens=False)["input_ids"])
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    """On CUDA: scaled-dot-product attention without its cuDNN backend.
+
+    cuDNN builds an execution plan for every new input shape, and editing and
+    generation meet a new shape at almost every call: on the 8B shape, 5-fact
+    injections that met one took 3-4 s instead of ~0.9 s (BENCHMARKS.md). Flash and
+    memory-efficient attention need no such step."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -104,14 +119,15 @@ def generate(
         stop = None
         if until is not None:
             stop = StoppingCriteriaList([_UntilMentioned(tokenizer, n, until[start : start + batch_size])])
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            stopping_criteria=stop,
-        )
+        with attention_kernels(device):
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                stopping_criteria=stop,
+            )
         for row in gen[:, n:]:
             out.append(tokenizer.decode(row, skip_special_tokens=True))
     return out

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
-from sleepwake.inference import pad_right
+from sleepwake.inference import attention_kernels, pad_right
 from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
@@ -97,8 +97,14 @@ class MemitEditor:
         `previous` are the active edits (their keys are constraints, eq. 5). On any
         exception the caller must `weights.rebuild(...)` to restore the last state.
         """
-        t0 = time.perf_counter()
         device = next(self.model.parameters()).device
+        with attention_kernels(device):
+            return self._edit(facts, previous, progress, device)
+
+    def _edit(
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device
+    ) -> tuple[list[FactEdit], InjectStats]:
+        t0 = time.perf_counter()
         requests = build_requests(facts, self.tokenizer, self.cfg)
         slots = make_slots(requests, self.cfg, device)
         last = self.layers[-1]

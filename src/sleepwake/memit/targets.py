@@ -286,8 +286,8 @@ def _ragged_inputs(model: nn.Module, pre: Sequence[int], suffix_len: int, device
              "position_ids": suffix_pos})
 
 
-def _retire(groups: list[_Group], base_logp: list[torch.Tensor], frozen: torch.Tensor
-            ) -> tuple[list[_Group], list[torch.Tensor]]:
+def _retire(groups: list[_Group], base_logp: list[torch.Tensor | None], frozen: torch.Tensor
+            ) -> tuple[list[_Group], list[torch.Tensor | None]]:
     """The groups without the rows whose every δ is frozen (and their KL baselines)."""
     out_g, out_b = [], []
     for g, base in zip(groups, base_logp):
@@ -296,7 +296,7 @@ def _retire(groups: list[_Group], base_logp: list[torch.Tensor], frozen: torch.T
         smaller = g.without(~live)
         if smaller is not None:
             out_g.append(smaller)
-            out_b.append(base[live[g.o_rows[g.o_tok < 0]]])
+            out_b.append(None if base is None else base[live[g.o_rows[g.kl_idx]]])
     return out_g, out_b
 
 
@@ -378,19 +378,14 @@ def compute_targets(
     n_req = len(requests)
     groups = _groups(model, arch, requests, slots, cfg.key_positions == "subject", layer, pad, device)
 
-    # Unedited hidden states at the slots, and the unedited KL distributions.
+    # Unedited hidden states at the slots. The unedited KL distributions come from the
+    # first step, which runs with δ = 0 (there the KL term and its gradient are zero).
     h = torch.zeros(len(slots.rows), arch.d_out(layer), device=device)
-    base_logp: list[torch.Tensor] = []
+    base_logp: list[torch.Tensor | None] = [None] * len(groups)
     with torch.no_grad():
         for g in groups:
             own = g.d_slot >= 0  # a KL prompt borrows a slot's δ but not its h
             h[g.d_slot[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
-            kl = g.kl_idx
-            logits = torch.empty(0, 1, device=device)
-            if len(kl):
-                with frozen_prefix(arch, layer, g.cached), fast_math(device, cfg):
-                    logits = logits_at(model, g.inputs(), g.o_rows[kl], g.o_cols[kl])
-            base_logp.append(F.log_softmax(logits, dim=-1))
 
     n_delta = int(slots.delta.max()) + 1
     delta = torch.zeros(n_delta, h.shape[1], device=device, requires_grad=True)
@@ -410,7 +405,7 @@ def compute_targets(
         """Per-request mean target NLL, and the loss, with δ as it is now."""
         per_req = torch.zeros(n_req, device=device)
         kl_total = torch.zeros((), device=device)
-        for g, base in zip(groups, base_logp):
+        for i, g in enumerate(groups):
             with (frozen_prefix(arch, layer, g.cached), fast_math(device, cfg),
                   add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src])):
                 logits = logits_at(model, g.inputs(), g.o_rows, g.o_cols)
@@ -420,7 +415,10 @@ def compute_targets(
                 nll = -logp[t].gather(1, g.o_tok[t][:, None]).squeeze(1)
                 per_req = per_req.index_add(0, g.o_req[t], nll)
             if len(g.kl_idx):  # KL(new ‖ orig), summed over prompts
-                kl_total = kl_total + F.kl_div(base, logp[g.kl_idx], log_target=True, reduction="sum")
+                kl_now = logp[g.kl_idx]
+                if base_logp[i] is None:
+                    base_logp[i] = kl_now.detach()
+                kl_total = kl_total + F.kl_div(base_logp[i], kl_now, log_target=True, reduction="sum")
         per_req = per_req / counts
         size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
         return per_req, per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
