@@ -180,7 +180,8 @@ def _groups(
     kl_reqs = list(kl_first.values())
     # Rows: each request's sequence, then the KL prompts (row n + j is kl_reqs[j]'s).
     n = len(requests)
-    seqs = [q.ids for q in requests] + [requests[r].kl_ids for r in kl_reqs]
+    # A request's last token is only ever a target, never read at: it is not fed.
+    seqs = [q.ids[:-1] for q in requests] + [requests[r].kl_ids for r in kl_reqs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     buckets: list[list[int]] = []
     # A new bucket when padding would more than double the work. On a GPU every group
