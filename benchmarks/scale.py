@@ -120,9 +120,6 @@ def main() -> None:
         mem.close()
         napper = Memory(lm, home=f"{tmp}/nap", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
         napper.inject(facts[:10])
-        # Warm-up: a process's first text generation loads its attention kernels (~4 s
-        # on the H100), which a running server has long paid; the nap is timed after it.
-        napper.evaluate(facts[:2])
         if args.profile:
             prof = cProfile.Profile()
             nap, nap_s = prof.runcall(lambda: timed(napper.nap))

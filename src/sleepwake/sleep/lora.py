@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sleepwake.errors import StoreError
+from sleepwake.inference import attention_kernels
 from sleepwake.weights import Factor
 
 CONFIG_FILE = "adapter_config.json"
@@ -241,7 +242,8 @@ def soft_targets(model: nn.Module, examples: Sequence[Example], *, pad_id: int, 
     out: list[Soft] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
-        logp = torch.log_softmax(_logits(model, _batch(chunk, pad_id, device)), dim=-1)
+        with attention_kernels(device):
+            logp = torch.log_softmax(_logits(model, _batch(chunk, pad_id, device)), dim=-1)
         top = logp.topk(k, dim=-1)
         for i, e in enumerate(chunk):
             n = len(e.ids) - 1
@@ -305,7 +307,8 @@ def train(
     was_training = model.training
     model.train(dropout > 0)
     try:
-        with attached(model, adapter, dropout), tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar:
+        with (attached(model, adapter, dropout), attention_kernels(device),
+              tqdm(total=total, desc=desc, unit="step", disable=not progress) as bar):
             for _ in range(epochs):
                 order = list(range(len(examples)))
                 rng.shuffle(order)
