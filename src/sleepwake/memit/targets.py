@@ -9,7 +9,7 @@ is ~160 (DESIGN.md).
 Speed: sequences are grouped by length (chat prompts are long, raw ones short) so
 little compute goes to padding (on a GPU, a small batch is one group); the LM head
 runs only where a loss is taken; the layers below the edited one are replayed from a
-cache; and on a GPU one step is captured as a CUDA graph and replayed (launching its
+cache, and so is each row's fixed prefix (a KV cache); and on a GPU one step is captured as a CUDA graph and replayed (launching its
 kernels one by one from Python cost as much as the step itself on the 8B shape).
 """
 
@@ -249,10 +249,10 @@ def _ragged_inputs(model: nn.Module, pre: Sequence[int], suffix_len: int, device
     """Attention masks and positions for rows that keep prefixes of their own lengths
     `pre`, left-padded to P = max(pre), before right-padded suffixes of ≤ `suffix_len`.
 
-    One group on a GPU mixes long chat rows with short raw and KL rows; a common
-    prefix would be as short as the shortest row's, so every step would re-run the
-    chat template for each chat row (8B shape: 735 padded tokens a step instead of
-    ~300). Returns (prefix pass, suffix pass) extra inputs, or None where the model's
+    Rows of one group can have fixed prefixes of different lengths (on a GPU one
+    group holds the long chat rows and the short raw and KL rows); a common prefix
+    would be as short as the shortest row's, so every step would re-run the rest of
+    each longer prefix (8B shape: 15 × ~49 tokens a step instead of 15 × ~16). Returns (prefix pass, suffix pass) extra inputs, or None where the model's
     attention cannot take such a mask (then the prefix is common). The masks are
     4-D, in the form the attention implementation adds or selects with, so the model
     uses them as they are (nothing is computed from them on the host: a CUDA graph
