@@ -21,7 +21,7 @@ import torch
 from sleepwake.config import MemoryConfig
 from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.inference import encode, encode_target
-from sleepwake.memit.trace import run_capture
+from sleepwake.memit.trace import add_to_residual, run_capture
 from sleepwake.memory import Memory
 from sleepwake.models import ARCHITECTURES, default_layers, load_model, resolve_model
 
@@ -284,6 +284,42 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
                 real = real[real != 0]  # pads (id 0 here, in no fact or template) out: the row alone
                 ref = lm.model(input_ids=real[None], use_cache=False).logits[0, -1].float()
                 assert torch.allclose(first[i], ref, atol=1e-4, rtol=1e-4), (first[i] - ref).abs().max()
+
+
+def test_bf16_phase_casts_the_matmuls_above_the_layer_and_restores_the_weights(tiny: Tiny) -> None:
+    """v*'s bf16 steps: inside `bf16_above`, the linear maps above the edited layer
+    and the LM head hold bf16 weights while everything else stays float32, outputs
+    and gradients come out float32 and close to the float32 ones; on exit, even
+    through an exception, every weight is bitwise what it was."""
+    from sleepwake.memit.targets import bf16_above, hidden_at, head_logits
+
+    lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
+    model, layer = lm.model, TEST_LAYERS[-1]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.tensor([encode(lm.tokenizer, PROMPT)])
+    rows, cols = torch.tensor([0]), torch.tensor([ids.shape[1] - 1])
+
+    def logits_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        delta = torch.zeros(lm.arch.d_out(layer), requires_grad=True)
+        with add_to_residual(lm.arch, layer, rows, cols, delta[None]):
+            logits = head_logits(model, hidden_at(model, {"input_ids": ids}, rows, cols))
+        logits.log_softmax(-1)[0, 0].backward()
+        return logits.detach(), delta.grad
+
+    ref, ref_grad = logits_and_grad()
+    with pytest.raises(KeyboardInterrupt):
+        with bf16_above(model, lm.arch, layer):
+            assert lm.arch.down_proj(layer + 1).weight.dtype == torch.bfloat16
+            assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+            assert lm.arch.down_proj(layer).weight.dtype == torch.float32  # at and below: untouched
+            got, grad = logits_and_grad()
+            assert got.dtype == grad.dtype == torch.float32
+            assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+            assert torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0) > 0.99
+            raise KeyboardInterrupt  # an interrupted injection
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+    assert torch.equal(logits_and_grad()[0], ref)
 
 
 def _gemma_post_norm_gains(model: torch.nn.Module) -> None:

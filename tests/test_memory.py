@@ -172,3 +172,22 @@ def test_home_bound_to_its_model(make_memory, tmp_path):
     mem.close()
     with pytest.raises(StoreError, match="belongs to model"):
         Store(tmp_path / "h", "gguf-other", "other-model")
+
+
+def test_v_star_ends_in_float32_below_the_early_stop(lm):
+    """v* may take its bulk of steps in bf16 (`bf16_targets`, on CPUs with fast bf16):
+    the targets it returns still meet the early-stop loss in float32, and the model's
+    weights come out bitwise as they went in."""
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memit.requests import build_requests
+    from sleepwake.memit.targets import compute_targets, make_slots
+
+    cfg = MemoryConfig(progress=False).memit
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    requests = build_requests([LISBON, KRAKOW], lm.tokenizer, cfg)
+    slots = make_slots(requests, cfg, lm.device)
+    result = compute_targets(lm.model, lm.arch, lm.tokenizer, requests, slots, max(lm.default_layers()), cfg)
+    assert result.loss_before > 1.0  # fictional facts: unknown before
+    assert result.loss_after < cfg.early_stop_loss, result
+    after = lm.model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in state.items())

@@ -289,6 +289,11 @@ def _has(obj: Any, path: str) -> bool:
     return True
 
 
+def is_linear(mod: nn.Module) -> bool:
+    """A linear map: nn.Linear, or GPT-2's Conv1D (the same map, weight stored transposed)."""
+    return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
 class Architecture:
     """Uniform access to decoder layers and down-projection weights of one model."""
 
@@ -329,7 +334,7 @@ class Architecture:
         return [
             f"{self.layers_path}.{name}"
             for name, mod in self.layers.named_modules()
-            if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+            if is_linear(mod)
         ]
 
     def weight(self, name: str) -> torch.Tensor:
