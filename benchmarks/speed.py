@@ -1,6 +1,8 @@
 """Speed on this machine: cached model load, cold covariance, injecting 5 facts.
 
-    python benchmarks/speed.py [--batches 4]
+    python benchmarks/speed.py [--batches 4] [--fp32-targets]
+
+--fp32-targets runs every v* step in float32 (`bf16_targets=False`), for comparison.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from sleepwake.synthetic import fictional_facts
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--fp32-targets", action="store_true", help="v* all in float32 (bf16_targets=False)")
     args = ap.parse_args()
     load_model(progress=False)  # make sure the converted weights are cached
     t = time.perf_counter()
     lm = load_model(progress=False)
     load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as home:
-        mem = Memory(lm, home=home, cache_dir=cache, config=MemoryConfig(progress=False))
+        config = MemoryConfig(progress=False).with_memit(bf16_targets=not args.fp32_targets)
+        mem = Memory(lm, home=home, cache_dir=cache, config=config)
         t = time.perf_counter()
         mem.editor()  # cold: computes Ĉ for every edited layer
         cov_s = time.perf_counter() - t
@@ -40,7 +44,8 @@ def main() -> None:
             steps.append(res.stats[0].v_steps)
             print(f"batch {i}: {times[-1]:.2f} s, v* steps {steps[-1]}", flush=True)
         recall = mem.evaluate(facts).raw_recall
-    save("speed", {
+    save("speed-fp32-targets" if args.fp32_targets else "speed", {
+        "bf16_targets": not args.fp32_targets,
         "model_load_cached_s": round(load_s, 2),
         "covariance_cold_s": round(cov_s, 1),
         "inject5_s": [round(x, 2) for x in times],
