@@ -47,9 +47,10 @@ class MemitConfig:
     """Penalty on ‖δ‖²/‖h‖² in the v* loss: a smaller δ is a smaller weight change."""
     bf16_targets: bool = True
     """On a CPU with fast bf16 matmuls (AVX512-BF16/AMX), run most v* steps with the
-    matmuls above the edited layers in bfloat16, then float32 steps until every δ
-    meets the early stop in float32 (``memit.targets``). Injecting 5 facts here: ~15
-    s → ~9 s. (All-bf16 v*, the earlier form, saved 30% but cost recall.)"""
+    matmuls above the edited layer in bfloat16, then float32 steps (≤ v_steps/4) until
+    every δ meets the early stop in float32 (``memit.targets``). Injecting 5 facts on
+    the project's CPU: median 14.5 s → 10.7 s (BENCHMARKS.md). (All-bf16 v*, the
+    session-2 form, saved 30% but cost recall.)"""
     cuda_graphs: bool = True
     """On a GPU, capture one v* step as a CUDA graph and replay it (eager steps if capture fails)."""
     clamp_norm_factor: float = 1.5
