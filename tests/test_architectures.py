@@ -259,7 +259,7 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
 
     from sleepwake.facts import Fact
     from sleepwake.memit.requests import build_requests
-    from sleepwake.memit.targets import _groups, logits_at, make_slots
+    from sleepwake.memit.targets import _groups, head_logits, hidden_at, make_slots
 
     lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
     cfg = replace(SMALL.memit, key_positions="subject", chat_edit=True)
@@ -273,8 +273,8 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     assert any("position_ids" in g.batch for g in groups)  # rows with prefixes of their own lengths
     for g in groups:
         with torch.no_grad():
-            first = logits_at(lm.model, g.inputs(), g.o_rows, g.o_cols)
-            again = logits_at(lm.model, g.inputs(), g.o_rows, g.o_cols)
+            first = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
+            again = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
             assert torch.equal(first, again)  # the cache was not extended in place
             ids = g.batch["input_ids"]
             full = ids if g.prefix_ids is None else torch.cat([g.prefix_ids, ids], dim=1)

@@ -84,13 +84,8 @@ def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def logits_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at chosen positions only."""
-    return head_logits(model, hidden_at(model, inputs, rows, cols))
-
-
 def bf16_phase_applies(model: nn.Module, device: torch.device, cfg: MemitConfig) -> bool:
-    """Whether v* takes its first steps in bfloat16: a float32 model on a CPU with
+    """Whether v* takes most of its steps in bfloat16: a float32 model on a CPU with
     fast bf16 matmuls (AVX512-BF16/AMX), when `cfg.bf16_targets` asks for it. (On a
     GPU the large models run in bf16 already, and a step is one CUDA graph.)"""
     return (cfg.bf16_targets and device.type == "cpu" and next(model.parameters()).dtype == torch.float32
