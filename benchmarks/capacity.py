@@ -5,7 +5,10 @@ the fixed text, and locality (share of real-world facts the unedited model
 completed correctly that it still completes correctly). Writes
 results/capacity.json and results/capacity.png.
 
-    python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1]
+    python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
+
+With several seeds (fact sets), each curve is kept and the summary gives each
+metric's mean, min and max per checkpoint: a single run is one draw.
 """
 
 from __future__ import annotations
@@ -32,21 +35,8 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in text.split(","))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--max", type=int, default=200)
-    ap.add_argument("--layers")
-    ap.add_argument("--lambda", dest="lam", type=float)
-    ap.add_argument("--name", default="capacity")
-    args = ap.parse_args()
-    changes = {}
-    if args.layers:
-        changes["layers"] = parse_layers(args.layers)
-    if args.lam:
-        changes["lambda_reg"] = args.lam
-    cfg = MemoryConfig(progress=False).with_memit(**changes)
-    facts = fictional_facts(args.max // 2, 2, seed=7)[: args.max]
-    loc = locality_facts()
+def curve(cfg: MemoryConfig, facts: list, loc: list) -> dict:
+    """One capacity curve: inject `facts` in batches of 5, measuring at each checkpoint."""
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(home=home, config=cfg, progress=False)
         mem.editor()
@@ -72,25 +62,72 @@ def main() -> None:
                        "inject_seconds_total": round(t_inject, 1)}
                 print(row, flush=True)
                 rows.append(row)
-        layers = list(mem.layers)
-    save(args.name, {"layers": layers, "lambda": cfg.memit.lambda_reg, "ppl_base": round(ppl0, 4),
-                     "locality_facts": len(loc), "raw_locality_facts": len(raw_known),
-                     "chat_locality_facts": len(chat_known), "rows": rows})
-    plot(rows, RESULTS / f"{args.name}.png")
+        return {"layers": list(mem.layers), "ppl_base": round(ppl0, 4), "raw_locality_facts": len(raw_known),
+                "chat_locality_facts": len(chat_known), "rows": rows}
 
 
-def plot(rows: list[dict], path) -> None:
+METRICS = ("raw_recall", "chat_recall", "ppl_change", "locality", "chat_locality")
+
+
+def summary(runs: list[dict]) -> list[dict]:
+    """Per checkpoint, the mean, min and max of each metric over the runs: one run
+    is one draw (outcomes move with the facts and with floating-point order)."""
+    out = []
+    for i, row in enumerate(runs[0]["rows"]):
+        entry: dict = {"facts": row["facts"]}
+        for m in METRICS:
+            xs = [r["rows"][i][m] for r in runs]
+            entry[m] = {"mean": round(sum(xs) / len(xs), 4), "min": min(xs), "max": max(xs)}
+        out.append(entry)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--max", type=int, default=200)
+    ap.add_argument("--layers")
+    ap.add_argument("--lambda", dest="lam", type=float)
+    ap.add_argument("--seeds", default="7", help="comma-separated seeds of the fictional facts, one curve each")
+    ap.add_argument("--name", default="capacity")
+    args = ap.parse_args()
+    changes = {}
+    if args.layers:
+        changes["layers"] = parse_layers(args.layers)
+    if args.lam:
+        changes["lambda_reg"] = args.lam
+    cfg = MemoryConfig(progress=False).with_memit(**changes)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    loc = locality_facts()
+    runs = []
+    for seed in seeds:
+        print(f"seed {seed}", flush=True)
+        runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc)})
+    result = {"lambda": cfg.memit.lambda_reg, "locality_facts": len(loc), "seeds": seeds}
+    if len(runs) == 1:
+        result |= runs[0]
+    else:
+        result |= {"summary": summary(runs), "runs": runs}
+    save(args.name, result)
+    plot(runs, RESULTS / f"{args.name}.png")
+
+
+def plot(runs: list[dict], path) -> None:
+    """Each metric's mean over the runs, with its range (min to max) shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [r["facts"] for r in rows]
+    n = [r["facts"] for r in runs[0]["rows"]]
+    series = lambda m: [[run["rows"][i][m] for run in runs] for i in range(len(n))]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(n, [r["raw_recall"] for r in rows], "o-", label="raw recall")
-    ax.plot(n, [r["chat_recall"] for r in rows], "s-", label="chat recall")
-    ax.plot(n, [r["locality"] for r in rows], "^-", label="locality, raw (real-world facts kept)")
-    ax.plot(n, [r["chat_locality"] for r in rows], "v-", label="locality, chat")
+    for m, style, label in (("raw_recall", "o-", "raw recall"), ("chat_recall", "s-", "chat recall"),
+                            ("locality", "^-", "locality, raw (real-world facts kept)"),
+                            ("chat_locality", "v-", "locality, chat")):
+        xs = series(m)
+        line, = ax.plot(n, [sum(x) / len(x) for x in xs], style, label=label)
+        if len(runs) > 1:
+            ax.fill_between(n, [min(x) for x in xs], [max(x) for x in xs], color=line.get_color(), alpha=0.15)
     ax.plot([40, 60], [0.82, 0.83], "kx", label="paper, 8B raw recall")
     ax.set_xscale("log")
     ax.set_xticks(n, [str(x) for x in n])
@@ -98,10 +135,12 @@ def plot(rows: list[dict], path) -> None:
     ax.set_xlabel("facts injected (batches of 5)")
     ax.set_ylabel("share")
     ax2 = ax.twinx()
-    ax2.plot(n, [100 * r["ppl_change"] for r in rows], "r--", label="perplexity change (%)")
+    ppl = series("ppl_change")
+    ax2.plot(n, [100 * sum(x) / len(x) for x in ppl], "r--", label="perplexity change (%)")
     ax2.set_ylabel("perplexity change (%)", color="r")
     fig.legend(loc="lower left", bbox_to_anchor=(0.1, 0.18), fontsize=8)
-    ax.set_title("MEMIT capacity on SmolLM2-135M-Instruct")
+    seeds = f" (mean of {len(runs)} fact sets, range shaded)" if len(runs) > 1 else ""
+    ax.set_title(f"MEMIT capacity on SmolLM2-135M-Instruct{seeds}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
