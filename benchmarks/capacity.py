@@ -82,12 +82,24 @@ def summary(runs: list[dict]) -> list[dict]:
     return out
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seeds 7,8,9` → [7, 8, 9]; anything else is a usage error that names the value."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat: {text!r}")
+    return seeds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--max", type=int, default=200)
     ap.add_argument("--layers")
     ap.add_argument("--lambda", dest="lam", type=float)
-    ap.add_argument("--seeds", default="7", help="comma-separated seeds of the fictional facts, one curve each")
+    ap.add_argument("--seeds", type=seed_list, default=[7],
+                    help="comma-separated seeds of the fictional facts, one curve each")
     ap.add_argument("--name", default="capacity")
     args = ap.parse_args()
     changes = {}
@@ -96,7 +108,7 @@ def main() -> None:
     if args.lam:
         changes["lambda_reg"] = args.lam
     cfg = MemoryConfig(progress=False).with_memit(**changes)
-    seeds = [int(x) for x in args.seeds.split(",")]
+    seeds = args.seeds
     loc = locality_facts()
     runs = []
     for seed in seeds:

@@ -1,0 +1,38 @@
+"""The capacity benchmark's own logic: seed parsing and the summary over fact sets."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    sys.path.insert(0, str(BENCHMARKS))  # the scripts import their `common` module
+    try:
+        yield importlib.import_module("capacity")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_seed_list_parses_and_names_bad_values(capacity):
+    assert capacity.seed_list("7,8,9") == [7, 8, 9]
+    for bad in ("7,x", "", "7,7"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            capacity.seed_list(bad)
+
+
+def test_summary_gives_mean_min_max_per_checkpoint(capacity):
+    def run(*values):
+        return {"rows": [{"facts": n, **{m: v for m in capacity.METRICS}} for n, v in zip((5, 10), values)]}
+
+    out = capacity.summary([run(1.0, 0.5), run(0.5, 0.25), run(0.75, 0.0)])
+    assert [r["facts"] for r in out] == [5, 10]
+    assert out[0]["raw_recall"] == {"mean": 0.75, "min": 0.5, "max": 1.0}
+    assert out[1]["locality"] == {"mean": 0.25, "min": 0.0, "max": 0.5}
