@@ -6,6 +6,7 @@ completed correctly that it still completes correctly). Writes
 results/capacity.json and results/capacity.png.
 
     python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
+        [--set v_steps=60 ...] [--model PATH] [--device cuda]
 
 With several seeds (fact sets), each curve is kept and the summary gives each
 metric's mean, min and max per checkpoint: a single run is one draw.
@@ -16,10 +17,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import fields
 
 from common import RESULTS, save
 
-from sleepwake.config import MemoryConfig
+from sleepwake.config import MemitConfig, MemoryConfig
 from sleepwake.corpus import locality_facts
 from sleepwake.evaluate import chat_answers, raw_completions, recall
 from sleepwake.memory import Memory
@@ -35,10 +37,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in text.split(","))
 
 
-def curve(cfg: MemoryConfig, facts: list, loc: list) -> dict:
+def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, device: str | None = None) -> dict:
     """One capacity curve: inject `facts` in batches of 5, measuring at each checkpoint."""
     with tempfile.TemporaryDirectory() as home:
-        mem = Memory(home=home, config=cfg, progress=False)
+        mem = Memory(model, home=home, config=cfg, device=device, progress=False)
         mem.editor()
         ppl0 = mem.perplexity()
         # Locality: real-world facts the unedited model gets right, as a raw completion
@@ -93,6 +95,24 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def memit_setting(text: str) -> tuple[str, object]:
+    """`--set name=value` for a field of `MemitConfig`, the value parsed as the field's type."""
+    name, eq, value = text.partition("=")
+    kinds = {f.name: type(getattr(MemitConfig(), f.name)) for f in fields(MemitConfig)}
+    if not eq or name not in kinds or kinds[name] not in (int, float, bool, str):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of "
+                                         f"{sorted(k for k, t in kinds.items() if t in (int, float, bool, str))}, got {text!r}")
+    kind = kinds[name]
+    try:
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return name, value.lower() in ("true", "1")
+        return name, kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, got {value!r}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--max", type=int, default=200)
@@ -100,9 +120,13 @@ def main() -> None:
     ap.add_argument("--lambda", dest="lam", type=float)
     ap.add_argument("--seeds", type=seed_list, default=[7],
                     help="comma-separated seeds of the fictional facts, one curve each")
+    ap.add_argument("--set", dest="settings", type=memit_setting, action="append", default=[],
+                    metavar="NAME=VALUE", help="a MemitConfig field, e.g. --set lambda_reg=20 (repeatable)")
+    ap.add_argument("--model", help="model path or id (default: the default model)")
+    ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     ap.add_argument("--name", default="capacity")
     args = ap.parse_args()
-    changes = {}
+    changes = dict(args.settings)
     if args.layers:
         changes["layers"] = parse_layers(args.layers)
     if args.lam:
@@ -113,8 +137,9 @@ def main() -> None:
     runs = []
     for seed in seeds:
         print(f"seed {seed}", flush=True)
-        runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc)})
-    result = {"lambda": cfg.memit.lambda_reg, "locality_facts": len(loc), "seeds": seeds}
+        runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
+                                                args.model, args.device)})
+    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "locality_facts": len(loc), "seeds": seeds}
     if len(runs) == 1:
         result |= runs[0]
     else:
