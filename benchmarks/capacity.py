@@ -110,7 +110,7 @@ def memit_setting(text: str) -> tuple[str, object]:
             return name, value.lower() in ("true", "1")
         return name, kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"{name} expects {kind.__name__}, got {value!r}") from None
 
 
 def main() -> None:

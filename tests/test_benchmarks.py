@@ -1,4 +1,4 @@
-"""The capacity benchmark's own logic: seed parsing and the summary over fact sets."""
+"""The capacity benchmark's own logic: parsing its options and the summary over fact sets."""
 
 from __future__ import annotations
 
@@ -36,3 +36,13 @@ def test_summary_gives_mean_min_max_per_checkpoint(capacity):
     assert [r["facts"] for r in out] == [5, 10]
     assert out[0]["raw_recall"] == {"mean": 0.75, "min": 0.5, "max": 1.0}
     assert out[1]["locality"] == {"mean": 0.25, "min": 0.0, "max": 0.5}
+
+
+def test_memit_setting_parses_by_field_type_and_names_bad_values(capacity):
+    assert capacity.memit_setting("clamp_norm_factor=0.5") == ("clamp_norm_factor", 0.5)
+    assert capacity.memit_setting("v_steps=60") == ("v_steps", 60)
+    assert capacity.memit_setting("chat_edit=false") == ("chat_edit", False)
+    for bad, named in (("nosuch=1", "nosuch=1"), ("v_steps", "v_steps"), ("v_steps=1.5", "1.5"),
+                       ("chat_edit=maybe", "maybe"), ("layers=4", "layers=4")):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(named)):
+            capacity.memit_setting(bad)
