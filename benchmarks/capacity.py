@@ -97,12 +97,12 @@ def seed_list(text: str) -> list[int]:
 
 def memit_setting(text: str) -> tuple[str, object]:
     """`--set name=value` for a field of `MemitConfig`, the value parsed as the field's type."""
+    settable = {f.name: type(getattr(MemitConfig(), f.name)) for f in fields(MemitConfig)}
+    settable = {name: kind for name, kind in settable.items() if kind in (int, float, bool, str)}
     name, eq, value = text.partition("=")
-    kinds = {f.name: type(getattr(MemitConfig(), f.name)) for f in fields(MemitConfig)}
-    if not eq or name not in kinds or kinds[name] not in (int, float, bool, str):
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of "
-                                         f"{sorted(k for k, t in kinds.items() if t in (int, float, bool, str))}, got {text!r}")
-    kind = kinds[name]
+    if not eq or name not in settable:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE with NAME one of {sorted(settable)}, got {text!r}")
+    kind = settable[name]
     try:
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
@@ -132,14 +132,13 @@ def main() -> None:
     if args.lam:
         changes["lambda_reg"] = args.lam
     cfg = MemoryConfig(progress=False).with_memit(**changes)
-    seeds = args.seeds
     loc = locality_facts()
     runs = []
-    for seed in seeds:
+    for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
                                                 args.model, args.device)})
-    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "locality_facts": len(loc), "seeds": seeds}
+    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "locality_facts": len(loc), "seeds": args.seeds}
     if len(runs) == 1:
         result |= runs[0]
     else:
