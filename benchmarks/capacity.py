@@ -131,7 +131,10 @@ def main() -> None:
         changes["layers"] = parse_layers(args.layers)
     if args.lam:
         changes["lambda_reg"] = args.lam
-    cfg = MemoryConfig(progress=False).with_memit(**changes)
+    try:
+        cfg = MemoryConfig(progress=False).with_memit(**changes)
+    except ValueError as exc:  # a value of the right type that the config refuses
+        ap.error(str(exc))
     loc = locality_facts()
     runs = []
     for seed in args.seeds:

@@ -46,3 +46,12 @@ def test_memit_setting_parses_by_field_type_and_names_bad_values(capacity):
                        ("chat_edit=maybe", "maybe"), ("layers=4", "layers=4")):
         with pytest.raises(argparse.ArgumentTypeError, match=repr(named)):
             capacity.memit_setting(bad)
+
+
+def test_a_setting_the_config_refuses_is_a_usage_error_before_any_work():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "capacity.py"), "--set", "lambda_reg=-1"],
+                          capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "lambda_reg must be > 0" in proc.stderr and "Traceback" not in proc.stderr
