@@ -4,6 +4,8 @@
     python benchmarks/sleep.py lifecycle   # paper Table 7: 5 facts, nap, 5 facts, deep sleep
     python benchmarks/sleep.py sixty       # 60 facts through naps and a deep sleep, then a new process
 
+`--model PATH` and `--device cuda` run a protocol elsewhere than the default model on this CPU.
+
 Facts are fictional people with two attributes each (`sleepwake.synthetic`).
 Locality: real-world facts the base model completes correctly (`locality_facts`).
 """
@@ -77,7 +79,7 @@ from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
 from sleepwake.corpus import locality_facts
 from sleepwake.synthetic import fictional_facts
-mem = Memory(home=sys.argv[1], config=MemoryConfig(progress=False))
+mem = Memory(sys.argv[2] or None, home=sys.argv[1], config=MemoryConfig(progress=False), device=sys.argv[3] or None)
 r = mem.evaluate(fictional_facts(30, 2, seed=9))
 l = mem.evaluate(locality_facts())
 print(json.dumps({"raw": r.raw_recall, "chat": r.chat_recall, "ppl": r.ppl, "locality_raw": l.raw_recall,
@@ -85,7 +87,7 @@ print(json.dumps({"raw": r.raw_recall, "chat": r.chat_recall, "ppl": r.ppl, "loc
 """
 
 
-def sixty(mem: Memory) -> dict:
+def sixty(mem: Memory, model: str | None = None, device: str | None = None) -> dict:
     facts = fictional_facts(30, 2, seed=9)
     rows, cycles = [], []
     for i in range(0, 60, 20):
@@ -95,7 +97,8 @@ def sixty(mem: Memory) -> dict:
     cycles.append(mem.sleep().to_dict())
     rows.append(measure(mem, facts, "after deep sleep"))
     mem.close()
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(mem.home)], capture_output=True, text=True, check=True)
+    child = [sys.executable, "-c", _CHILD, str(mem.home), model or "", device or ""]
+    out = subprocess.run(child, capture_output=True, text=True, check=True)
     restart = json.loads(out.stdout.strip().splitlines()[-1])
     return {"rows": rows, "after_restart": restart, "cycles": [
         {k: c[k] for k in ("kind", "status", "chat_recall", "raw_recall", "ppl_before", "ppl_after", "seconds",
@@ -105,14 +108,18 @@ def sixty(mem: Memory) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("protocol", choices=["nap10", "lifecycle", "sixty"])
+    ap.add_argument("--model", help="model path or id (default: the default model)")
+    ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     args = ap.parse_args()
-    lm = load_model(progress=False)
+    lm = load_model(args.model, device=args.device, progress=False)
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(lm, home=home, config=MemoryConfig(progress=False))
         base = mem.evaluate(locality_facts())
         result = {"protocol": args.protocol, "base_locality_raw": base.raw_recall,
                   "base_locality_chat": base.chat_recall, "base_ppl": round(base.ppl, 3)}
-        result.update({"nap10": nap10, "lifecycle": lifecycle, "sixty": sixty}[args.protocol](mem))
+        run = {"nap10": nap10, "lifecycle": lifecycle,
+               "sixty": lambda m: sixty(m, args.model, args.device)}[args.protocol]
+        result.update(run(mem))
     save(f"sleep-{args.protocol}", result)
 
 

@@ -66,6 +66,13 @@ def lm(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
+def base_lm(lm):
+    """The shared default model with its base weights, whatever earlier tests left in it."""
+    lm.reset_weights()
+    return lm
+
+
+@pytest.fixture
 def make_memory(lm, cache_dir: Path, tmp_path: Path):
     """Memory(home=...) on the shared default model; call with a home path or none."""
     from sleepwake.config import MemoryConfig

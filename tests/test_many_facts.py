@@ -27,12 +27,12 @@ def test_many_facts_about_each_subject(make_memory):
     mem.inject(facts)
     report = mem.evaluate(facts)
     missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
-    assert report.raw_recall >= 0.85, missed
-    assert report.chat_recall >= 0.8, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts]
+    assert report.raw_recall >= 0.88, missed  # 0.90 and 0.95 measured (clamp 0.75)
+    assert report.chat_recall >= 0.9, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts]
     by_subject: dict[str, int] = {}
     for f in report.facts:
         by_subject[f.subject] = by_subject.get(f.subject, 0) + f.raw_ok
     complete = sum(v == 3 for v in by_subject.values())
     print(f"20x3: raw {report.raw_recall:.3f}, chat {report.chat_recall:.3f}, "
           f"{complete} subjects with all three, perplexity {report.ppl:.2f}")
-    assert complete >= 12, missed  # most subjects keep all three facts (13 in the last clean run)
+    assert complete >= 13, missed  # most subjects keep all three facts (15 and 17 measured)

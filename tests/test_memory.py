@@ -67,6 +67,9 @@ def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
     assert after.chat_recall == 1.0, after.facts
     assert mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")  # `ask` is the same pathway
     assert after.ppl < before.ppl * 1.01
+    mem.lm.reset_weights()  # a shared model back to its base, for its next user
+    assert all(torch.equal(mem.lm.arch.weight(n), mem.lm.base_weight(n)) for n in mem.weights.names)
+    assert not mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
 
 
 _CHILD = """
@@ -174,18 +177,20 @@ def test_home_bound_to_its_model(make_memory, tmp_path):
         Store(tmp_path / "h", "gguf-other", "other-model")
 
 
-def test_v_star_ends_in_float32_below_the_early_stop(lm):
+def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
     """v* may take its bulk of steps in bf16 (`bf16_targets`, on CPUs with fast bf16):
     the targets it returns must still meet the early-stop loss in float32. Checked
     independently: each request run alone in float32 with its slots' hidden states
     set to the returned values. The model's weights come out bitwise as they went in."""
+    lm = base_lm
     from sleepwake.config import MemoryConfig
     from sleepwake.memit.requests import build_requests
     from sleepwake.memit.targets import compute_targets, make_slots
     from sleepwake.memit.trace import add_to_residual, run_capture
 
-    # A strict early stop, so that bf16 rounding alone would leave requests above it.
-    cfg = MemoryConfig(progress=False).with_memit(early_stop_loss=0.01).memit
+    # A strict early stop, so that bf16 rounding alone would leave requests above it;
+    # a loose clamp, so that the step budget, not the clamp, decides whether δ gets there.
+    cfg = MemoryConfig(progress=False).with_memit(early_stop_loss=0.01, clamp_norm_factor=1.5).memit
     layer = max(lm.default_layers())
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     requests = build_requests([LISBON, KRAKOW], lm.tokenizer, cfg)

@@ -249,9 +249,11 @@ def test_cli_status_history_and_rollback(napped, make_memory, tmp_path):
 def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_edits(injected, make_memory,
                                                                                      tmp_path):
     """A training that breaks facts (here: a learning rate far too high, and no gate on
-    perplexity): they fail validation, keep a MEMIT edit written again on top of the
-    new adapter, and are still answered; a rollback brings back their old edits."""
-    cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0))
+    perplexity), kept although the take-over alone does better: they fail validation,
+    keep a MEMIT edit written again on top of the new adapter, and are still answered;
+    a rollback brings back their old edits."""
+    cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0,
+                                                       drop_worse_training=False))
     mem = make_memory(copy_of(injected, tmp_path), cfg)
     before = snapshot(mem)
     versions = {r.id: mem.store._version(r.id) for r in mem.facts()}
@@ -264,6 +266,21 @@ def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_e
     mem.rollback(rep.id)
     assert {r.id: mem.store._version(r.id) for r in mem.facts()} == versions
     assert same_weights(mem, before)
+
+
+def test_a_training_that_breaks_facts_is_dropped_and_the_take_over_alone_kept(injected, make_memory, tmp_path):
+    """The same breaking training with the default setting: the exact take-over of the
+    MEMIT edits answers every fact, so the trained part is dropped and all leave MEMIT."""
+    cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0))
+    mem = make_memory(copy_of(injected, tmp_path), cfg)
+    before = snapshot(mem)
+    rep = mem.nap()
+    assert rep.status == "accepted" and rep.trained_part_dropped and not rep.kept, rep
+    assert rep.chat_recall == 1.0 and sorted(rep.consolidated) == sorted(r.id for r in mem.facts()), rep
+    assert all(r.where == "consolidated" for r in mem.facts()) and not mem._edits
+    # the adapter is the edits it took over, nothing more: the weights are those before
+    assert all(torch.allclose(mem.lm.arch.weight(n), w, atol=1e-6) for n, w in before.items())
+    assert all(mentions(mem.ask(f.chat_question()), f.object) for f in FACTS)
 
 
 @pytest.mark.parametrize("which", ["napped", "injected"])

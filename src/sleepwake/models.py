@@ -135,6 +135,13 @@ class LoadedModel:
             self._pristine[name] = self.arch.weight(name).clone()
         return self._pristine[name]
 
+    def reset_weights(self) -> None:
+        """Every module a `Memory` has written to back to its base weight, for the next
+        user of a shared model (a `Memory` made on it rebuilds its own weights anyway)."""
+        with torch.no_grad():
+            for name, w in self._pristine.items():
+                self.arch.weight(name).copy_(w)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

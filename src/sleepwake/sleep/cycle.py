@@ -13,7 +13,9 @@
    also "dreams": the model first answers questions about its consolidated facts and
    the world, and training keeps its predictions along those answers (KL).
 3. Validate with the MEMIT edits off: a subject whose facts are all answered in chat
-   leaves MEMIT; the others keep their edits (for the next sleep). The cycle is
+   leaves MEMIT; the others keep their edits (for the next sleep). If the take-over
+   alone answers more facts than with the trained part, the trained part is dropped
+   (a short training can blur edits held with a small margin). The cycle is
    rejected — and nothing changes — if perplexity rises more than allowed, or the
    already consolidated facts fall below τ times their recall before.
 4. Commit: adapter directory, then one ledger transaction; then the live weights.
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from sleepwake.corpus import perplexity_text
-from sleepwake.evaluate import evaluate_facts
+from sleepwake.evaluate import EvalReport, evaluate_facts
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
 from sleepwake.sleep.curate import curate
@@ -78,6 +80,7 @@ class CycleReport:
     exchanges_kept: int = 0  # ... and learned from
     train_steps: int = 0
     train_loss: tuple[float, float] | None = None
+    trained_part_dropped: bool = False  # the take-over alone recalled more than with the trained part
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the time went
     reason: str = ""
@@ -195,16 +198,28 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
     phase("train")
 
-    # Validate with the MEMIT edits off.
-    mem._rebuild([], [*base_adapters, combine([transfer, fresh])])
-    phase("rebuild")
+    # Validate with the MEMIT edits off. Should the trained part lose facts that the
+    # exact take-over alone answers (a short training can blur an edit held with a small
+    # margin), the take-over alone is kept: a sleep never ends below where it began.
     facts = memit + held
-    res = evaluate_facts(model, tok, [r.fact for r in facts], text, progress=False)
-    ok: dict[object, bool] = {}
-    for r, fr in zip(facts, res.facts):
-        group = mem._edit_group(r.fact)
-        ok[group] = ok.get(group, True) and fr.chat_ok
-    passed = [r.id for r in memit if ok[mem._edit_group(r.fact)]]
+
+    def validate(adapter: Adapter) -> tuple[EvalReport, list[int], int]:
+        mem._rebuild([], [*base_adapters, adapter])
+        res = evaluate_facts(model, tok, [r.fact for r in facts], text, progress=False)
+        ok: dict[object, bool] = {}
+        for r, fr in zip(facts, res.facts):
+            group = mem._edit_group(r.fact)
+            ok[group] = ok.get(group, True) and fr.chat_ok
+        passed = [r.id for r in memit if ok[mem._edit_group(r.fact)]]
+        held_ok = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit")
+        return res, passed, len(passed) + held_ok
+
+    res, passed, score = validate(combine([transfer, fresh]))
+    if cfg.drop_worse_training and score < len(facts):
+        alone = validate(transfer)
+        if alone[2] > score:
+            (res, passed, score), fresh, report.trained_part_dropped = alone, None, True
+    phase("validate")
     report.kept = [r.id for r in memit if r.id not in passed]
     report.consolidated = passed
     n = len(memit) or 1
@@ -212,14 +227,14 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     report.raw_recall = sum(fr.raw_ok for r, fr in zip(facts, res.facts) if r.where == "memit") / n if memit else None
     if held:
         report.held_recall_after = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit") / len(held)
-    phase("validate")
 
     # The adapter keeps the edits of the facts that passed (and of all held ones). The
     # others failed with this adapter, their own edits included: they are edited in
     # again on top of it, so that they stay answered until a later sleep.
     if report.kept:
         transfer = taken_over(ids - set(report.kept))
-    adapter = combine([transfer, fresh]) if transfer is not None else None
+    parts = [p for p in (transfer, fresh) if p is not None]
+    adapter = combine(parts) if parts else None
     adapters = [*base_adapters, *([adapter] if adapter else [])]
     mem._rebuild([], adapters)
     phase("rebuild")
