@@ -49,9 +49,10 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
         chat_known = [f for f, a in zip(loc, chat_answers(mem.model, mem.tokenizer, loc)) if recall([a], [f])]
         rows = []
         t_inject = 0.0
+        v_steps: list[int] = []
         for start in range(0, len(facts), 5):
             t = time.perf_counter()
-            mem.inject(facts[start : start + 5])
+            v_steps += [st.v_steps for st in mem.inject(facts[start : start + 5]).stats]
             t_inject += time.perf_counter() - t
             n = start + 5
             if n in CHECKPOINTS or n == len(facts):
@@ -61,7 +62,8 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
                 row = {"facts": n, "raw_recall": rep.raw_recall, "chat_recall": rep.chat_recall,
                        "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 4),
                        "locality": round(locality, 4), "chat_locality": round(chat_locality, 4),
-                       "inject_seconds_total": round(t_inject, 1)}
+                       "inject_seconds_total": round(t_inject, 1),
+                       "v_steps_mean": round(sum(v_steps) / len(v_steps), 1)}
                 print(row, flush=True)
                 rows.append(row)
         return {"layers": list(mem.layers), "ppl_base": round(ppl0, 4), "raw_locality_facts": len(raw_known),

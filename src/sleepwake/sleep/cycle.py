@@ -13,9 +13,9 @@
    also "dreams": the model first answers questions about its consolidated facts and
    the world, and training keeps its predictions along those answers (KL).
 3. Validate with the MEMIT edits off: a subject whose facts are all answered in chat
-   leaves MEMIT; the others keep their edits (for the next sleep). If the take-over
-   alone answers more facts than with the trained part, the trained part is dropped
-   (a short training can blur edits held with a small margin). The cycle is
+   leaves MEMIT; the others keep their edits (for the next sleep). The trained part is
+   dropped unless it answers more facts than the take-over alone (or as many, when it
+   also learned conversation exchanges). The cycle is
    rejected — and nothing changes — if perplexity rises more than allowed, or the
    already consolidated facts fall below τ times their recall before.
 4. Commit: adapter directory, then one ledger transaction; then the live weights.
@@ -80,7 +80,7 @@ class CycleReport:
     exchanges_kept: int = 0  # ... and learned from
     train_steps: int = 0
     train_loss: tuple[float, float] | None = None
-    trained_part_dropped: bool = False  # the take-over alone recalled more than with the trained part
+    trained_part_dropped: bool = False  # the trained part did not earn its place (see step 3)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the time went
     reason: str = ""
@@ -198,9 +198,10 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
     phase("train")
 
-    # Validate with the MEMIT edits off. Should the trained part lose facts that the
-    # exact take-over alone answers (a short training can blur an edit held with a small
-    # margin), the take-over alone is kept: a sleep never ends below where it began.
+    # Validate with the MEMIT edits off. The trained part must earn its place: unless it
+    # answers more facts than the exact take-over alone (or as many while it also holds
+    # conversation exchanges, which validation cannot score), the take-over alone is kept,
+    # as it changes the model least; a short training can even blur an edit.
     facts = memit + held
 
     def validate(adapter: Adapter) -> tuple[EvalReport, list[int], int]:
@@ -215,9 +216,9 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         return res, passed, len(passed) + held_ok
 
     res, passed, score = validate(combine([transfer, fresh]))
-    if cfg.drop_worse_training and score < len(facts):
+    if cfg.keep_training_only_if_better:
         alone = validate(transfer)
-        if alone[2] > score:
+        if alone[2] > score or (alone[2] == score and not talk):
             (res, passed, score), fresh, report.trained_part_dropped = alone, None, True
     phase("validate")
     report.kept = [r.id for r in memit if r.id not in passed]
