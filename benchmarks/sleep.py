@@ -23,6 +23,7 @@ from common import save
 
 from sleepwake.config import MemoryConfig
 from sleepwake.corpus import locality_facts
+from sleepwake.errors import ModelNotFoundError
 from sleepwake.memory import Memory
 from sleepwake.models import load_model
 from sleepwake.synthetic import fictional_facts
@@ -111,7 +112,10 @@ def main() -> None:
     ap.add_argument("--model", help="model path or id (default: the default model)")
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     args = ap.parse_args()
-    lm = load_model(args.model, device=args.device, progress=False)
+    try:
+        lm = load_model(args.model, device=args.device, progress=False)
+    except ModelNotFoundError as exc:
+        ap.error(str(exc))
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(lm, home=home, config=MemoryConfig(progress=False))
         base = mem.evaluate(locality_facts())

@@ -55,3 +55,12 @@ def test_a_setting_the_config_refuses_is_a_usage_error_before_any_work():
                           capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "lambda_reg must be > 0" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sleep_benchmark_names_an_unknown_model_as_a_usage_error(tmp_path):
+    import subprocess
+
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "sleep.py"), "nap10", "--model", str(missing)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
