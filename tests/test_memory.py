@@ -177,9 +177,23 @@ def test_home_bound_to_its_model(make_memory, tmp_path):
         Store(tmp_path / "h", "gguf-other", "other-model")
 
 
+def test_bf16_steps_only_where_asked_or_faster(base_lm):
+    """`bf16_targets`: False never, True wherever the CPU has bf16, None where it is measured faster."""
+    from sleepwake.config import MemitConfig
+    from sleepwake.memit.targets import bf16_matmuls_faster, bf16_phase_applies
+
+    model, cpu = base_lm.model, torch.device("cpu")
+    supported = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not bf16_phase_applies(model, cpu, MemitConfig(bf16_targets=False))
+    assert bf16_phase_applies(model, cpu, MemitConfig(bf16_targets=True)) == supported
+    faster = bf16_matmuls_faster(model.get_input_embeddings().embedding_dim, torch.get_num_threads())
+    assert bf16_phase_applies(model, cpu, MemitConfig()) == (supported and faster)
+    assert not bf16_phase_applies(model, torch.device("cuda"), MemitConfig(bf16_targets=True))
+
+
 def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
-    """v* may take its bulk of steps in bf16 (`bf16_targets`, on CPUs with fast bf16):
-    the targets it returns must still meet the early-stop loss in float32. Checked
+    """v* may take its bulk of steps in bf16 (`bf16_targets`; forced on here, where the
+    CPU supports it): the targets it returns must still meet the early-stop loss in float32. Checked
     independently: each request run alone in float32 with its slots' hidden states
     set to the returned values. The model's weights come out bitwise as they went in."""
     lm = base_lm
@@ -190,7 +204,7 @@ def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
 
     # A strict early stop, so that bf16 rounding alone would leave requests above it;
     # a loose clamp, so that the step budget, not the clamp, decides whether δ gets there.
-    cfg = MemoryConfig(progress=False).with_memit(early_stop_loss=0.01, clamp_norm_factor=1.5).memit
+    cfg = MemoryConfig(progress=False).with_memit(early_stop_loss=0.01, clamp_norm_factor=1.5, bf16_targets=True).memit
     layer = max(lm.default_layers())
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
     requests = build_requests([LISBON, KRAKOW], lm.tokenizer, cfg)

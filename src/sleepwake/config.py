@@ -45,12 +45,15 @@ class MemitConfig:
     kl_factor: float = 0.0625
     v_weight_decay: float = 0.0
     """Penalty on ‖δ‖²/‖h‖² in the v* loss: a smaller δ is a smaller weight change."""
-    bf16_targets: bool = True
-    """On a CPU with fast bf16 matmuls (AVX512-BF16/AMX), run most v* steps with the
-    matmuls above the edited layer in bfloat16, then float32 steps (≤ v_steps/4) until
-    every δ meets the early stop in float32 (``memit.targets``). Injecting 5 facts on
-    the project's CPU, medians of same-time pairs: 13.7 → 11.7 s and 14.5 → 10.7 s
-    (BENCHMARKS.md). (All-bf16 v*, the session-2 form, saved 30% but cost recall.)"""
+    bf16_targets: bool | None = None
+    """Run most v* steps on a CPU with the matmuls above the edited layer in bfloat16, then
+    float32 steps (≤ v_steps/4) until every δ meets the early stop in float32
+    (``memit.targets``). None (auto): only where bf16 matmuls are measured faster than
+    float32 ones on this CPU. On the session-7 machine they were (injecting 5 facts,
+    medians of same-time pairs: 13.7 → 11.7 s and 14.5 → 10.7 s); on the session-11
+    machine (AVX512-BF16, no AMX) bf16 matmuls ran at 0.6× float32 speed, and 20 steps
+    of a 15-fact batch took 60 s against 38 s all in float32 (BENCHMARKS.md). True: on
+    every CPU with bf16 support; False: never."""
     cuda_graphs: bool = True
     """On a GPU, capture one v* step as a CUDA graph and replay it (eager steps if capture fails)."""
     clamp_norm_factor: float = 0.75
