@@ -111,6 +111,25 @@ def test_new_facts_after_a_nap_leave_consolidated_facts_alone(napped, make_memor
     assert sum(mentions(mem.ask(f.chat_question()), f.object) for f in held) >= len(held) - 1
 
 
+def test_a_new_fact_about_a_consolidated_subject_carries_its_other_facts(napped, make_memory, tmp_path):
+    """Anselm's two facts live in the nap's adapter; a third is read at the same key (his
+    name), which cannot both stay fixed for them and change for it. The new edit carries
+    them along, so all three are answered; forgetting it gives them back to the adapter."""
+    home, report, _, _ = napped
+    mem = make_memory(copy_of(home, tmp_path))
+    where = {r.fact.key: r.where for r in mem.facts()}
+    anselm = [f for f in FACTS if f.subject == "Anselm Kreutzer"]
+    assert all(where[f.key] == "consolidated" for f in anselm), where
+    new = Fact("Anselm Kreutzer", "was born in", "Gdynia")
+    rec = mem.inject(new).records[0]
+    res = mem.evaluate([*anselm, new])
+    assert res.raw_recall == 1.0 and res.chat_recall == 1.0, [(f.raw_completion, f.chat_answer) for f in res.facts]
+    assert {r.fact.key: r.where for r in mem.facts()}[new.key] == "memit"
+    mem.forget(rec.id)
+    res = mem.evaluate(anselm)
+    assert res.raw_recall == 1.0 and res.chat_recall == 1.0, [(f.raw_completion, f.chat_answer) for f in res.facts]
+
+
 _CHILD = """
 import json, sys
 from sleepwake.memory import Memory

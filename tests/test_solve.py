@@ -67,6 +67,20 @@ def test_factor_storage_round_trips(tmp_path):
         assert torch.equal(back.k[layer], e.k[layer])
 
 
+def test_joined_edits_hold_the_sum_of_their_deltas():
+    g = torch.Generator().manual_seed(1)
+    one, two = FactEdit(), FactEdit()
+    for e, n in ((one, 2), (two, 3)):
+        for layer in (4, 5):
+            e.a[layer], e.b[layer] = torch.randn(16, n, generator=g), torch.randn(n, 8, generator=g)
+            e.k[layer] = torch.randn(n, 8, generator=g)
+    both = one.joined(two)
+    for layer in (4, 5):
+        assert torch.allclose(both.a[layer] @ both.b[layer], one.a[layer] @ one.b[layer] + two.a[layer] @ two.b[layer],
+                              atol=1e-5)
+        assert torch.equal(both.k[layer], torch.cat([one.k[layer], two.k[layer]]))
+
+
 def test_adapter_round_trips_and_combines_to_the_sum_of_its_parts(tmp_path):
     """An adapter saved as PEFT files loads back bitwise; side by side, adapters (and
     MEMIT factors taken over as one) add up to the sum of their deltas."""

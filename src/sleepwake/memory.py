@@ -189,15 +189,35 @@ class Memory:
         return batches
 
     def _edit(self, facts: list[Fact], leaving: set[int], progress: bool) -> tuple[list[FactEdit], InjectStats]:
-        """Edit `facts` into the weights once the edits of `leaving` are out of them.
-
-        The keys of every other fact stay fixed (eq. 5), consolidated facts' included:
-        their adapters read the same keys, and a new edit must not write over them."""
+        """Edit `facts` into the weights once the edits of `leaving` are out of them."""
         keep = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
         if leaving:
             self._rebuild(keep)
-        held = [self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="consolidated")]
-        return self.editor().edit(facts, keep + held, progress=progress)
+        return self.edit_among(facts, keep, leaving, progress)
+
+    def edit_among(self, facts: list[Fact], fixed: list[FactEdit], leaving: set[int] = frozenset(),
+                   progress: bool = False) -> tuple[list[FactEdit], InjectStats]:
+        """MEMIT edits of `facts` on the live weights, one per fact, keeping the keys of
+        `fixed` and of the consolidated facts (but those in `leaving`) fixed (eq. 5): their
+        adapters read the same keys, and a new edit must not write over them.
+
+        A consolidated fact of the same edit group as a fact edited now (with subject keys:
+        about the same subject) is read at the same key, which cannot both stay fixed and
+        change. It is carried instead: edited again along with them, so that it keeps its
+        answer, and its edit becomes part of the first new edit of its group (which a
+        later sleep takes over whole, and a forget removes whole, giving the fact back to
+        its adapter)."""
+        groups = {self._edit_group(f) for f in facts}
+        held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
+        carried = [r for r in held if self._edit_group(r.fact) in groups]
+        device = str(self.lm.device)
+        fixed = fixed + [self.store.load_edit(r.id, device) for r in held if r not in carried]
+        edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, progress=progress)
+        own = edits[: len(facts)]
+        for r, e in zip(carried, edits[len(facts):]):
+            first = next(i for i, f in enumerate(facts) if self._shares_edit(f, r.fact))
+            own[first] = own[first].joined(e)
+        return own, stats
 
     def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
         """Write facts into the weights now (MEMIT), in batches of about `config.batch_size`.

@@ -57,6 +57,12 @@ class FactEdit:
         """Per module name, the (A, B) whose product is this edit's delta."""
         return {arch.down_name(l): (self.a[l], self.b[l]) for l in self.a}
 
+    def joined(self, other: "FactEdit") -> "FactEdit":
+        """One edit holding both deltas (their slots side by side: ΔW = A·B + A'·B')."""
+        return FactEdit({l: torch.cat([self.a[l], other.a[l]], dim=1) for l in self.a},
+                        {l: torch.cat([self.b[l], other.b[l]]) for l in self.b},
+                        {l: torch.cat([self.k[l], other.k[l]]) for l in self.k})
+
 
 @dataclass
 class InjectStats:

@@ -239,9 +239,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     adapters = [*base_adapters, *([adapter] if adapter else [])]
     mem._rebuild([], adapters)
     phase("rebuild")
-    consolidated = [stored.get(r.id) or store.load_edit(r.id, device) for r in store.facts(where="consolidated")]
-    again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)],
-                         [mem._edits[i] for i in passed] + consolidated)
+    again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [mem._edits[i] for i in passed])
     if again:
         mem._rebuild([again[i] for i in sorted(again)], adapters)
         report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], text,
@@ -268,12 +266,12 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     return report
 
 
-def rewrite_kept(mem: Memory, kept: list[FactRecord], constraints: list[FactEdit]) -> dict[int, FactEdit]:
-    """New MEMIT edits of `kept` on the live weights as they are, keeping the keys of
-    `constraints` (the facts consolidated) fixed; the edits go into the live weights."""
+def rewrite_kept(mem: Memory, kept: list[FactRecord], passed: list[FactEdit]) -> dict[int, FactEdit]:
+    """New MEMIT edits of `kept` on the live weights as they are, keeping the keys of the
+    facts consolidated (`passed` now, and before) fixed; the edits go into the live weights."""
     if not kept:
         return {}
-    edits, _ = mem.editor().edit([r.fact for r in kept], constraints)
+    edits, _ = mem.edit_among([r.fact for r in kept], passed)
     return {r.id: e for r, e in zip(kept, edits)}
 
 
