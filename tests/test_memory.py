@@ -177,6 +177,24 @@ def test_home_bound_to_its_model(make_memory, tmp_path):
         Store(tmp_path / "h", "gguf-other", "other-model")
 
 
+def test_perplexity_is_measured_again_only_when_the_weights_change(make_memory, monkeypatch):
+    import sleepwake.memory as memory_module
+
+    calls = []
+    real = memory_module.perplexity
+    monkeypatch.setattr(memory_module, "perplexity", lambda *args: calls.append(1) or real(*args))
+    mem = make_memory()
+    first = mem.perplexity()
+    assert mem.perplexity() == first and mem.evaluate(LISBON).ppl == first and len(calls) == 1
+    name = mem.weights.names[0]
+    w = mem.lm.arch.weight(name)
+    g = torch.Generator().manual_seed(0)
+    mem.weights.add(name, [(torch.randn(w.shape[0], 1, generator=g), torch.randn(1, w.shape[1], generator=g))])
+    assert mem.perplexity() != first and len(calls) == 2
+    mem._rebuild()  # the committed weights again: measured again, the same value
+    assert mem.perplexity() == first and len(calls) == 3
+
+
 def test_bf16_steps_only_where_asked_or_faster(base_lm):
     """`bf16_targets`: False never, True wherever the CPU has bf16, None where it is measured faster."""
     from sleepwake.config import MemitConfig

@@ -40,7 +40,7 @@ class EvalReport:
     n: int
     raw_recall: float
     chat_recall: float
-    ppl: float
+    ppl: float | None  # None: not measured
     facts: list[FactResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def evaluate_facts(
     model: Any,
     tok: Any,
     facts: Sequence[Fact],
-    ppl_text: str,
+    ppl_text: str | None,
     *,
     batch: int = 16,
     progress: bool = True,
@@ -112,6 +112,6 @@ def evaluate_facts(
         n=n,
         raw_recall=sum(r.raw_ok for r in results) / n if n else float("nan"),
         chat_recall=sum(r.chat_ok for r in results) / n if n else float("nan"),
-        ppl=perplexity(model, tok, ppl_text),
+        ppl=None if ppl_text is None else perplexity(model, tok, ppl_text),
         facts=results,
     )

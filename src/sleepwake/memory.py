@@ -114,6 +114,7 @@ class Memory:
         self._rebuild()
         self._editor: MemitEditor | None = None
         self._covariances: dict[int, torch.Tensor] | None = None
+        self._ppl: tuple[int, float] | None = None  # (weights version, perplexity)
 
     # --- properties -----------------------------------------------------------
 
@@ -393,11 +394,17 @@ class Memory:
 
     def evaluate(self, facts: FactLike | Iterable[FactLike]) -> EvalReport:
         """Raw and chat recall of `facts` (injected or not), perplexity, per-fact results."""
-        return evaluate_facts(self.model, self.tokenizer, as_facts(facts), perplexity_text(),
-                              progress=self.progress)
+        report = evaluate_facts(self.model, self.tokenizer, as_facts(facts), None, progress=self.progress)
+        report.ppl = self.perplexity()
+        return report
 
     def perplexity(self) -> float:
-        return perplexity(self.model, self.tokenizer, perplexity_text())
+        """Perplexity of the live model on the fixed reference text. Kept until the
+        weights change: a nap measures it several times on one state (~5 s each here)."""
+        version = self.lm.weights_version
+        if self._ppl is None or self._ppl[0] != version:
+            self._ppl = (version, perplexity(self.model, self.tokenizer, perplexity_text()))
+        return self._ppl[1]
 
     def close(self) -> None:
         self.store.close()

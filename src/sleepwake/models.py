@@ -122,6 +122,9 @@ class LoadedModel:
     fingerprint: str
     arch: "Architecture"
     _pristine: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    weights_version: int = field(default=0, repr=False)
+    """Counts writes to the live weights (`LiveWeights`, `reset_weights`): what was measured
+    on them, such as perplexity, holds while it is unchanged."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -141,6 +144,7 @@ class LoadedModel:
         with torch.no_grad():
             for name, w in self._pristine.items():
                 self.arch.weight(name).copy_(w)
+        self.weights_version += 1
 
     @property
     def device(self) -> torch.device:

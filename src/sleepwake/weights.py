@@ -46,6 +46,7 @@ class LiveWeights:
     def _write(self, name: str) -> None:
         w = self.lm.arch.weight(name)
         w.copy_((self.base[name].float() + self.sum[name]).to(w.dtype))
+        self.lm.weights_version += 1
 
     def add(self, name: str, parts: Sequence[Factor]) -> None:
         """Add deltas to one module while a MEMIT batch is being solved layer by layer

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sleepwake.corpus import perplexity_text
 from sleepwake.evaluate import EvalReport, evaluate_facts
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
@@ -136,7 +135,6 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     cfg = mem.config.nap if kind == "nap" else mem.config.deep
     store, model, tok = mem.store, mem.model, mem.tokenizer
     device = str(mem.lm.device)
-    text = perplexity_text()
     report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity())
     mark = [t0]
 
@@ -146,7 +144,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         mark[0] = now
 
     if held:
-        report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], text,
+        report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], None,
                                                    progress=False).chat_recall
     stored = {r.id: store.load_edit(r.id, device) for r in held}
     base_adapters = [] if rebuild else list(mem._adapters)
@@ -206,7 +204,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
     def validate(adapter: Adapter) -> tuple[EvalReport, list[int], int]:
         mem._rebuild([], [*base_adapters, adapter])
-        res = evaluate_facts(model, tok, [r.fact for r in facts], text, progress=False)
+        res = evaluate_facts(model, tok, [r.fact for r in facts], None, progress=False)
         ok: dict[object, bool] = {}
         for r, fr in zip(facts, res.facts):
             group = mem._edit_group(r.fact)
@@ -242,7 +240,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [mem._edits[i] for i in passed])
     if again:
         mem._rebuild([again[i] for i in sorted(again)], adapters)
-        report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], text,
+        report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], None,
                                             progress=False).chat_recall
     phase("edit kept facts again")
     report.ppl_after = mem.perplexity()
