@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import AbstractSet, Any, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -196,7 +196,7 @@ class Memory:
             self._rebuild(keep)
         return self.edit_among(facts, keep, leaving, progress)
 
-    def edit_among(self, facts: list[Fact], fixed: list[FactEdit], leaving: set[int] = frozenset(),
+    def edit_among(self, facts: list[Fact], fixed: list[FactEdit], leaving: AbstractSet[int] = frozenset(),
                    progress: bool = False) -> tuple[list[FactEdit], InjectStats]:
         """MEMIT edits of `facts` on the live weights, one per fact, keeping the keys of
         `fixed` and of the consolidated facts (but those in `leaving`) fixed (eq. 5): their
@@ -212,7 +212,7 @@ class Memory:
         held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
         carried = [r for r in held if self._edit_group(r.fact) in groups]
         device = str(self.lm.device)
-        fixed = fixed + [self.store.load_edit(r.id, device) for r in held if r not in carried]
+        fixed = fixed + [self.store.load_edit(r.id, device) for r in held if self._edit_group(r.fact) not in groups]
         edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, progress=progress)
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):
