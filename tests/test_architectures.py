@@ -259,7 +259,8 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
 
     from sleepwake.facts import Fact
     from sleepwake.memit.requests import build_requests
-    from sleepwake.memit.targets import _groups, head_logits, hidden_at, make_slots
+    from sleepwake.inference import head_logits
+    from sleepwake.memit.targets import _groups, hidden_at, make_slots
 
     lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
     cfg = replace(SMALL.memit, key_positions="subject", chat_edit=True)
@@ -291,7 +292,8 @@ def test_bf16_phase_casts_the_matmuls_above_the_layer_and_restores_the_weights(t
     and the LM head hold bf16 weights while everything else stays float32, outputs
     and gradients come out float32 and close to the float32 ones; on exit, even
     through an exception, every weight is bitwise what it was."""
-    from sleepwake.memit.targets import bf16_above, hidden_at, head_logits
+    from sleepwake.inference import head_logits
+    from sleepwake.memit.targets import bf16_above, hidden_at
 
     lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
     model, layer = lm.model, TEST_LAYERS[-1]

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, generate
+from sleepwake.inference import chat_text, encode, generate, head_logits
 
 
 @dataclass
@@ -66,20 +67,26 @@ def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:
 
 
 @torch.no_grad()
-def perplexity(model: Any, tok: Any, text: str, window: int = 512) -> float:
-    """Token-level perplexity of `text`, in non-overlapping windows."""
+def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 128) -> float:
+    """Token-level perplexity of `text`, in non-overlapping windows.
+
+    The LM head runs on `rows` positions at a time into a fused cross-entropy: all of a
+    window's log-probabilities at once were 0.5 GB for Gemma-3's 262k-token vocabulary,
+    and a call took 14 s instead of 10 s on one thread."""
     device = next(model.parameters()).device
     ids = encode(tok, text)
     nll, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = torch.tensor([ids[start : start + window + 1]], device=device)
-        if chunk.shape[1] < 2:
-            break
-        out = model(input_ids=chunk[:, :-1], use_cache=False)
-        logp = torch.log_softmax(out.logits.float(), dim=-1)
-        tgt = chunk[:, 1:]
-        nll -= logp.gather(2, tgt[..., None]).sum().item()
-        count += tgt.numel()
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor(ids[start : start + window + 1], device=device)
+            if len(chunk) < 2:
+                break
+            hidden = model.get_decoder()(input_ids=chunk[None, :-1], use_cache=False).last_hidden_state[0]
+            tgt = chunk[1:]
+            for s in range(0, len(tgt), rows):
+                nll += F.cross_entropy(head_logits(model, hidden[s : s + rows]), tgt[s : s + rows],
+                                       reduction="sum").item()
+            count += len(tgt)
     return math.exp(nll / count)
 
 

@@ -16,6 +16,16 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from sleepwake.facts import mentions_for_good
 
 
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on chosen hidden states only: over every position of every
+    sequence it would cost more than the rest of the model on small models."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def chat_text(tokenizer: Any, question: str) -> str:
     """The model's chat template around one user turn, ready for the answer."""
     if getattr(tokenizer, "chat_template", None):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sleepwake.config import MemitConfig
-from sleepwake.inference import pad_right
+from sleepwake.inference import head_logits, pad_right
 from sleepwake.memit.requests import EditRequest, slot_positions
 from sleepwake.memit.trace import (
     add_to_residual,
@@ -74,16 +74,6 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
 def hidden_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The last hidden states (before the LM head) at chosen positions."""
     return model.get_decoder()(**inputs, use_cache="past_key_values" in inputs).last_hidden_state[rows, cols]
-
-
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head on chosen hidden states only: over every position of every
-    sequence it would cost more than the rest of the model on small models."""
-    logits = model.get_output_embeddings()(hidden).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3
-        logits = torch.tanh(logits / cap) * cap
-    return logits
 
 
 def bf16_phase_applies(model: nn.Module, device: torch.device, cfg: MemitConfig) -> bool:
