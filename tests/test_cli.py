@@ -158,6 +158,7 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     assert len(lines) == 2, proc.stdout
     assert "Kraków" in lines[0] and "Lisbon" in lines[1]
     assert "injected in" in proc.stdout  # the time taken
+    assert "loading" in proc.stderr  # the model's load is announced
 
     # Global options are accepted after the command too.
     proc = run_cli("facts", "--json", "--home", str(home))
@@ -188,6 +189,7 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     proc = run_cli("inject", anselm, home=home)
     assert proc.returncode == 0, proc.stderr
     assert "skipped" in proc.stdout and f"#{anselm_id}" in proc.stdout and "already known" in proc.stdout
+    assert "loading" not in proc.stderr  # the ledger alone told: no model was loaded
 
     facts_file = write_jsonl(tmp_path / "facts.jsonl", [
         {"subject": "Zofia Wróblewska", "relation": "lives in", "object": "Kraków"},

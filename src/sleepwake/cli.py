@@ -216,6 +216,17 @@ def _parse_fact_args(texts: Sequence[str]) -> list[Fact]:
     return facts
 
 
+def _active_by_key(ctx: Context) -> dict[tuple[str, str], Any]:
+    """The active facts of the ledger by (subject, relation), read without the model."""
+    if not (ctx.home / "memory.sqlite").exists():
+        return {}
+    store = ctx.store()
+    try:
+        return {r.fact.key: r for r in store.facts()}
+    finally:
+        store.close()
+
+
 def cmd_inject(ctx: Context) -> int:
     args = ctx.args
     facts = _parse_fact_args(args.facts)
@@ -228,17 +239,21 @@ def cmd_inject(ctx: Context) -> int:
     last_index = {f.key: i for i, f in enumerate(facts)}
     superseded = [f for i, f in enumerate(facts) if last_index[f.key] != i]
 
-    with ctx.memory() as mem:
-        before = {r.fact.key: r for r in mem.facts()}
-        t0 = time.perf_counter()
-        result = mem.inject(facts)
-        seconds = time.perf_counter() - t0
+    latest = [f for i, f in enumerate(facts) if last_index[f.key] == i]
+    before = _active_by_key(ctx)
+    if all(f.key in before and before[f.key].fact.object == f.object for f in latest):
+        # Everything is known already (as `Memory.inject` would find): no model to load.
+        records, known, seconds = [], latest, 0.0
+    else:
+        with ctx.memory() as mem:
+            before = {r.fact.key: r for r in mem.facts()}
+            t0 = time.perf_counter()
+            result = mem.inject(facts)
+            seconds = time.perf_counter() - t0
+        records, known = result.records, result.skipped
 
-    injected = []
-    for rec in result.records:
-        old = before.get(rec.fact.key)
-        injected.append((rec, old))
-    skipped = [(f, before[f.key]) for f in result.skipped if f.key in before]
+    injected = [(rec, before.get(rec.fact.key)) for rec in records]
+    skipped = [(f, before[f.key]) for f in known if f.key in before]
 
     if args.json:
         _dump_json({
@@ -260,7 +275,7 @@ def cmd_inject(ctx: Context) -> int:
     for line in table(rows):
         ctx.say(line)
     if not ctx.quiet:
-        n = len(result.records)
+        n = len(records)
         ctx.say(f"{n} fact{'s' if n != 1 else ''} injected in {seconds:.1f} s")
     return 0
 
