@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sleepwake.errors import StoreError
-from sleepwake.inference import attention_kernels
+from sleepwake.inference import attention_kernels, head_logits
 from sleepwake.weights import Factor
 
 CONFIG_FILE = "adapter_config.json"
@@ -253,17 +253,29 @@ def soft_targets(model: nn.Module, examples: Sequence[Example], *, pad_id: int, 
 
 def _loss(model: nn.Module, batch: dict[str, torch.Tensor], soft: Sequence[Soft | None],
           kl_weight: float) -> torch.Tensor:
-    logits = _logits(model, batch)
+    """Cross-entropy on the answer tokens, plus the KL to the teacher along whole examples
+    that have one. The LM head runs only where one of them reads: a nap's pairs have a
+    few answer tokens each, and with the head over every position (49k-token vocabulary)
+    a 5-fact nap's training took 9.9 s instead of 6.4 s on one thread."""
+    hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 use_cache=False).last_hidden_state[:, :-1]
     labels = batch["labels"][:, 1:]
+    read = labels != -100
+    for i, t in enumerate(soft):
+        if t is not None:
+            read[i, : t.index.shape[0]] = True
+    rows, cols = read.nonzero(as_tuple=True)  # row by row, positions in order
+    logits = head_logits(model, hidden[rows, cols])
+    targets = labels[rows, cols]
     loss = logits.new_zeros(())
-    if (labels != -100).any():
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    if (targets != -100).any():
+        loss = nn.functional.cross_entropy(logits, targets, ignore_index=-100)
     kl, count = logits.new_zeros(()), 0
     for i, t in enumerate(soft):
         if t is None:
             continue
         n = t.index.shape[0]
-        student = torch.log_softmax(logits[i, :n], dim=-1).gather(1, t.index.to(logits.device))
+        student = torch.log_softmax(logits[rows == i][:n], dim=-1).gather(1, t.index.to(logits.device))
         kl = kl + (t.logp.exp().to(logits.device) * (t.logp.to(logits.device) - student)).sum()
         count += n
     return loss + kl_weight * kl / count if count else loss
