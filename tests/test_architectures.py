@@ -499,3 +499,27 @@ def test_two_processes_compute_the_covariance_once(tokenizer: Any, tmp_path: Pat
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     assert all("layers [0, 1]" in out for out, _ in outs)
     assert sum(out.count("computed") for out, _ in outs) == 1
+
+
+def test_lora_loss_reads_the_head_where_the_full_logits_would(tiny: Tiny) -> None:
+    """The LoRA loss runs the LM head only at answer tokens and along examples with a
+    teacher; it must equal the loss over the full logits (cross-entropy on the answers,
+    KL to the teacher at every position of its examples)."""
+    from torch import nn
+
+    from sleepwake.sleep.lora import Example, _batch, _loss, soft_targets
+
+    lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
+    examples = [Example((5, 6, 7, 8), (9, 10)), Example((11, 12), (13, 14, 15)), Example((16, 17, 18, 19, 20), (21,))]
+    teacher = soft_targets(lm.model, examples[1:2], pad_id=0, k=8)[0]
+    soft = [None, teacher, None]
+    batch = _batch(examples, 0, lm.device)
+    with torch.no_grad():
+        got = _loss(lm.model, batch, soft, kl_weight=0.7)
+        logits = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        n = teacher.index.shape[0]
+        student = torch.log_softmax(logits[1, :n], dim=-1).gather(1, teacher.index)
+        kl = (teacher.logp.exp() * (teacher.logp - student)).sum() / n
+    assert torch.allclose(got, ce + 0.7 * kl, rtol=1e-5, atol=1e-6), (got, ce + 0.7 * kl)

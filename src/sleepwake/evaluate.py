@@ -76,17 +76,16 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
     device = next(model.parameters()).device
     ids = encode(tok, text)
     nll, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor(ids[start : start + window + 1], device=device)
-            if len(chunk) < 2:
-                break
-            hidden = model.get_decoder()(input_ids=chunk[None, :-1], use_cache=False).last_hidden_state[0]
-            tgt = chunk[1:]
-            for s in range(0, len(tgt), rows):
-                nll += F.cross_entropy(head_logits(model, hidden[s : s + rows]), tgt[s : s + rows],
-                                       reduction="sum").item()
-            count += len(tgt)
+    for start in range(0, len(ids) - 1, window):
+        chunk = torch.tensor(ids[start : start + window + 1], device=device)
+        if len(chunk) < 2:
+            break
+        hidden = model.get_decoder()(input_ids=chunk[None, :-1], use_cache=False).last_hidden_state[0]
+        tgt = chunk[1:]
+        for s in range(0, len(tgt), rows):
+            nll += F.cross_entropy(head_logits(model, hidden[s : s + rows]), tgt[s : s + rows],
+                                   reduction="sum").item()
+        count += len(tgt)
     return math.exp(nll / count)
 
 

@@ -16,8 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
