@@ -158,42 +158,71 @@ class LoadedModel:
 
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
-    """Within the block, `gguf.GGUFReader` parses each file once and hands out that reader.
+    """Within the block, gguf-py parses each file once, faster, and builds each tensor-name map once.
 
     transformers parses the whole GGUF header again for the config, the tokenizer and
-    the weights. gguf-py reads array fields element by element, so for Gemma-3's
-    262k-token vocabulary one parse took ~25 s of a conversion that took ~80 s."""
+    the weights, and gguf-py reads array fields element by element, each element a
+    slice of a `numpy.memmap` (whose slicing runs Python code): for Gemma-3's 262k-token
+    vocabulary one parse took ~25 s of a conversion that took ~80 s. It also asks for
+    the tensor-name map once per module of the model (397 for SmolLM2), and each map
+    formats every tensor name of every layer: 6 s of a 22 s conversion."""
     import gguf
+    import numpy as np
 
-    original = gguf.GGUFReader
+    class Reader(gguf.GGUFReader):
+        """Slices a plain ndarray view of the same mapped file (C-level slicing)."""
+
+        @property
+        def data(self) -> Any:
+            return self._plain
+
+        @data.setter
+        def data(self, value: Any) -> None:
+            self._plain = value.view(np.ndarray)
+
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}
 
     def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
-            readers[key] = original(path, mode)
+            readers[key] = Reader(path, mode)
         return readers[key]
 
     gguf.GGUFReader = reader
+    gguf.get_tensor_name_map = functools.cache(original_map)  # the maps are only read
     try:
         yield
     finally:
-        gguf.GGUFReader = original
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_map
 
 
-def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
-    """Dequantise a GGUF file to a float32 safetensors directory, atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextlib.contextmanager
+def _hf_bars(progress: bool) -> Iterator[None]:
+    """transformers' progress bars (loading, GGUF dequantising, writing shards) off
+    within the block unless `progress`."""
+    if progress:
+        yield
+        return
     from transformers.utils import logging as hf_logging
 
-    if not progress:
-        hf_logging.disable_progress_bar()
-    # The GGUF dequantiser draws its own tqdm bar, which the logging switch above misses.
+    # The GGUF dequantiser draws its own tqdm bar, which the logging switch misses.
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     saved_tqdm = gguf_utils.tqdm
-    if not progress:
-        gguf_utils.tqdm = functools.partial(saved_tqdm, disable=True)
+    hf_logging.disable_progress_bar()
+    gguf_utils.tqdm = functools.partial(saved_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = saved_tqdm
+        hf_logging.enable_progress_bar()
+
+
+def _convert_gguf(source: ModelSource, target: Path) -> None:
+    """Dequantise a GGUF file to a float32 safetensors directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         with _gguf_parsed_once():
             tok = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
@@ -202,10 +231,6 @@ def _convert_gguf(source: ModelSource, target: Path, progress: bool) -> None:
             )
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(f"cannot load GGUF file {source.path}: {exc}") from exc
-    finally:
-        gguf_utils.tqdm = saved_tqdm
-        if not progress:
-            hf_logging.enable_progress_bar()
     # The GGUF quantisation note would make a plain from_pretrained try to re-read GGUF.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -244,24 +269,20 @@ def load_model(
     source = resolve_model(spec)
     fp = fingerprint(source)
     path = source.path
-    if source.kind == "gguf":
-        path = Path(cache_dir or default_cache_dir()) / "models" / fp
-        if not (path / "config.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with FileLock(str(path) + ".lock"):  # a second process waits, then loads the first one's
-                if not (path / "config.json").is_file():
-                    _convert_gguf(source, path, progress)
     hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except Exception as exc:  # noqa: BLE001
-        raise ModelNotFoundError(f"cannot load model from {path}: {exc}") from exc
-    finally:
-        if not progress:
-            hf_logging.enable_progress_bar()
+    with _hf_bars(progress):
+        if source.kind == "gguf":
+            path = Path(cache_dir or default_cache_dir()) / "models" / fp
+            if not (path / "config.json").is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(str(path) + ".lock"):  # a second process waits, then loads the first one's
+                    if not (path / "config.json").is_file():
+                        _convert_gguf(source, path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelNotFoundError(f"cannot load model from {path}: {exc}") from exc
     if device is not None:
         model.to(device)
     model.eval()
