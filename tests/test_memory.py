@@ -177,15 +177,22 @@ def test_home_bound_to_its_model(make_memory, tmp_path):
         Store(tmp_path / "h", "gguf-other", "other-model")
 
 
-def test_perplexity_is_measured_again_only_when_the_weights_change(make_memory, monkeypatch):
+def test_perplexity_is_measured_again_only_for_weights_not_measured_before(make_memory, cache_dir, monkeypatch):
+    """Measured once per state of the weights, in any process: kept in memory while the
+    weights are unchanged, and on disk under the cache for those exact weights."""
+    import uuid
+
+    import sleepwake.evaluate as evaluate_module
     import sleepwake.memory as memory_module
 
     calls = []
-    real = memory_module.perplexity
-    monkeypatch.setattr(memory_module, "perplexity", lambda *args: calls.append(1) or real(*args))
-    # When it is measured is the test, not on what: a short text (the real one takes ~5 s a call).
-    short = memory_module.perplexity_text()[:400]
+    real = evaluate_module.perplexity
+    monkeypatch.setattr(evaluate_module, "perplexity", lambda *args: calls.append(1) or real(*args))
+    # When it is measured is the test, not on what: a short text (the real one takes ~5 s
+    # a call), which no earlier run measured.
+    short = memory_module.perplexity_text()[:400] + f" {uuid.uuid4()}"
     monkeypatch.setattr(memory_module, "perplexity_text", lambda: short)
+    earlier = set((cache_dir / "perplexity").glob("*.json"))
     mem = make_memory()
     first = mem.perplexity()
     assert mem.perplexity() == first and mem.evaluate(LISBON).ppl == first and len(calls) == 1
@@ -193,9 +200,18 @@ def test_perplexity_is_measured_again_only_when_the_weights_change(make_memory, 
     w = mem.lm.arch.weight(name)
     g = torch.Generator().manual_seed(0)
     mem.weights.add(name, [(torch.randn(w.shape[0], 1, generator=g), torch.randn(1, w.shape[1], generator=g))])
-    assert mem.perplexity() != first and len(calls) == 2
-    mem._rebuild()  # the committed weights again: measured again, the same value
-    assert mem.perplexity() == first and len(calls) == 3
+    changed = mem.perplexity()
+    assert changed != first and len(calls) == 2
+    mem._rebuild()  # the committed weights again: read from disk
+    assert mem.perplexity() == first and len(calls) == 2
+    other = make_memory(mem.home.parent / "other")  # another home on the same (base) weights
+    assert other.perplexity() == first and len(calls) == 2
+    ours = set((cache_dir / "perplexity").glob("*.json")) - earlier
+    assert len(ours) == 2  # the committed weights and the changed ones
+    for f in ours:  # damaged files are measured again, not trusted
+        f.write_text("{not json")
+    other._ppl = None
+    assert other.perplexity() == first and len(calls) == 3
 
 
 def test_bf16_steps_only_where_asked_or_faster(base_lm):

@@ -12,8 +12,13 @@ same), so a stored completion ends there: "Lisbon." rather than a whole paragrap
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -22,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, generate, head_logits
+from sleepwake.models import LoadedModel
 
 
 @dataclass
@@ -87,6 +93,32 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
                                    reduction="sum").item()
         count += len(tgt)
     return math.exp(nll / count)
+
+
+def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
+    """`perplexity` of the live weights, kept on disk under `cache_dir` by what it depends
+    on: the weights (`LoadedModel.weights_digest`), the text and the device type. A new
+    process, or another home with the same weights (the base model's, most often),
+    reads it instead of spending ~5 s (SmolLM2, one thread) to ~10 s (Gemma-3) again.
+    Different thread counts can change the last digits: the first measurement is kept."""
+    key = hashlib.blake2b(f"{lm.weights_digest()}|{lm.device.type}|".encode() + text.encode(),
+                          digest_size=16).hexdigest()
+    path = cache_dir / "perplexity" / f"{key}.json"
+    try:
+        return float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not measured yet, or a damaged file: measure again
+    ppl = perplexity(lm.model, lm.tokenizer, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"ppl": repr(ppl)}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return ppl
 
 
 def evaluate_facts(

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import perplexity_text
 from sleepwake.errors import InvalidFactError, StoreError, UnknownCycleError, UnknownFactError
-from sleepwake.evaluate import EvalReport, evaluate_facts, perplexity
+from sleepwake.evaluate import EvalReport, cached_perplexity, evaluate_facts
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
 from sleepwake.memit.covariance import load_or_compute
@@ -400,10 +400,11 @@ class Memory:
 
     def perplexity(self) -> float:
         """Perplexity of the live model on the fixed reference text. Kept until the
-        weights change: a nap measures it several times on one state (~5 s each here)."""
+        weights change (a nap asks several times on one state), and on disk for these
+        exact weights (`evaluate.cached_perplexity`)."""
         version = self.lm.weights_version
         if self._ppl is None or self._ppl[0] != version:
-            self._ppl = (version, perplexity(self.model, self.tokenizer, perplexity_text()))
+            self._ppl = (version, cached_perplexity(self.lm, perplexity_text(), self.cache_dir))
         return self._ppl[1]
 
     def close(self) -> None:

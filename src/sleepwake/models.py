@@ -140,6 +140,20 @@ class LoadedModel:
             self._pristine[name] = self.arch.weight(name).clone()
         return self._pristine[name]
 
+    def weights_digest(self) -> str:
+        """A name for the live weights: equal for bitwise-equal weights, in any process.
+
+        The model's fingerprint and every module that differs from its base weight
+        (one that a `Memory` wrote back to base counts as unchanged)."""
+        h = hashlib.blake2b(self.fingerprint.encode(), digest_size=16)
+        for name in sorted(self._pristine):
+            w = self.arch.weight(name).detach()
+            if not torch.equal(w, self._pristine[name]):
+                h.update(name.encode())
+                h.update(str(w.dtype).encode())
+                h.update(w.cpu().contiguous().view(torch.uint8).numpy())
+        return h.hexdigest()
+
     def reset_weights(self) -> None:
         """Every module a `Memory` has written to back to its base weight, for the next
         user of a shared model (a `Memory` made on it rebuilds its own weights anyway)."""
