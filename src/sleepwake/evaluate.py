@@ -95,15 +95,20 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
     return math.exp(nll / count)
 
 
+def perplexity_cache_path(lm: LoadedModel, text: str, cache_dir: Path) -> Path:
+    """Where `cached_perplexity` keeps the perplexity of the live weights on `text`."""
+    key = hashlib.blake2b(f"{lm.weights_digest()}|{lm.device.type}|".encode() + text.encode(),
+                          digest_size=16).hexdigest()
+    return cache_dir / "perplexity" / f"{key}.json"
+
+
 def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
     """`perplexity` of the live weights, kept on disk under `cache_dir` by what it depends
     on: the weights (`LoadedModel.weights_digest`), the text and the device type. A new
     process, or another home with the same weights (the base model's, most often),
     reads it instead of spending ~5 s (SmolLM2, one thread) to ~10 s (Gemma-3) again.
     Different thread counts can change the last digits: the first measurement is kept."""
-    key = hashlib.blake2b(f"{lm.weights_digest()}|{lm.device.type}|".encode() + text.encode(),
-                          digest_size=16).hexdigest()
-    path = cache_dir / "perplexity" / f"{key}.json"
+    path = perplexity_cache_path(lm, text, cache_dir)
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
     except (OSError, ValueError, KeyError, TypeError):
