@@ -240,7 +240,7 @@ def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
     cfg = MemoryConfig(progress=False).with_memit(early_stop_loss=0.01, clamp_norm_factor=1.5, bf16_targets=True).memit
     layer = max(lm.default_layers())
     state = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    requests = build_requests([LISBON, KRAKOW], lm.tokenizer, cfg)
+    requests = build_requests([LISBON], lm.tokenizer, cfg)  # one δ, read by a raw and a chat prompt
     slots = make_slots(requests, cfg, lm.device)
     result = compute_targets(lm.model, lm.arch, lm.tokenizer, requests, slots, layer, cfg)
     assert result.loss_before > 1.0  # fictional facts: unknown before
