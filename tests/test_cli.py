@@ -212,6 +212,15 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     assert_clean_error(run_cli("forget", "999", home=home), 1, "999")
     assert_clean_error(run_cli("forget", str(zofia_id), home=home), 1, str(zofia_id), "forgotten")
 
+    # Commands that only read or check the ledger start without torch (~2 s less a call).
+    for args in (["facts"], ["facts", "--json"], ["history"], ["forget", "999"], ["inject", anselm]):
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from sleepwake.cli import main; code = main(sys.argv[1:]); "
+             "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)",
+             "--quiet", "--home", str(home), *args],
+            capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT)
+        assert probe.stderr.strip().endswith("no torch"), (args, probe.stderr)
+
     # SLEEPWAKE_HOME works like --home.
     proc = run_cli("facts", "--json", env={"SLEEPWAKE_HOME": str(home)})
     assert proc.returncode == 0, proc.stderr

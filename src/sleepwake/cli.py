@@ -195,7 +195,7 @@ class Context:
         that belongs to another model is reported as it would be by `memory()`.
         """
         self._quiet_libraries()
-        from sleepwake.models import fingerprint, resolve_model
+        from sleepwake.sources import fingerprint, resolve_model
         from sleepwake.store import Store
 
         source = resolve_model(self.args.model)
@@ -285,7 +285,7 @@ def cmd_facts(ctx: Context) -> int:
     ledger = ctx.home / "memory.sqlite"
     if not ledger.exists():
         # Nothing stored yet: answer without creating a home (but still check --model).
-        from sleepwake.models import resolve_model
+        from sleepwake.sources import resolve_model
 
         resolve_model(args.model)
         records = []

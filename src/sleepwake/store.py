@@ -26,13 +26,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from sleepwake.errors import StoreError, UnknownCycleError, UnknownFactError
 from sleepwake.facts import Fact
-from sleepwake.memit.editor import FactEdit
-from sleepwake.sleep.data import Pair
+
+if TYPE_CHECKING:  # torch is imported where edits are read or written, so ledger-only use starts fast
+    from sleepwake.memit.editor import FactEdit
+    from sleepwake.sleep.data import Pair
 
 SCHEMA_VERSION = "4"
 
@@ -133,6 +134,8 @@ class FactRecord:
 
 
 def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -239,6 +242,10 @@ class Store:
         return self.edits_dir / (f"{fact_id:08d}.safetensors" if v == 0 else f"{fact_id:08d}.v{v}.safetensors")
 
     def load_edit(self, fact_id: int, device: str = "cpu") -> FactEdit:
+        from safetensors.torch import load_file
+
+        from sleepwake.memit.editor import FactEdit
+
         path = self.edit_path(fact_id)
         try:
             return FactEdit.from_tensors(load_file(str(path)), device)
@@ -461,6 +468,8 @@ class Store:
             "LEFT JOIN facts f ON f.id = p.fact_id "
             "WHERE p.fact_id IS NULL OR f.status='active' ORDER BY p.priority DESC, p.id LIMIT ?", (n,)
         ).fetchall()
+        from sleepwake.sleep.data import Pair
+
         return [(i, Pair(pr, a, bool(c), fid, src)) for i, fid, pr, a, c, src in rows]
 
     # --- conversations ------------------------------------------------------------
