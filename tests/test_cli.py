@@ -31,6 +31,17 @@ def run_cli(*args: str, home: Path | None = None, env: dict[str, str] | None = N
                           env=full_env, timeout=timeout)
 
 
+def imports_torch(*args: str, home: Path) -> bool:
+    """Whether the CLI, run in a fresh interpreter with these arguments, imported torch."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from sleepwake.cli import main; main(sys.argv[1:]); "
+         "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)",
+         "--quiet", "--home", str(home), *args],
+        capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT)
+    assert probe.stderr.strip().endswith(("torch loaded", "no torch")), probe.stderr
+    return probe.stderr.strip().endswith("torch loaded")
+
+
 def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     """One `sleepwake: error: ...` line on stderr, no traceback, nothing on stdout."""
     assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
@@ -134,6 +145,7 @@ def test_unknown_model_is_a_clear_error(cache_dir: Path, tmp_path: Path) -> None
     not_gguf = tmp_path / "weights.bin"
     not_gguf.write_bytes(b"\0" * 16)
     assert_clean_error(run_cli("complete", "Hello", "--model", str(not_gguf), home=home), 1, "gguf")
+    assert not imports_torch("--model", "/nonexistent.gguf", "complete", "Hello", home=home)  # it fails first
     assert not home.exists()
 
 
@@ -214,12 +226,7 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
 
     # Commands that only read or check the ledger start without torch (~2 s less a call).
     for args in (["facts"], ["facts", "--json"], ["history"], ["forget", "999"], ["inject", anselm]):
-        probe = subprocess.run(
-            [sys.executable, "-c", "import sys; from sleepwake.cli import main; code = main(sys.argv[1:]); "
-             "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)",
-             "--quiet", "--home", str(home), *args],
-            capture_output=True, text=True, encoding="utf-8", timeout=TIMEOUT)
-        assert probe.stderr.strip().endswith("no torch"), (args, probe.stderr)
+        assert not imports_torch(*args, home=home), args
 
     # SLEEPWAKE_HOME works like --home.
     proc = run_cli("facts", "--json", env={"SLEEPWAKE_HOME": str(home)})

@@ -183,6 +183,9 @@ class Context:
     def memory(self) -> Any:
         """Load the model and the memory home (the slow part: seconds)."""
         self._quiet_libraries()
+        from sleepwake.sources import resolve_model
+
+        resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.memory import Memory
 
