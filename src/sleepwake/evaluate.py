@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -28,6 +26,7 @@ from tqdm.auto import tqdm
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, generate, head_logits
 from sleepwake.models import LoadedModel
+from sleepwake.store import write_atomic
 
 
 @dataclass
@@ -115,14 +114,7 @@ def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
         pass  # not measured yet, or a damaged file: measure again
     ppl = perplexity(lm.model, lm.tokenizer, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"ppl": repr(ppl)}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"ppl": repr(ppl)}), encoding="utf-8"))
     return ppl
 
 

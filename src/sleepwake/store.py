@@ -22,7 +22,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,19 +133,25 @@ class FactRecord:
         return d
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Replace `path` so that a crash leaves the old file or the new one, never part of one:
+    `write(tmp)` fills a temporary file beside it, which is synced to disk and renamed over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 class Store:

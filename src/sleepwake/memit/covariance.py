@@ -8,8 +8,6 @@ layer, settings) so later processes load it in milliseconds.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,6 +20,7 @@ from sleepwake.corpus import reference_digest, reference_texts
 from sleepwake.inference import pad_right
 from sleepwake.memit.trace import run_capture
 from sleepwake.models import Architecture
+from sleepwake.store import write_atomic
 
 
 def settings_key(n_texts: int, max_tokens: int) -> str:
@@ -120,13 +119,6 @@ def _load_or_compute(
         for l, c in covs.items():
             p = paths[l]
             p.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=p.parent, suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"cov": c.cpu().contiguous()}, tmp, metadata={"tokens": str(count)})
-                os.replace(tmp, p)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(p, lambda tmp: save_file({"cov": c.cpu().contiguous()}, tmp, metadata={"tokens": str(count)}))
             out[l] = c
     return out
