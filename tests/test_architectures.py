@@ -251,9 +251,10 @@ def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
 
 def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     """v* re-runs only the suffix of each sequence after the first δ or read, on a
-    copy of a KV cache of the prefix: one prefix length for all rows and no mask, or
-    each row its own (left-padded, with a 4-D mask and positions). Its logits must
-    equal each sequence run alone on every family (positions, masks, sliding
+    copy of a KV cache of the prefix: one sequence per row after a prefix common to
+    all rows and no mask, or (with a 4-D mask and positions) rows that each pack the
+    sequences of one δ, each sequence with a prefix of its own length. Its logits
+    must equal each sequence run alone on every family (positions, masks, sliding
     windows), and the cache must come out untouched, since every step reuses it."""
     from dataclasses import replace
 
@@ -271,18 +272,19 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     assert slots.delta.tolist() == [0, 0, 0, 0, 1, 1]  # one δ per subject (raw and chat requests)
     groups = _groups(lm.model, lm.arch, requests, slots, True, 1, 0, lm.device)
     assert any(g.prefix_cache is not None for g in groups)
-    assert any("position_ids" in g.batch for g in groups)  # rows with prefixes of their own lengths
+    # Rows that pack sequences: one per δ (and the reads of 4 requests and 2 KL prompts).
+    assert sum(len(g.batch["input_ids"]) for g in groups) == 2
+    assert sum(len(g.o_rows) for g in groups) == sum(len(q.target) for q in requests) + 2
     for g in groups:
         with torch.no_grad():
             first = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
             again = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
             assert torch.equal(first, again)  # the cache was not extended in place
-            ids = g.batch["input_ids"]
+            ids, mask = g.batch["input_ids"], g.batch["attention_mask"]
             full = ids if g.prefix_ids is None else torch.cat([g.prefix_ids, ids], dim=1)
-            shift = full.shape[1] - ids.shape[1]
-            for i, (row, col) in enumerate(zip(g.o_rows.tolist(), (g.o_cols + shift).tolist())):
-                real = full[row, : col + 1]
-                real = real[real != 0]  # pads (id 0 here, in no fact or template) out: the row alone
+            for i, (row, col) in enumerate(zip(g.o_rows.tolist(), g.o_cols.tolist())):
+                seen = mask[row, 0, col]
+                real = full[row][seen if seen.dtype == torch.bool else seen == 0]  # the tokens the read sees
                 ref = lm.model(input_ids=real[None], use_cache=False).logits[0, -1].float()
                 assert torch.allclose(first[i], ref, atol=1e-4, rtol=1e-4), (first[i] - ref).abs().max()
 

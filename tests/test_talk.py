@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 
 import pytest
@@ -71,18 +72,29 @@ def test_bad_messages_are_refused_and_change_nothing(bot):
 
 def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
     """The pressure of three facts starts a nap after the reply; during it, replies come
-    from the weights before it, and a fact told meanwhile is learned when it ends."""
+    from the weights before it, and a fact told meanwhile is learned when it ends.
+    The nap's thread waits at its start until the test has talked: on a fast machine
+    the whole nap can end before a reply is generated."""
     from sleepwake.talk import Assistant
 
     cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=3))  # 3 facts: pressure 0.6
     cfg = replace(cfg, nap=SleepConfig(epochs=1))
-    bot = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=16)
+    memory = make_memory(config=cfg)
+    talked = threading.Event()
+    sleep = memory.sleep
+
+    def sleep_after_the_talk(**kwargs):
+        assert talked.wait(600)
+        return sleep(**kwargs)
+
+    memory.sleep = sleep_after_the_talk
+    bot = Assistant(memory, auto_sleep=True, max_new_tokens=16)
     question = "Where does Mateus Okonkwo live?"
     first = bot.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.")
     assert len(first.learned) >= 2
     assert bot.sleeping() == "nap"  # started by the pressure, in the background
     during = bot.say(question)  # answered at once, from the frozen copy
-    assert bot.sleeping() == "nap", "the nap ended before the test could talk during it"
+    assert bot.sleeping() == "nap"
     assert mentions(during.reply, "Valparaíso"), during.reply
     told = bot.say("My friend Zofia Wróblewska lives in Kraków.")
     assert told.learned == [] and "Kraków" in [f.object for f in told.pending]
@@ -90,6 +102,7 @@ def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
         bot.add_facts(Fact("Anselm Kreutzer", "lives in", "Lisbon"))
     assert bot.status()["sleeping"]["kind"] == "nap"
 
+    talked.set()
     report = bot.wait(timeout=600)
     assert report.status == "accepted", report
     assert bot.sleeping() is None and bot.status()["sleeping"] is None

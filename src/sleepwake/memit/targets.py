@@ -6,10 +6,12 @@ layer so that all target tokens become likely, with a KL term on a neutral promp
 coordinate, which is why the paper's lr 0.5 works here although the residual norm
 is ~160 (DESIGN.md).
 
-Speed: sequences are grouped by length (chat prompts are long, raw ones short) so
-little compute goes to padding (a small batch is one group); the LM head
+Speed: a row of a step's batch packs the sequences of one δ (a subject's chat and raw
+prompts and its KL prompt, each seeing only itself), so little compute goes to
+padding (a short raw prompt padded to a long chat one had been half of a 5-fact
+step); rows of very different lengths run as separate groups. The LM head
 runs only where a loss is taken, once per step for all groups; the layers below the
-edited one are replayed from a cache, and so is each row's fixed prefix (a KV
+edited one are replayed from a cache, and so is each sequence's fixed prefix (a KV
 cache). On a CPU with fast bf16 matmuls most steps run them in bf16, and float32
 steps finish; on a GPU one step is captured as a CUDA graph and replayed (launching
 its kernels one by one from Python cost as much as the step itself on the 8B shape).
@@ -137,7 +139,7 @@ def bf16_above(model: nn.Module, arch: Architecture, layer: int) -> Iterator[Non
 
 MIN_PREFIX = 2
 GPU_ONE_GROUP_TOKENS = 4096  # 8B shape: 5 facts (~750 padded tokens) one group, 50 facts (~7500) by length
-CPU_ONE_GROUP_TOKENS = 256  # 5 facts (15 rows × ~13 re-run tokens) one group: injections 6–11% faster
+CPU_ONE_GROUP_TOKENS = 256  # 5 facts (5 rows × ~20 re-run tokens) one group
 
 
 def _fresh_copy(cache: object) -> object:
@@ -156,17 +158,18 @@ def _fresh_copy(cache: object) -> object:
 
 @dataclass
 class _Group:
-    """Sequences of similar length run together: requests and/or KL prompts.
+    """Rows of similar length run together; a row holds the requests and KL prompt of one δ.
 
-    The tokens of a row before the earliest position any δ or read touches do not
+    The tokens of a sequence before the earliest position any δ or read touches do not
     change during the optimisation (the chat template's system prompt, the question
     up to the subject): they are computed once into a KV cache and only the
-    suffixes are re-run on each step; positions below are relative to the suffix.
-    Every row's prefix has the same length, or (`ragged`, see `_ragged_inputs`) each
-    row keeps its own, left-padded, with an explicit mask and positions.
+    suffixes are re-run on each step; positions below are relative to the suffixes.
+    Where the model takes explicit 4-D masks (see `_segment_inputs`), a row packs
+    several sequences, each with a prefix of its own length; else a row is one
+    sequence and every row's prefix has the same length.
     """
 
-    batch: dict[str, torch.Tensor]  # the suffixes, right-padded; + mask and positions if ragged
+    batch: dict[str, torch.Tensor]  # the suffixes, right-padded; + mask and positions if packed
     prefix_ids: torch.Tensor | None  # the prefixes (rows × P), behind `prefix_cache`
     prefix_cache: object | None
     cached: object  # output of the edited layer without δ
@@ -226,73 +229,88 @@ def _groups(
     for r, s in first_slot.items():
         kl_first.setdefault((requests[r].kl_ids, slot_delta[s]), r)
     kl_reqs = list(kl_first.values())
-    # Rows: each request's sequence, then the KL prompts (row n + j is kl_reqs[j]'s).
+    # Sequences: each request's, then the KL prompts (sequence n + j is kl_reqs[j]'s).
     n = len(requests)
     # A request's last token is only ever a target, never read at: it is not fed.
     seqs = [q.ids[:-1] for q in requests] + [requests[r].kl_ids for r in kl_reqs]
+    owner = list(range(n)) + kl_reqs  # the request whose first δ each sequence gets
     kl_pos = [q.kl_subject_pos if subject_kl else len(q.kl_ids) - 1 for q in requests]
     first_pos = {r: min(p for rr, p in slot_list if rr == r) for r in first_slot}
-    # The first position of each row that any δ or read touches: what comes before is fixed.
+    # The first position of each sequence that any δ or read touches: what comes before is fixed.
     touch = [(min(requests[i].prompt_len - 1, first_pos[i]) if i < n else kl_pos[kl_reqs[i - n]])
              for i in range(len(seqs))]
-    # The work of a step: only the part after that where rows keep prefixes of their
-    # own lengths (see `_ragged_inputs`), else whole sequences.
-    ragged_ok = _ragged_ok(model, max(map(len, seqs)))
-    work = [len(s) - t if ragged_ok else len(s) for s, t in zip(seqs, touch)]
-    order = sorted(range(len(seqs)), key=lambda i: work[i])
-    buckets: list[list[int]] = []
+    # A row packs the sequences of one δ (a subject's raw and chat prompts and its KL
+    # prompt): little padding, and a δ whose every request is met leaves as one row
+    # (`_retire`). That needs the 4-D masks of `_segment_inputs`; without them a row is
+    # one sequence, run whole after a prefix common to its group.
+    by_delta: dict[int, list[int]] = {}
+    for i in range(len(seqs)):
+        by_delta.setdefault(slot_delta[first_slot[owner[i]]], []).append(i)
+    rows = list(by_delta.values())
+    masked = _segment_masks_ok(model, max(sum(len(seqs[i]) for i in row) for row in rows))
+    if not masked:
+        rows = [[i] for i in range(len(seqs))]
+
+    def work(row: list[int]) -> int:
+        """Tokens a step runs for the row (without padding)."""
+        return sum(len(seqs[i]) - (touch[i] if masked else 0) for i in row)
+
+    rows.sort(key=work)
+    buckets: list[list[list[int]]] = []
     # A new bucket when padding would more than double the work. But every group costs
     # its own few thousand small ops (on a GPU, kernels and the time to build their CUDA
     # graph), which outweighs padding for a small batch: that runs as one group.
     if device.type == "cuda":
-        one_group = len(seqs) * max(map(len, seqs)) <= GPU_ONE_GROUP_TOKENS
+        one_group = len(rows) * max(sum(len(seqs[i]) for i in row) for row in rows) <= GPU_ONE_GROUP_TOKENS
     else:
-        one_group = len(seqs) * max(work) <= CPU_ONE_GROUP_TOKENS
-    for i in order:
-        if buckets and (one_group or work[i] <= 2 * work[buckets[-1][0]]):
-            buckets[-1].append(i)
+        one_group = len(rows) * work(rows[-1]) <= CPU_ONE_GROUP_TOKENS
+    for row in rows:
+        if buckets and (one_group or work(row) <= 2 * work(buckets[-1][0])):
+            buckets[-1].append(row)
         else:
-            buckets.append([i])
+            buckets.append([row])
     out = []
     as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
     for bucket in buckets:
         # The prefix before every δ and every read is fixed: compute it once.
-        first_touch = [touch[i] for i in bucket]
-        pre = [min(first_touch)] * len(bucket)
-        if pre[0] < MIN_PREFIX:
-            pre = [0] * len(bucket)
-        ragged = None
-        if len(set(first_touch)) > 1:
-            ragged = _ragged_inputs(model, first_touch, max(len(seqs[i]) - p for i, p in zip(bucket, first_touch)),
-                                    device)
-            pre = first_touch if ragged is not None else pre
-        # Without `ragged`, no attention mask: rows are right-padded and attention is
-        # causal, so no position that is read or edited ever sees a pad.
-        batch = {"input_ids": pad_right([seqs[i][p:] for i, p in zip(bucket, pre)], pad, device)["input_ids"]}
+        if masked:
+            pre = {i: touch[i] for row in bucket for i in row}
+        else:
+            common = min(touch[row[0]] for row in bucket)
+            pre = {row[0]: common if common >= MIN_PREFIX else 0 for row in bucket}
+        # Without masks, rows are right-padded and attention is causal, so no
+        # position that is read or edited ever sees a pad.
+        batch = {"input_ids": pad_right([[t for i in row for t in seqs[i][pre[i]:]] for row in bucket], pad,
+                                        device)["input_ids"]}
         prefix_cache = ids = None
-        if max(pre):
+        extra = _segment_inputs(model, [[(pre[i], len(seqs[i]) - pre[i]) for i in row] for row in bucket],
+                                device) if masked else None
+        if extra is not None:
+            batch |= extra[1]
+        if max(pre.values()):
             with torch.no_grad():
-                ids = torch.tensor([[pad] * (max(pre) - p) + list(seqs[i][:p]) for i, p in zip(bucket, pre)],
-                                   device=device)
-                prefix_in = {"input_ids": ids}
-                if ragged is not None:
-                    prefix_in |= ragged[0]
-                    batch |= ragged[1]
+                ids = pad_right([[t for i in row for t in seqs[i][:pre[i]]] for row in bucket], pad,
+                                device)["input_ids"]
+                prefix_in = {"input_ids": ids} | (extra[0] if extra is not None else {})
                 prefix_cache = model.get_decoder()(**prefix_in, use_cache=True).past_key_values
         dr, dc, ds, dsl, orow, ocol, otok, oreq = [], [], [], [], [], [], [], []
-        for row, (i, shift) in enumerate(zip(bucket, pre)):
-            if i < n:
-                q = requests[i]
-                for s, (r, pos) in enumerate(slot_list):
-                    if r == i:
-                        dr.append(row), dc.append(pos - shift), ds.append(slot_delta[s]), dsl.append(s)
-                for pos in range(q.prompt_len - 1, len(q.ids) - 1):
-                    orow.append(row), ocol.append(pos - shift), otok.append(q.ids[pos + 1]), oreq.append(i)
-            else:  # KL prompt: gets the request's first δ (at the subject, or its last token)
-                r = kl_reqs[i - n]
-                last = len(requests[r].kl_ids) - 1 - shift
-                dr.append(row), dc.append(kl_pos[r] - shift), ds.append(slot_delta[first_slot[r]]), dsl.append(-1)
-                orow.append(row), ocol.append(last), otok.append(-1), oreq.append(r)
+        for row_i, row in enumerate(bucket):
+            offset = 0  # where the sequence's suffix starts in the row
+            for i in row:
+                shift = pre[i] - offset
+                if i < n:
+                    q = requests[i]
+                    for s, (r, pos) in enumerate(slot_list):
+                        if r == i:
+                            dr.append(row_i), dc.append(pos - shift), ds.append(slot_delta[s]), dsl.append(s)
+                    for pos in range(q.prompt_len - 1, len(q.ids) - 1):
+                        orow.append(row_i), ocol.append(pos - shift), otok.append(q.ids[pos + 1]), oreq.append(i)
+                else:  # KL prompt: gets the request's first δ (at the subject, or its last token)
+                    r = kl_reqs[i - n]
+                    dr.append(row_i), dc.append(kl_pos[r] - shift), ds.append(slot_delta[first_slot[r]])
+                    dsl.append(-1)
+                    orow.append(row_i), ocol.append(len(seqs[i]) - 1 - shift), otok.append(-1), oreq.append(r)
+                offset += len(seqs[i]) - pre[i]
         group = _Group(batch, ids, prefix_cache, None, as_t(dr), as_t(dc), as_t(ds), as_t(dsl),
                        as_t(orow), as_t(ocol), as_t(otok), as_t(oreq))
         group.cached = layer_output(model, arch, group.inputs(), layer)
@@ -300,53 +318,62 @@ def _groups(
     return out
 
 
-def _ragged_ok(model: nn.Module, length: int) -> bool:
-    """Whether the model's attention takes the explicit 4-D masks of `_ragged_inputs`
-    for sequences up to `length` (not where a sliding window would have to cut them)."""
+def _segment_masks_ok(model: nn.Module, length: int) -> bool:
+    """Whether the model's attention takes the explicit 4-D masks of `_segment_inputs`
+    for rows up to `length` tokens (not where a sliding window would have to cut them)."""
     impl = getattr(model.config, "_attn_implementation", None)
     window = getattr(model.config, "sliding_window", None)
     return impl in ("sdpa", "eager") and (window is None or window >= length)
 
 
-def _ragged_inputs(model: nn.Module, pre: Sequence[int], suffix_len: int, device: torch.device
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
-    """Attention masks and positions for rows that keep prefixes of their own lengths
-    `pre`, left-padded to P = max(pre), before right-padded suffixes of ≤ `suffix_len`.
+def _segment_inputs(model: nn.Module, rows: Sequence[Sequence[tuple[int, int]]], device: torch.device
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Attention masks and positions for rows that each pack several sequences.
 
-    Rows of one group can have fixed prefixes of different lengths (a small batch's
-    one group holds the long chat rows and the short raw and KL rows); a common prefix
-    would be as short as the shortest row's, so every step would re-run the rest of
-    each longer prefix (8B shape: 15 × ~49 tokens a step instead of 15 × ~16). Returns (prefix pass, suffix pass) extra inputs, or None where the model's
-    attention cannot take such a mask (then the prefix is common). The masks are
-    4-D, in the form the attention implementation adds or selects with, so the model
-    uses them as they are (nothing is computed from them on the host: a CUDA graph
-    can capture the step).
+    `rows` gives, per row, the (prefix length, suffix length) of each of its sequences.
+    The prefix pass runs the prefixes one after another (right-padded); the suffix pass
+    runs the suffixes likewise, after that pass's KV cache. Each token sees only the
+    earlier tokens of its own sequence, and its position is its place in that sequence
+    (a short raw prompt packed after a long chat prompt must not read as position 60).
+    Returns the extra inputs of the (prefix pass, suffix pass). The masks are 4-D, in
+    the form the attention implementation adds or selects with, so the model uses them
+    as they are (nothing is computed from them on the host: a CUDA graph can capture
+    the step).
     """
-    if not _ragged_ok(model, max(pre) + suffix_len):
-        return None
-    impl = model.config._attn_implementation
-    p_len = max(pre)
-    start = torch.tensor([p_len - p for p in pre], device=device)[:, None, None, None]  # first real prefix slot
-    q = torch.arange(p_len, device=device)[None, None, :, None]
-    k = torch.arange(p_len, device=device)[None, None, None, :]
-    # A pad attends to itself only (some kernels give NaN for a query that sees
-    # nothing, which would reach real rows through the cache); real tokens see real tokens.
-    prefix_allowed = ((k >= start) & (k <= q)) | (k == q)
-    q = torch.arange(suffix_len, device=device)[None, None, :, None]
-    k = torch.arange(p_len + suffix_len, device=device)[None, None, None, :]
-    suffix_allowed = ((k < p_len) & (k >= start)) | ((k >= p_len) & (k - p_len <= q))
-    lengths = torch.tensor(pre, device=device)[:, None]
-    prefix_pos = (torch.arange(p_len, device=device)[None] - (p_len - lengths)).clamp(min=0)
-    suffix_pos = lengths + torch.arange(suffix_len, device=device)[None]
-    as_mask = lambda allowed: allowed
-    if impl == "eager":
+
+    def layout(part: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence index and position of every token of the prefixes (0) or suffixes (1); pads: -1, 0."""
+        seg, pos = [], []
+        for row in rows:
+            seg.append([s for s, lens in enumerate(row) for _ in range(lens[part])])
+            pos.append([p for pre, suf in row for p in (range(pre) if part == 0 else range(pre, pre + suf))])
+        width = max(map(len, seg))
+        fill = lambda xs, v: torch.tensor([x + [v] * (width - len(x)) for x in xs], dtype=torch.long, device=device)
+        return fill(seg, -1), fill(pos, 0)
+
+    def allowed(q_seg: torch.Tensor, q_pos: torch.Tensor, k_seg: torch.Tensor, k_pos: torch.Tensor,
+                first_own: int) -> torch.Tensor:
+        ok = ((q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg[:, :, None] >= 0)
+              & (k_pos[:, None, :] <= q_pos[:, :, None]))
+        # A pad sees itself only: some kernels give NaN for a query that sees nothing,
+        # which would reach real tokens through the cache.
+        q = torch.arange(q_seg.shape[1], device=device)
+        ok[:, q, q + first_own] = True
+        return ok[:, None]
+
+    pre_seg, pre_pos = layout(0)
+    suf_seg, suf_pos = layout(1)
+    as_mask = lambda ok: ok
+    if model.config._attn_implementation == "eager":
         dtype = next(model.parameters()).dtype
-        as_mask = lambda allowed: torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    rows = len(pre)
-    return ({"attention_mask": as_mask(prefix_allowed.expand(rows, 1, p_len, p_len)), "position_ids": prefix_pos},
-            {"attention_mask": as_mask(suffix_allowed.expand(rows, 1, suffix_len, p_len + suffix_len)),
-             "position_ids": suffix_pos})
+        as_mask = lambda ok: torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, torch.finfo(dtype).min)
+    prefix_pass = {"attention_mask": as_mask(allowed(pre_seg, pre_pos, pre_seg, pre_pos, 0)), "position_ids": pre_pos}
+    suffix_pass = {
+        "attention_mask": as_mask(allowed(suf_seg, suf_pos, torch.cat([pre_seg, suf_seg], 1),
+                                          torch.cat([pre_pos, suf_pos], 1), pre_seg.shape[1])),
+        "position_ids": suf_pos,
+    }
+    return prefix_pass, suffix_pass
 
 
 def _retire(groups: list[_Group], base_logp: list[torch.Tensor | None], frozen: torch.Tensor
