@@ -106,7 +106,11 @@ def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
     on: the weights (`LoadedModel.weights_digest`), the text and the device type. A new
     process, or another home with the same weights (the base model's, most often),
     reads it instead of spending ~5 s (SmolLM2, one thread) to ~10 s (Gemma-3) again.
-    Different thread counts can change the last digits: the first measurement is kept."""
+    Different thread counts can change the last digits: the first measurement is kept.
+    On a GPU it measures instead: naming 8B-shape weights meant copying ~1 GB of edited
+    layers to the host and hashing them, which took longer than the measurement."""
+    if lm.device.type != "cpu":
+        return perplexity(lm.model, lm.tokenizer, text)
     path = perplexity_cache_path(lm, text, cache_dir)
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
