@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -201,29 +202,32 @@ _KILLED = """
 import sys
 from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
-mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False))
+mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=True))
 mem.nap()
 """
 
 
 def test_a_sleep_killed_midway_leaves_the_last_good_state(injected, make_memory, cache_dir, tmp_path):
+    """The nap's process is killed without warning once its training bar shows a first
+    step done (not after a fixed wait, which a fast machine outran)."""
     home = copy_of(injected, tmp_path)
     mem = make_memory(home)
     before = snapshot(mem)
     mem.close()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(home), str(cache_dir)])
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline:  # wait until the nap is under way, then kill it without warning
-            with sqlite3.connect(home / "memory.sqlite") as db:
-                if db.execute("SELECT count(*) FROM cycles WHERE status='running'").fetchone()[0]:
-                    break
-            assert proc.poll() is None, "the nap ended before it could be interrupted"
-            time.sleep(0.2)
-        time.sleep(3)
+        shown, deadline = b"", time.monotonic() + 240
+        while not re.search(rb"nap:[^\r\n]*\b[1-9][0-9]*/[0-9]+", shown):
+            left = deadline - time.monotonic()
+            assert left > 0, shown[-500:]
+            if select.select([proc.stderr], [], [], left)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"the nap ended before it could be interrupted: {shown[-500:]!r}"
+                shown += chunk
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
+        proc.stderr.close()
     again = make_memory(home)
     assert again.interrupted and [c["status"] for c in again.history()] == ["interrupted"]
     assert all(r.where == "memit" for r in again.facts())
