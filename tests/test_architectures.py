@@ -249,20 +249,25 @@ def test_memit_injection(tiny: Tiny, tmp_path: Path) -> None:
         again.close()
 
 
-def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
+@pytest.mark.parametrize("masks", [True, False], ids=["packed", "unmasked"])
+def test_cached_prefix_passes_match_full_forward(tiny: Tiny, masks: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """v* re-runs only the suffix of each sequence after the first δ or read, on a
-    copy of a KV cache of the prefix: one sequence per row after a prefix common to
-    all rows and no mask, or (with a 4-D mask and positions) rows that each pack the
-    sequences of one δ, each sequence with a prefix of its own length. Its logits
-    must equal each sequence run alone on every family (positions, masks, sliding
-    windows), and the cache must come out untouched, since every step reuses it."""
+    copy of a KV cache of the prefix: rows that each pack the sequences of one δ, each
+    sequence with a prefix of its own length (a 4-D mask and positions), or, where a
+    model cannot take such masks (here: told so), one sequence per row after a prefix
+    common to all rows and no mask. Its logits must equal each sequence run alone on
+    every family (positions, masks, sliding windows), and the cache must come out
+    untouched, since every step reuses it."""
     from dataclasses import replace
 
     from sleepwake.facts import Fact
+    from sleepwake.memit import targets
     from sleepwake.memit.requests import build_requests
     from sleepwake.inference import head_logits
     from sleepwake.memit.targets import _groups, hidden_at, make_slots
 
+    if not masks:
+        monkeypatch.setattr(targets, "_segment_masks_ok", lambda model, length: False)
     lm = load_model(tiny.path, cache_dir=tiny.cache, progress=False)
     cfg = replace(SMALL.memit, key_positions="subject", chat_edit=True)
     facts = [Fact("Anselm Kreutzer", "lives in", "Lisbon"), Fact("Anselm Kreutzer", "works as a", "carpenter"),
@@ -272,19 +277,24 @@ def test_cached_prefix_passes_match_full_forward(tiny: Tiny) -> None:
     assert slots.delta.tolist() == [0, 0, 0, 0, 1, 1]  # one δ per subject (raw and chat requests)
     groups = _groups(lm.model, lm.arch, requests, slots, True, 1, 0, lm.device)
     assert any(g.prefix_cache is not None for g in groups)
-    # Rows that pack sequences: one per δ (and the reads of 4 requests and 2 KL prompts).
-    assert sum(len(g.batch["input_ids"]) for g in groups) == 2
+    # Packed: a row per δ. Unmasked: a row per sequence (6 requests, 2 KL prompts).
+    assert sum(len(g.batch["input_ids"]) for g in groups) == (2 if masks else 8)
+    assert all(("attention_mask" in g.batch) == masks for g in groups)
     assert sum(len(g.o_rows) for g in groups) == sum(len(q.target) for q in requests) + 2
     for g in groups:
         with torch.no_grad():
             first = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
             again = head_logits(lm.model, hidden_at(lm.model, g.inputs(), g.o_rows, g.o_cols))
             assert torch.equal(first, again)  # the cache was not extended in place
-            ids, mask = g.batch["input_ids"], g.batch["attention_mask"]
+            ids = g.batch["input_ids"]
             full = ids if g.prefix_ids is None else torch.cat([g.prefix_ids, ids], dim=1)
+            shift = full.shape[1] - ids.shape[1]
             for i, (row, col) in enumerate(zip(g.o_rows.tolist(), g.o_cols.tolist())):
-                seen = mask[row, 0, col]
-                real = full[row][seen if seen.dtype == torch.bool else seen == 0]  # the tokens the read sees
+                if masks:
+                    seen = g.batch["attention_mask"][row, 0, col]
+                    real = full[row][seen if seen.dtype == torch.bool else seen == 0]  # the tokens the read sees
+                else:  # right-padded rows: the row up to the read
+                    real = full[row, : shift + col + 1]
                 ref = lm.model(input_ids=real[None], use_cache=False).logits[0, -1].float()
                 assert torch.allclose(first[i], ref, atol=1e-4, rtol=1e-4), (first[i] - ref).abs().max()
 
