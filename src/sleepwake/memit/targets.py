@@ -247,7 +247,8 @@ def _groups(
     for i in range(len(seqs)):
         by_delta.setdefault(slot_delta[first_slot[owner[i]]], []).append(i)
     rows = list(by_delta.values())
-    masked = _segment_masks_ok(model, max(sum(len(seqs[i]) for i in row) for row in rows))
+    longest = lambda rows: max(sum(len(seqs[i]) for i in row) for row in rows)  # tokens of the longest row
+    masked = _segment_masks_ok(model, longest(rows))
     if not masked:
         rows = [[i] for i in range(len(seqs))]
 
@@ -261,7 +262,7 @@ def _groups(
     # its own few thousand small ops (on a GPU, kernels and the time to build their CUDA
     # graph), which outweighs padding for a small batch: that runs as one group.
     if device.type == "cuda":
-        one_group = len(rows) * max(sum(len(seqs[i]) for i in row) for row in rows) <= GPU_ONE_GROUP_TOKENS
+        one_group = len(rows) * longest(rows) <= GPU_ONE_GROUP_TOKENS
     else:
         one_group = len(rows) * work(rows[-1]) <= CPU_ONE_GROUP_TOKENS
     for row in rows:
