@@ -6,7 +6,7 @@ completed correctly that it still completes correctly). Writes
 results/capacity.json and results/capacity.png.
 
     python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
-        [--set v_steps=60 ...] [--model PATH] [--device cuda]
+        [--set v_steps=60 ...] [--no-guard] [--model PATH] [--device cuda]
 
 With several seeds (fact sets), each curve is kept and the summary gives each
 metric's mean, min and max per checkpoint: a single run is one draw.
@@ -50,9 +50,12 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
         rows = []
         t_inject = 0.0
         v_steps: list[int] = []
+        knocked = 0  # earlier facts knocked out by a batch's first try (then tried again)
         for start in range(0, len(facts), 5):
             t = time.perf_counter()
-            v_steps += [st.v_steps for st in mem.inject(facts[start : start + 5]).stats]
+            res = mem.inject(facts[start : start + 5])
+            v_steps += [st.v_steps for st in res.stats]
+            knocked += sum(st.knocked_out for st in res.stats)
             t_inject += time.perf_counter() - t
             n = start + 5
             if n in CHECKPOINTS or n == len(facts):
@@ -63,7 +66,7 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
                        "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 4),
                        "locality": round(locality, 4), "chat_locality": round(chat_locality, 4),
                        "inject_seconds_total": round(t_inject, 1),
-                       "v_steps_mean": round(sum(v_steps) / len(v_steps), 1)}
+                       "v_steps_mean": round(sum(v_steps) / len(v_steps), 1), "knocked_out_total": knocked}
                 print(row, flush=True)
                 rows.append(row)
         return {"layers": list(mem.layers), "ppl_base": round(ppl0, 4), "raw_locality_facts": len(raw_known),
@@ -126,6 +129,8 @@ def main() -> None:
                     metavar="NAME=VALUE", help="a MemitConfig field, e.g. --set lambda_reg=20 (repeatable)")
     ap.add_argument("--model", help="model path or id (default: the default model)")
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
+    ap.add_argument("--no-guard", action="store_true",
+                    help="keep a batch's first edit even where it knocks out earlier facts (MemoryConfig.guard)")
     ap.add_argument("--name", default="capacity")
     args = ap.parse_args()
     changes = dict(args.settings)
@@ -134,7 +139,7 @@ def main() -> None:
     if args.lam:
         changes["lambda_reg"] = args.lam
     try:
-        cfg = MemoryConfig(progress=False).with_memit(**changes)
+        cfg = MemoryConfig(progress=False, guard=not args.no_guard).with_memit(**changes)
     except ValueError as exc:  # a value of the right type that the config refuses
         ap.error(str(exc))
     loc = locality_facts()
@@ -143,7 +148,8 @@ def main() -> None:
         print(f"seed {seed}", flush=True)
         runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
                                                 args.model, args.device)})
-    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "locality_facts": len(loc), "seeds": args.seeds}
+    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "guard": cfg.guard,
+              "locality_facts": len(loc), "seeds": args.seeds}
     if len(runs) == 1:
         result |= runs[0]
     else:

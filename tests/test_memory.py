@@ -144,6 +144,68 @@ def test_update_replaces_object(seeded_memory):
     assert again.records == [] and len(again.skipped) == 1
 
 
+GUARDED = Fact("Ilse Brandvold", "plays the", "cello")
+
+
+def test_held_reads_what_greedy_decoding_writes(seeded_memory):
+    from sleepwake.evaluate import held
+
+    mem = seeded_memory
+    unknown = GUARDED  # not injected here
+    assert held(mem.model, mem.tokenizer, SEEDED + [unknown]) == [True] * 4 + [False]
+    assert held(mem.model, mem.tokenizer, SEEDED, chat=False) == [True] * 4
+    # The prefix that a pass's sequences share runs once (one sequence alone: all
+    # but its last prompt token): pass by pass, the answers are the same.
+    assert [held(mem.model, mem.tokenizer, [f], rows=1)[0] for f in SEEDED + [unknown]] == [True] * 4 + [False]
+    assert held(mem.model, mem.tokenizer, []) == []
+
+
+def _knock_out_lisbon(monkeypatch, second_try_worse: bool) -> list[list[Fact]]:
+    """Make the guard's check report, right after a batch's first try, that LISBON was
+    knocked out (the real check runs; one answer is overridden), so that the guard's
+    second try runs; optionally report the second try as worse still."""
+    import sleepwake.memory as memory_module
+    from sleepwake.evaluate import held as real_held
+
+    calls: list[list[Fact]] = []
+
+    def held(model, tok, facts, chat=True, rows=32):
+        calls.append(list(facts))
+        out = real_held(model, tok, facts, chat=chat, rows=rows)
+        if len(calls) == 2:
+            out = [ok and f != LISBON for ok, f in zip(out, facts)]
+        if len(calls) == 3 and second_try_worse:
+            out = [False] * len(out)
+        return out
+
+    monkeypatch.setattr(memory_module, "held", held)
+    return calls
+
+
+@pytest.mark.parametrize("second_try_worse", [False, True])
+def test_a_batch_that_knocks_out_earlier_facts_is_tried_again_with_them(
+        seeded_memory, make_memory, tmp_path, monkeypatch, second_try_worse):
+    mem = seeded_memory
+    versions = {r.id: mem.store._version(r.id) for r in mem.facts()}
+    calls = _knock_out_lisbon(monkeypatch, second_try_worse)
+    res = mem.inject([GUARDED])
+    assert len(calls) == 3 and res.stats[0].knocked_out == 1
+    by_key = {r.fact.key: r for r in mem.facts()}
+    anselm = [by_key[LISBON.key].id, by_key[CARPENTER.key].id]
+    for fid, v in versions.items():
+        # The second try edits Anselm's facts again in the batch's solve; if it is kept,
+        # they have new edits, else every earlier edit is as it was.
+        kept_second = not second_try_worse and fid in anselm
+        assert mem.store._version(fid) == v + kept_second
+    assert mem.evaluate(SEEDED + [GUARDED]).raw_recall == 1.0
+    # Whichever try is kept, the live weights are the committed state: a restart gives them.
+    here = weights(mem)
+    mem.close()
+    again = make_memory(tmp_path / "copy")
+    for l, w in weights(again).items():
+        assert torch.equal(w, here[l]), f"layer {l} differs from the committed state"
+
+
 def test_bad_inputs_change_nothing(seeded_memory):
     mem = seeded_memory
     before = weights(mem)

@@ -193,6 +193,9 @@ class MemoryConfig:
     curation: CurationConfig = field(default_factory=CurationConfig)
     auto_sleep: bool = False
     """Nap or sleep by themselves when the pressure calls for it (after `inject`)."""
+    guard: bool = True
+    """Check after each MEMIT batch whether it knocked out earlier facts, and if so try
+    again with their subjects in the same solve (``Memory._edit_guarded``)."""
 
     def with_memit(self, **changes: Any) -> MemoryConfig:
         return replace(self, memit=replace(self.memit, **changes))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, generate, head_logits
+from sleepwake.inference import chat_text, encode, encode_target, generate, head_logits, pad_right
 from sleepwake.models import LoadedModel
 from sleepwake.store import write_atomic
 
@@ -69,6 +69,63 @@ def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:
     if not facts:
         return float("nan")
     return sum(mentions(a, f.object) for a, f in zip(answers, facts)) / len(facts)
+
+
+@torch.no_grad()
+def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: int = 32) -> list[bool]:
+    """Whether greedy decoding would write each fact's object right after its prompt
+    (and, with `chat`, right after its chat question): every object token is the
+    model's top prediction, read in one teacher-forced pass.
+
+    A cheap stand-in for raw and chat recall (a forward pass per `rows` sequences
+    instead of a generation), strict in one way: an answer that names the object
+    later ("He lives in Lisbon") counts as not held."""
+    ok = [True] * len(facts)
+    forms = [[(i, f.prompt, f.target, False) for i, f in enumerate(facts)]]
+    if chat:
+        forms.append([(i, chat_text(tok, f.chat_question()), f.object, True) for i, f in enumerate(facts)])
+    for form in forms:
+        seqs = []  # (fact index, prompt + object ids, prompt length)
+        for i, text, target, is_chat in form:
+            p = encode(tok, text, chat=is_chat)
+            seqs.append((i, p + encode_target(tok, text, target, chat=is_chat), len(p)))
+        for s in range(0, len(seqs), rows):
+            part = seqs[s : s + rows]
+            for j, good in enumerate(_object_is_top(model, tok, [(ids, n) for _, ids, n in part])):
+                ok[part[j][0]] = ok[part[j][0]] and good
+    return ok
+
+
+def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) -> list[bool]:
+    """For each (ids, prompt length): is every token after the prompt the top prediction?
+
+    The prefix all sequences share (a chat template's system turn) runs once; the
+    rest runs right-padded after it, which causal attention keeps from the real tokens."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    shared = min(n for _, n in seqs) - 1  # the position before the first object token is re-run
+    first = seqs[0][0]
+    for ids, _ in seqs[1:]:
+        shared = next((k for k in range(shared) if ids[k] != first[k]), shared)
+    decoder = model.get_decoder()
+    extra: dict[str, Any] = {}
+    if shared >= 8:
+        cache = decoder(input_ids=torch.tensor([first[:shared]], device=device), use_cache=True).past_key_values
+        for layer in cache.layers:
+            layer.batch_repeat_interleave(len(seqs))
+        extra = {"past_key_values": cache}
+    else:
+        shared = 0
+    batch = pad_right([ids[shared:] for ids, _ in seqs], pad, device)["input_ids"]
+    hidden = decoder(input_ids=batch, use_cache=False, **extra).last_hidden_state
+    r = [j for j, (ids, n) in enumerate(seqs) for _ in range(n, len(ids))]
+    c = [t - 1 - shared for ids, n in seqs for t in range(n, len(ids))]
+    want = torch.tensor([ids[t] for ids, n in seqs for t in range(n, len(ids))], device=device)
+    hit = (head_logits(model, hidden[r, c]).argmax(-1) == want).tolist()
+    ok = [True] * len(seqs)
+    for h, j in zip(hit, r):
+        ok[j] = ok[j] and h
+    return ok
 
 
 @torch.no_grad()

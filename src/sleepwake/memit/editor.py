@@ -72,6 +72,7 @@ class InjectStats:
     v_loss_after: float
     v_steps: int
     n_slots: int
+    knocked_out: int = 0  # earlier facts the batch's first try knocked out (Memory._edit_guarded)
 
 
 class MemitEditor:
