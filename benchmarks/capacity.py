@@ -51,11 +51,13 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
         t_inject = 0.0
         v_steps: list[int] = []
         knocked = 0  # earlier facts knocked out by a batch's first try (then tried again)
+        second = 0  # batches whose second try was kept
         for start in range(0, len(facts), 5):
             t = time.perf_counter()
             res = mem.inject(facts[start : start + 5])
             v_steps += [st.v_steps for st in res.stats]
             knocked += sum(st.knocked_out for st in res.stats)
+            second += sum(st.second_try for st in res.stats)
             t_inject += time.perf_counter() - t
             n = start + 5
             if n in CHECKPOINTS or n == len(facts):
@@ -66,7 +68,8 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
                        "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 4),
                        "locality": round(locality, 4), "chat_locality": round(chat_locality, 4),
                        "inject_seconds_total": round(t_inject, 1),
-                       "v_steps_mean": round(sum(v_steps) / len(v_steps), 1), "knocked_out_total": knocked}
+                       "v_steps_mean": round(sum(v_steps) / len(v_steps), 1), "knocked_out_total": knocked,
+                       "second_tries_kept": second}
                 print(row, flush=True)
                 rows.append(row)
         return {"layers": list(mem.layers), "ppl_base": round(ppl0, 4), "raw_locality_facts": len(raw_known),

@@ -190,6 +190,7 @@ def test_a_batch_that_knocks_out_earlier_facts_is_tried_again_with_them(
     calls = _knock_out_lisbon(monkeypatch, second_try_worse)
     res = mem.inject([GUARDED])
     assert len(calls) == 3 and res.stats[0].knocked_out == 1
+    assert res.stats[0].second_try is not second_try_worse
     by_key = {r.fact.key: r for r in mem.facts()}
     anselm = [by_key[LISBON.key].id, by_key[CARPENTER.key].id]
     for fid, v in versions.items():

@@ -303,8 +303,10 @@ class Memory:
                       + [r.fact for r in try_again], chat=chat)
         tries.append((after2.count(False), try_again, edits2, st2))
         # The caller commits the kept try and rebuilds the live weights from what it committed.
-        _, chosen_again, chosen_edits, chosen_st = min(tries, key=lambda t: t[0])
+        best = min(tries, key=lambda t: t[0])
+        _, chosen_again, chosen_edits, chosen_st = best
         chosen_st.knocked_out = sum(1 for r, b, a in zip(others, before, after) if b and not a)
+        chosen_st.second_try = best is tries[-1]
         return chosen_again, chosen_edits, chosen_st
 
     def forget(self, fact_id: int) -> FactRecord:

@@ -73,6 +73,7 @@ class InjectStats:
     v_steps: int
     n_slots: int
     knocked_out: int = 0  # earlier facts the batch's first try knocked out (Memory._edit_guarded)
+    second_try: bool = False  # the guard's second try was kept
 
 
 class MemitEditor:
