@@ -199,6 +199,9 @@ def test_a_batch_that_knocks_out_earlier_facts_is_tried_again_with_them(
         kept_second = not second_try_worse and fid in anselm
         assert mem.store._version(fid) == v + kept_second
     assert mem.evaluate(SEEDED + [GUARDED]).raw_recall == 1.0
+    # The next batch starts from the last check's answers: one check (after it), not two.
+    mem.inject([Fact("Ilse Brandvold", "lives in", "Tromsø")])
+    assert len(calls) == 4 and [f.object for f in calls[3]][-2:] == ["Tromsø", "cello"]  # batch, then again
     # Whichever try is kept, the live weights are the committed state: a restart gives them.
     here = weights(mem)
     mem.close()

@@ -115,6 +115,8 @@ class Memory:
         self._editor: MemitEditor | None = None
         self._covariances: dict[int, torch.Tensor] | None = None
         self._ppl: tuple[int, float] | None = None  # (weights version, perplexity)
+        # (weights version, {fact key: answered}) from the last guard check (`_edit_guarded`)
+        self._answered: tuple[int, dict[tuple[str, str], bool]] | None = None
 
     # --- properties -----------------------------------------------------------
 
@@ -252,7 +254,8 @@ class Memory:
                      and any(self._shares_edit(r.fact, f) for f in batch)]
             leaving = {i for i in replaces if i is not None} | {r.id for r in again}
             try:
-                again, edits, st = self._edit_guarded(batch, again, leaving, self.progress and len(batches) < 2)
+                again, edits, st, answered = self._edit_guarded(batch, again, leaving,
+                                                                self.progress and len(batches) < 2)
                 rewritten = {r.id: e for r, e in zip(again, edits[len(batch):])}
                 recs = self.store.commit_injection(batch, edits[: len(batch)], replaces, rewritten)
             except BaseException:
@@ -266,17 +269,21 @@ class Memory:
                 self._edits[rec.id] = e
                 active[rec.fact.key] = rec
             self._rebuild()
+            # The committed weights hold the kept try's deltas (summed in canonical order),
+            # so its check stands for them: the next batch need not check again first.
+            self._answered = (self.lm.weights_version, answered) if answered else None
             records += recs
             stats.append(st)
         slept = self.sleep_if_due() if self.config.auto_sleep and records else None
         return InjectResult(records, skipped, stats, slept)
 
     def _edit_guarded(self, batch: list[Fact], again: list[FactRecord], leaving: set[int], progress: bool
-                      ) -> tuple[list[FactRecord], list[FactEdit], InjectStats]:
+                      ) -> tuple[list[FactRecord], list[FactEdit], InjectStats, dict[tuple[str, str], bool]]:
         """`_edit` of `batch` (with `again`, edited anew), and, where that knocks out earlier
         MEMIT facts, a second try that edits their subjects again in the same solve; the
         try that leaves fewer facts unanswered (`evaluate.held`) is kept. Returns the
-        facts edited again, the edits (batch first) and the stats of the kept try.
+        facts edited again, the edits (batch first), the stats of the kept try and, per
+        fact key, whether the kept try's weights answer it (empty without the guard).
 
         Eq. 5 holds an earlier edit's keys in place at each layer, but an edit below a
         layer moves the keys and hidden states above it, and now and then one batch
@@ -284,30 +291,30 @@ class Memory:
         raw misses, 13–29 were facts recalled right after their own batch)."""
         if not self.config.guard:
             edits, st = self._edit(batch + [r.fact for r in again], leaving, progress)
-            return again, edits, st
-        others = [r for r in self.store.facts(where="memit") if r.id not in leaving]
-        everything = [r.fact for r in others] + batch + [r.fact for r in again]
+            return again, edits, st, {}
         chat = self.config.memit.chat_edit
-        before = held(self.model, self.tokenizer, [r.fact for r in others], chat=chat)
+
+        def check(facts: list[Fact]) -> dict[tuple[str, str], bool]:
+            return dict(zip((f.key for f in facts), held(self.model, self.tokenizer, facts, chat=chat))) if facts else {}
+
+        others = [r for r in self.store.facts(where="memit") if r.id not in leaving]
+        known = self._answered[1] if self._answered and self._answered[0] == self.lm.weights_version else {}
+        before = known | check([r.fact for r in others if r.fact.key not in known])
         edits, st = self._edit(batch + [r.fact for r in again], leaving, progress)
-        after = held(self.model, self.tokenizer, everything, chat=chat)
-        out = {self._edit_group(r.fact) for r, b, a in zip(others, before, after) if b and not a}
-        if not out:
-            return again, edits, st
+        after = check([r.fact for r in others] + batch + [r.fact for r in again])
+        knocked = [r for r in others if before[r.fact.key] and not after[r.fact.key]]
+        st.knocked_out = len(knocked)
+        if not knocked:
+            return again, edits, st, after
+        out = {self._edit_group(r.fact) for r in knocked}
         extra = [r for r in others if self._edit_group(r.fact) in out]
-        extra_ids = {r.id for r in extra}
-        tries = [(after.count(False), again, edits, st)]
         try_again = again + extra
-        edits2, st2 = self._edit(batch + [r.fact for r in try_again], leaving | extra_ids, progress)
-        after2 = held(self.model, self.tokenizer, [r.fact for r in others if r.id not in extra_ids] + batch
-                      + [r.fact for r in try_again], chat=chat)
-        tries.append((after2.count(False), try_again, edits2, st2))
-        # The caller commits the kept try and rebuilds the live weights from what it committed.
-        best = min(tries, key=lambda t: t[0])
-        _, chosen_again, chosen_edits, chosen_st = best
-        chosen_st.knocked_out = sum(1 for r, b, a in zip(others, before, after) if b and not a)
-        chosen_st.second_try = best is tries[-1]
-        return chosen_again, chosen_edits, chosen_st
+        edits2, st2 = self._edit(batch + [r.fact for r in try_again], leaving | {r.id for r in extra}, progress)
+        after2 = check([r.fact for r in others] + batch + [r.fact for r in again])
+        if sum(after2.values()) <= sum(after.values()):
+            return again, edits, st, after  # the caller rebuilds the weights from what it commits
+        st2.knocked_out, st2.second_try = st.knocked_out, True
+        return try_again, edits2, st2, after2
 
     def forget(self, fact_id: int) -> FactRecord:
         """Remove a fact: its delta leaves the weights and its edit file is deleted. The
