@@ -295,7 +295,10 @@ class Memory:
         chat = self.config.memit.chat_edit
 
         def check(facts: list[Fact]) -> dict[tuple[str, str], bool]:
-            return dict(zip((f.key for f in facts), held(self.model, self.tokenizer, facts, chat=chat))) if facts else {}
+            """Per fact key, whether the live weights answer the fact."""
+            if not facts:
+                return {}
+            return dict(zip((f.key for f in facts), held(self.model, self.tokenizer, facts, chat=chat)))
 
         others = [r for r in self.store.facts(where="memit") if r.id not in leaving]
         known = self._answered[1] if self._answered and self._answered[0] == self.lm.weights_version else {}
