@@ -111,8 +111,7 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
     extra: dict[str, Any] = {}
     if shared >= 8:
         cache = decoder(input_ids=torch.tensor([first[:shared]], device=device), use_cache=True).past_key_values
-        for layer in cache.layers:
-            layer.batch_repeat_interleave(len(seqs))
+        cache.batch_repeat_interleave(len(seqs))
         extra = {"past_key_values": cache}
     else:
         shared = 0
