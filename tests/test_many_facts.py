@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 def test_many_facts_about_each_subject(make_memory):
     """20 subjects × 3 relations, injected over several batches.
 
-    The issue asks for all of them; measured recall is below that (see
-    BENCHMARKS.md), so this guards the level reached, not the goal. A subject's
-    three facts share one edit (keys at the subject), written in one batch. Its v*
-    runs to the step cap, so float rounding alone (bf16 or float32 steps, how rows
-    are packed) moves the result: on these facts raw recall 0.900–0.967 and chat
-    recall 0.867–0.950 were measured with the same maths.
+    A subject's three facts share one edit (keys at the subject), written in one batch,
+    and its δ gets twice the v* steps (`memit.targets.step_budget`), which lets every
+    batch reach the early stop. Measured on these facts: raw recall 0.967 / 0.967 / 1.0,
+    chat 0.967 / 0.967 / 0.95, 18 / 18 / 20 subjects complete (bf16 steps on two
+    threads and on one; float32). With 40 steps: raw 0.900–0.967, chat 0.867–0.950.
+    The issue asks for all 60; one of three runs recalled all 60 raw.
     """
     from sleepwake.config import MemoryConfig
 
@@ -30,8 +30,8 @@ def test_many_facts_about_each_subject(make_memory):
     mem.inject(facts)
     report = mem.evaluate(facts)
     missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
-    assert report.raw_recall >= 0.88, missed
-    assert report.chat_recall >= 0.85, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts
+    assert report.raw_recall >= 0.93, missed
+    assert report.chat_recall >= 0.9, [(f.subject, f.relation, f.object, f.chat_answer) for f in report.facts
                                         if not f.chat_ok]
     by_subject: dict[str, int] = {}
     for f in report.facts:
@@ -39,4 +39,4 @@ def test_many_facts_about_each_subject(make_memory):
     complete = sum(v == 3 for v in by_subject.values())
     print(f"20x3: raw {report.raw_recall:.3f}, chat {report.chat_recall:.3f}, "
           f"{complete} subjects with all three, perplexity {report.ppl:.2f}")
-    assert complete >= 13, missed  # most subjects keep all three facts (15 and 17 measured)
+    assert complete >= 16, missed  # most subjects keep all three facts (18 to 20 measured)

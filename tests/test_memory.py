@@ -323,3 +323,23 @@ def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
         reads = torch.arange(q.prompt_len - 1, len(q.ids) - 1)
         nll = -logp[reads, ids[0, reads + 1]].mean().item()
         assert nll < cfg.early_stop_loss * 1.02, (q.kind, nll)  # 2%: another summation order
+
+
+def test_v_star_steps_double_where_one_delta_carries_three_facts(lm):
+    """The step cap doubles for a batch where a subject's δ must bring out three facts
+    (six targets, raw and chat); one or two facts per δ keep `v_steps`."""
+    from sleepwake.config import MemitConfig
+    from sleepwake.memit.requests import build_requests
+    from sleepwake.memit.targets import make_slots, step_budget
+
+    cfg = MemitConfig(v_steps=40)
+    third = Fact("Anselm Kreutzer", "was born in", "Graz")
+
+    def cap(facts: list[Fact], key_positions: str = "subject") -> int:
+        c = MemitConfig(v_steps=40, key_positions=key_positions)
+        return step_budget(make_slots(build_requests(facts, lm.tokenizer, c), c, lm.device), c)
+
+    assert cap([LISBON, KRAKOW, TOKYO]) == cfg.v_steps  # three subjects, one fact each
+    assert cap([LISBON, CARPENTER, KRAKOW]) == cfg.v_steps  # two facts share Anselm's δ
+    assert cap([LISBON, CARPENTER, third]) == 2 * cfg.v_steps  # three do
+    assert cap([LISBON, CARPENTER, third], "last") == cfg.v_steps  # keys per prompt: a δ per fact

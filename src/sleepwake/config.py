@@ -38,7 +38,8 @@ class MemitConfig:
     facts with relation-token keys). With subject keys, λ=10 gave raw recall 0.97
     and +0.4% perplexity on 30 facts, λ=50 0.90 (BENCHMARKS.md)."""
     v_steps: int = 40
-    """The paper's 30 left a shared subject δ short of its targets."""
+    """The paper's 30 left a shared subject δ short of its targets. Doubled for a batch
+    where one δ carries three or more facts (``memit.targets.step_budget``)."""
     v_lr: float = 2.0
     """Adam step for δ. The paper's 0.5 needs ~80 steps for one δ shared by several
     facts and both prompt forms; 2.0 converges in ~35 (BENCHMARKS.md)."""
