@@ -37,7 +37,8 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
     return tuple(range(int(a), int(b) + 1)) if b else tuple(int(x) for x in text.split(","))
 
 
-def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, device: str | None = None) -> dict:
+def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, device: str | None = None,
+          batch: int = 5) -> dict:
     """One capacity curve: inject `facts` in batches of 5, measuring at each checkpoint."""
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(model, home=home, config=cfg, device=device, progress=False)
@@ -52,14 +53,14 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
         v_steps: list[int] = []
         knocked = 0  # earlier facts knocked out by a batch's first try (then tried again)
         second = 0  # batches whose second try was kept
-        for start in range(0, len(facts), 5):
+        for start in range(0, len(facts), batch):
             t = time.perf_counter()
-            res = mem.inject(facts[start : start + 5])
+            res = mem.inject(facts[start : start + batch])
             v_steps += [st.v_steps for st in res.stats]
             knocked += sum(st.knocked_out for st in res.stats)
             second += sum(st.second_try for st in res.stats)
             t_inject += time.perf_counter() - t
-            n = start + 5
+            n = start + batch
             if n in CHECKPOINTS or n == len(facts):
                 rep = mem.evaluate(facts[:n])
                 locality = recall(raw_completions(mem.model, mem.tokenizer, raw_known), raw_known)
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     ap.add_argument("--no-guard", action="store_true",
                     help="keep a batch's first edit even where it knocks out earlier facts (MemoryConfig.guard)")
+    ap.add_argument("--batch", type=int, default=5)
     ap.add_argument("--name", default="capacity")
     args = ap.parse_args()
     changes = dict(args.settings)
@@ -142,7 +144,7 @@ def main() -> None:
     if args.lam:
         changes["lambda_reg"] = args.lam
     try:
-        cfg = MemoryConfig(progress=False, guard=not args.no_guard).with_memit(**changes)
+        cfg = MemoryConfig(progress=False, guard=not args.no_guard, batch_size=args.batch).with_memit(**changes)
     except ValueError as exc:  # a value of the right type that the config refuses
         ap.error(str(exc))
     loc = locality_facts()
@@ -150,7 +152,7 @@ def main() -> None:
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
-                                                args.model, args.device)})
+                                                args.model, args.device, args.batch)})
     result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "guard": cfg.guard,
               "locality_facts": len(loc), "seeds": args.seeds}
     if len(runs) == 1:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from sleepwake.facts import mentions
 
@@ -235,6 +236,15 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     proc = run_cli("facts", "--json", "--all", home=home)
     statuses = {r["id"]: r["status"] for r in json.loads(proc.stdout)}
     assert statuses == {zofia_id: "forgotten", anselm_id: "active"}
+
+    # --raw-only edits for raw completions alone: one key per layer, where a default edit
+    # has two (the raw prompt's and the chat question's).
+    proc = run_cli("--raw-only", "inject", "Maren Olufsen | works as | a potter", home=home)
+    assert proc.returncode == 0, proc.stderr
+    maren_id = max(r["id"] for r in json.loads(run_cli("facts", "--json", home=home).stdout))
+    keys = {i: load_file(next((home / "edits").glob(f"{i:08d}*.safetensors"))) for i in (anselm_id, maren_id)}
+    rows = {i: {t.shape[0] for name, t in k.items() if name.startswith("K.")} for i, k in keys.items()}
+    assert rows == {anselm_id: {2}, maren_id: {1}}, rows
 
 
 @pytest.mark.slow

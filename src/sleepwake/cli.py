@@ -189,7 +189,10 @@ class Context:
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.memory import Memory
 
-        return Memory(self.args.model, home=self.home, progress=self.progress)
+        from sleepwake.config import MemoryConfig
+
+        config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
+        return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
 
     def store(self) -> Any:
         """The memory ledger alone, without loading the model's weights (fast).
@@ -546,6 +549,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "local cache (default: SmolLM2-135M-Instruct)")
     parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="no progress bars or status lines; minimal output")
+    parser.add_argument("--raw-only", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                        help="edit facts written now for raw completions only, not chat questions: about "
+                             "twice the capacity (BENCHMARKS.md); chat questions see them after a nap")
 
 
 def _extractor_option(p: argparse.ArgumentParser) -> None:
