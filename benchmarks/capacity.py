@@ -6,7 +6,10 @@ completed correctly that it still completes correctly). Writes
 results/capacity.json and results/capacity.png.
 
     python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
-        [--set v_steps=60 ...] [--no-guard] [--model PATH] [--device cuda]
+        [--set v_steps=60 ...] [--no-guard] [--batch 5] [--model PATH] [--device cuda]
+
+`--set chat_edit=false` edits raw completions only (the CLI's `--raw-only`); `--batch N`
+injects N facts per call and solve instead of the paper's 5 (`--batch 100 --max 100`: all at once).
 
 With several seeds (fact sets), each curve is kept and the summary gives each
 metric's mean, min and max per checkpoint: a single run is one draw.
@@ -39,7 +42,7 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, device: str | None = None,
           batch: int = 5) -> dict:
-    """One capacity curve: inject `facts` in batches of 5, measuring at each checkpoint."""
+    """One capacity curve: inject `facts` in batches of `batch`, measuring at each checkpoint."""
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(model, home=home, config=cfg, device=device, progress=False)
         mem.editor()
@@ -104,6 +107,17 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def batch_size(text: str) -> int:
+    """`--batch N`: a positive number of facts per injection."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"batch must be a positive integer, got {text!r}")
+    return n
+
+
 def memit_setting(text: str) -> tuple[str, object]:
     """`--set name=value` for a field of `MemitConfig`, the value parsed as the field's type."""
     settable = {f.name: type(getattr(MemitConfig(), f.name)) for f in fields(MemitConfig)}
@@ -135,7 +149,7 @@ def main() -> None:
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     ap.add_argument("--no-guard", action="store_true",
                     help="keep a batch's first edit even where it knocks out earlier facts (MemoryConfig.guard)")
-    ap.add_argument("--batch", type=int, default=5)
+    ap.add_argument("--batch", type=batch_size, default=5, help="facts per injection (default 5, as the paper)")
     ap.add_argument("--name", default="capacity")
     args = ap.parse_args()
     changes = dict(args.settings)

@@ -28,6 +28,13 @@ def test_seed_list_parses_and_names_bad_values(capacity):
             capacity.seed_list(bad)
 
 
+def test_batch_size_is_a_positive_integer(capacity):
+    assert capacity.batch_size("20") == 20
+    for bad in ("0", "-5", "x", "2.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(bad)):
+            capacity.batch_size(bad)
+
+
 def test_summary_gives_mean_min_max_per_checkpoint(capacity):
     def run(*values):
         return {"rows": [{"facts": n, **{m: v for m in capacity.METRICS}} for n, v in zip((5, 10), values)]}
