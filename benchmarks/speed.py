@@ -1,10 +1,11 @@
 """Speed on this machine: cached model load, cold covariance, injecting 5 facts.
 
-    python benchmarks/speed.py [--batches 4] [--fp32-targets | --bf16-targets]
+    python benchmarks/speed.py [--batches 4] [--fp32-targets | --bf16-targets] [--raw-only]
 
 By default v* takes its bulk of steps in bf16 only where bf16 matmuls are faster on this
 CPU (`bf16_targets=None`); --fp32-targets runs every step in float32 and --bf16-targets
-forces the bf16 steps, for comparison.
+forces the bf16 steps, for comparison. --raw-only edits raw completions only (the CLI's
+`--raw-only`, `chat_edit=False`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     targets = ap.add_mutually_exclusive_group()
     targets.add_argument("--fp32-targets", action="store_true", help="v* all in float32 (bf16_targets=False)")
     targets.add_argument("--bf16-targets", action="store_true", help="v* bulk in bf16 (bf16_targets=True)")
+    ap.add_argument("--raw-only", action="store_true", help="no chat edits (chat_edit=False)")
     args = ap.parse_args()
     load_model(progress=False)  # make sure the converted weights are cached
     t = time.perf_counter()
@@ -37,7 +39,7 @@ def main() -> None:
     load_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as home:
         choice = False if args.fp32_targets else True if args.bf16_targets else None
-        config = MemoryConfig(progress=False).with_memit(bf16_targets=choice)
+        config = MemoryConfig(progress=False).with_memit(bf16_targets=choice, chat_edit=not args.raw_only)
         mem = Memory(lm, home=home, cache_dir=cache, config=config)
         t = time.perf_counter()
         mem.editor()  # cold: computes Ĉ for every edited layer
@@ -52,8 +54,10 @@ def main() -> None:
             print(f"batch {i}: {times[-1]:.2f} s, v* steps {steps[-1]}", flush=True)
         recall = mem.evaluate(facts).raw_recall
     name = "speed-fp32-targets" if args.fp32_targets else "speed-bf16-targets" if args.bf16_targets else "speed"
+    name += "-raw-only" if args.raw_only else ""
     save(name, {
         "bf16_targets": choice,
+        "chat_edit": config.memit.chat_edit,
         "bf16_steps": bf16_phase_applies(lm.model, torch.device("cpu"), config.memit),
         "model_load_cached_s": round(load_s, 2),
         "covariance_cold_s": round(cov_s, 1),
