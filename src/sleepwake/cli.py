@@ -187,9 +187,8 @@ class Context:
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
-        from sleepwake.memory import Memory
-
         from sleepwake.config import MemoryConfig
+        from sleepwake.memory import Memory
 
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
         return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
