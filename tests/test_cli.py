@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -241,7 +242,7 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     # has two (the raw prompt's and the chat question's).
     proc = run_cli("--raw-only", "inject", "Maren Olufsen | works as | a potter", home=home)
     assert proc.returncode == 0, proc.stderr
-    maren_id = max(r["id"] for r in json.loads(run_cli("facts", "--json", home=home).stdout))
+    maren_id = int(re.search(r"injected\s+#(\d+)", proc.stdout).group(1))
     keys = {i: load_file(next((home / "edits").glob(f"{i:08d}*.safetensors"))) for i in (anselm_id, maren_id)}
     rows = {i: {t.shape[0] for name, t in k.items() if name.startswith("K.")} for i, k in keys.items()}
     assert rows == {anselm_id: {2}, maren_id: {1}}, rows
