@@ -78,11 +78,6 @@ class MemitConfig:
     visible to chat questions at once (the paper's §7 limitation)."""
     constrain_previous: bool = True
     """Eq. 5: keep earlier edits' keys in the solve with zero residual."""
-    merge_keys: bool = False
-    """Solve for one key per δ and prompt form (the mean of its slots' keys and
-    residuals) instead of one per slot. A subject's chat questions read it at
-    different keys; merged, its facts take one chat column of the update instead of
-    one each (``memit.editor``)."""
 
     def __post_init__(self) -> None:
         if self.key_positions not in ("subject", "last", "target"):

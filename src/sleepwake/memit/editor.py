@@ -18,7 +18,7 @@ from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
 from sleepwake.inference import attention_kernels, pad_right
 from sleepwake.memit.requests import build_requests
-from sleepwake.memit.solve import inverse_covariance, solve_columns, through_post_norm
+from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
 from sleepwake.memit.trace import frozen_prefix, run_capture
 from sleepwake.models import Architecture
@@ -156,7 +156,7 @@ class MemitEditor:
             prev = None
             if self.cfg.constrain_previous and previous:
                 prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
-            a, b, k = solve_columns(resid, k, slots.column, self.cov_inv[layer], self.cfg.lambda_reg, prev)
+            a, b = solve_update(resid, k, self.cov_inv[layer], self.cfg.lambda_reg, prev)
             for f, idx in enumerate(per_fact):
                 ix = torch.tensor(idx, dtype=torch.long, device=device)
                 edits[f].a[layer] = a[:, ix].contiguous()

@@ -45,27 +45,6 @@ def solve_update(
     return resid.T.float().contiguous(), b.float().contiguous()
 
 
-def solve_columns(
-    resid: torch.Tensor,
-    keys: torch.Tensor,
-    column: torch.Tensor,
-    cov_inv: torch.Tensor,
-    lam: float,
-    prev_keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`solve_update` with the slots of one `column` solved as one key (the mean of
-    their keys and residuals); returns (A, B, K) per slot again. Each slot of a column
-    gets an equal share of the column's A, so the slots' factors sum to its update and
-    a fact's edit stays the sum of its own slots'. Distinct columns: exactly
-    `solve_update`, with K = keys."""
-    n = int(column.max()) + 1
-    count = torch.zeros(n, device=keys.device).index_add_(0, column, torch.ones(len(column), device=keys.device))
-    k = torch.zeros(n, keys.shape[1], device=keys.device).index_add_(0, column, keys.float()) / count[:, None]
-    r = torch.zeros(n, resid.shape[1], device=resid.device).index_add_(0, column, resid.float()) / count[:, None]
-    a, b = solve_update(r, k, cov_inv, lam, prev_keys)
-    return (a[:, column] / count[column]).contiguous(), b[column].contiguous(), k[column].contiguous()
-
-
 def direct_update(
     resid: torch.Tensor, keys: torch.Tensor, cov: torch.Tensor, lam: float, prev_keys: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -54,13 +54,11 @@ class Slots:
     request: torch.Tensor  # request index of each slot
     fact: torch.Tensor  # fact index (within the batch) of each slot
     delta: torch.Tensor  # which δ (optimised vector) each slot receives
-    column: torch.Tensor  # which column of the update's solve each slot's key goes to
 
 
 def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.device) -> Slots:
-    rows, cols, req, fact, delta, column = [], [], [], [], [], []
+    rows, cols, req, fact, delta = [], [], [], [], []
     shared: dict[str, int] = {}
-    merged: dict[tuple[int, str], int] = {}
     for r, q in enumerate(requests):
         for pos in slot_positions(q, cfg):
             rows.append(r)
@@ -71,12 +69,8 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
                 delta.append(shared.setdefault(q.subject, len(shared)))
             else:
                 delta.append(len(delta))
-            if cfg.merge_keys:
-                column.append(merged.setdefault((delta[-1], q.kind), len(merged)))
-            else:
-                column.append(len(column))
     t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
-    return Slots(t(rows), t(cols), t(req), t(fact), t(delta), t(column))
+    return Slots(t(rows), t(cols), t(req), t(fact), t(delta))
 
 
 def hidden_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
