@@ -12,7 +12,9 @@ results/capacity.json and results/capacity.png.
 injects N facts per call and solve instead of the paper's 5 (`--batch 100 --max 100`: all at once).
 
 With several seeds (fact sets), each curve is kept and the summary gives each
-metric's mean, min and max per checkpoint: a single run is one draw.
+metric's mean, min and max per checkpoint: a single run is one draw. The JSON's
+"goals" (and the last lines printed) judge issue 2's goals at the checkpoints reached,
+on the means; the plot marks them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import tempfile
 import time
 from dataclasses import fields
+from pathlib import Path
 
 from common import RESULTS, save
 
@@ -94,6 +97,37 @@ def summary(runs: list[dict]) -> list[dict]:
             entry[m] = {"mean": round(sum(xs) / len(xs), 4), "min": min(xs), "max": max(xs)}
         out.append(entry)
     return out
+
+
+GOALS = (  # issue 2's capacity goals: (metric, checkpoint, bound, direction)
+    ("raw_recall", 100, 0.95, ">="),
+    ("raw_recall", 200, 0.90, ">="),
+    ("locality", 100, 0.95, ">="),
+    ("ppl_change", 100, 0.01, "<="),
+)
+
+
+def goals(points: list[dict]) -> list[dict]:
+    """Each goal at a checkpoint the curve reached, with its value and whether it is met.
+
+    `points`: one dict per checkpoint, {"facts": n, metric: value, ...} (a run's rows, or
+    the means over runs)."""
+    at = {p["facts"]: p for p in points}
+    out = []
+    for metric, n, bound, direction in GOALS:
+        if n in at:
+            value = at[n][metric]
+            met = value >= bound if direction == ">=" else value <= bound
+            out.append({"metric": metric, "facts": n, "direction": direction, "bound": bound, "value": value,
+                        "met": met})
+    return out
+
+
+def means(runs: list[dict]) -> list[dict]:
+    """Per checkpoint, each metric's mean over the runs (a single run's rows as they are)."""
+    if len(runs) == 1:
+        return runs[0]["rows"]
+    return [{"facts": e["facts"], **{m: e[m]["mean"] for m in METRICS}} for e in summary(runs)]
 
 
 def seed_list(text: str) -> list[int]:
@@ -173,12 +207,26 @@ def main() -> None:
         result |= runs[0]
     else:
         result |= {"summary": summary(runs), "runs": runs}
+    result["goals"] = goals(means(runs))
     save(args.name, result)
-    plot(runs, RESULTS / f"{args.name}.png")
+    for g in result["goals"]:
+        print(f"goal {g['metric']} at {g['facts']} facts {g['direction']} {g['bound']}: {g['value']} "
+              f"({'met' if g['met'] else 'missed'})", flush=True)
+    plot(runs, RESULTS / f"{args.name}.png", args.model, args.batch)
 
 
-def plot(runs: list[dict], path) -> None:
-    """Each metric's mean over the runs, with its range (min to max) shaded."""
+def plot(runs: list[dict], path, model: str | None = None, batch: int = 5) -> None:
+    """Write the capacity figure (`figure`) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, model, batch)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(runs: list[dict], model: str | None = None, batch: int = 5):
+    """Each metric's mean over the runs, with its range (min to max) shaded, and the
+    goals (hollow diamonds) at the checkpoints reached."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,20 +243,28 @@ def plot(runs: list[dict], path) -> None:
         if len(runs) > 1:
             ax.fill_between(n, [min(x) for x in xs], [max(x) for x in xs], color=line.get_color(), alpha=0.15)
     ax.plot([40, 60], [0.82, 0.83], "kx", label="paper, 8B raw recall")
+    reached = goals(means(runs))
+    shares = [(g["facts"], g["bound"]) for g in reached if g["metric"] != "ppl_change"]
+    if shares:
+        ax.plot(*zip(*shares), "D", mfc="none", mec="k", ms=9, label="goal: raw recall, locality")
     ax.set_xscale("log")
     ax.set_xticks(n, [str(x) for x in n])
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("facts injected (batches of 5)")
+    ax.set_xlabel(f"facts injected (batches of {batch})")
     ax.set_ylabel("share")
     ax2 = ax.twinx()
     ppl = series("ppl_change")
     ax2.plot(n, [100 * sum(x) / len(x) for x in ppl], "r--", label="perplexity change (%)")
+    for g in reached:
+        if g["metric"] == "ppl_change":
+            ax2.plot([g["facts"]], [100 * g["bound"]], "D", mfc="none", mec="r", ms=9, label="goal: perplexity change")
     ax2.set_ylabel("perplexity change (%)", color="r")
     fig.legend(loc="lower left", bbox_to_anchor=(0.1, 0.18), fontsize=8)
     seeds = f" (mean of {len(runs)} fact sets, range shaded)" if len(runs) > 1 else ""
-    ax.set_title(f"MEMIT capacity on SmolLM2-135M-Instruct{seeds}", fontsize=10)
+    name = Path(model).name if model else "SmolLM2-135M-Instruct"
+    ax.set_title(f"MEMIT capacity on {name}{seeds}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return fig
 
 
 if __name__ == "__main__":

@@ -71,3 +71,36 @@ def test_sleep_benchmark_names_an_unknown_model_as_a_usage_error(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "sleep.py"), "nap10", "--model", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_goals_are_judged_at_the_checkpoints_reached(capacity):
+    rows = [{"facts": 100, "raw_recall": 0.96, "locality": 0.94, "ppl_change": 0.01},
+            {"facts": 200, "raw_recall": 0.89, "locality": 0.9, "ppl_change": 0.03}]
+    judged = {(g["metric"], g["facts"]): g["met"] for g in capacity.goals(rows)}
+    assert judged == {("raw_recall", 100): True, ("raw_recall", 200): False,
+                      ("locality", 100): False, ("ppl_change", 100): True}  # ≤ 1% holds at exactly 1%
+    assert capacity.goals([{"facts": 40, "raw_recall": 1.0, "locality": 1.0, "ppl_change": 0.0}]) == []
+
+
+def test_goals_of_several_runs_use_the_means(capacity):
+    def run(raw):
+        return {"rows": [{"facts": 100, **{m: 0.0 for m in capacity.METRICS}, "raw_recall": raw, "locality": 1.0}]}
+
+    (raw,) = [g for g in capacity.goals(capacity.means([run(1.0), run(0.88)])) if g["metric"] == "raw_recall"]
+    assert raw["value"] == 0.94 and not raw["met"]
+
+
+def test_figure_marks_the_goals_reached_and_names_model_and_batch(capacity, tmp_path):
+    def run(ppl, upto=100):
+        return {"rows": [{"facts": n, **{m: 0.9 for m in capacity.METRICS}, "ppl_change": ppl}
+                         for n in (60, 100) if n <= upto]}
+
+    fig = capacity.figure([run(0.01), run(0.02)], model="/models/tiny-llama", batch=10)
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"goal: raw recall, locality", "goal: perplexity change"} <= labels
+    assert fig.axes[0].get_xlabel() == "facts injected (batches of 10)"
+    assert fig.axes[0].get_title() == "MEMIT capacity on tiny-llama (mean of 2 fact sets, range shaded)"
+    short = capacity.figure([run(0.01, upto=60)])
+    assert not any(t.get_text().startswith("goal") for t in short.legends[0].get_texts())
+    capacity.plot([run(0.01)], tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
