@@ -8,6 +8,9 @@ results/capacity.json and results/capacity.png.
     python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
         [--set v_steps=60 ...] [--no-guard] [--batch 5] [--model PATH] [--device cuda]
 
+`--merge A.json B.json … --name X` combines runs made apart (one process per fact set, as on
+a GPU) into one result with its summary, goals and plot, refusing runs of different settings.
+
 `--set chat_edit=false` edits raw completions only (the CLI's `--raw-only`); `--batch N`
 injects N facts per call and solve instead of the paper's 5 (`--batch 100 --max 100`: all at once).
 
@@ -20,6 +23,7 @@ on the means; the plot marks them.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from dataclasses import fields
@@ -130,6 +134,36 @@ def means(runs: list[dict]) -> list[dict]:
     return [{"facts": e["facts"], **{m: e[m]["mean"] for m in METRICS}} for e in summary(runs)]
 
 
+SHARED = ("machine", "lambda", "settings", "guard", "locality_facts", "batch", "model")  # equal in merged results
+RUN_KEYS = ("seed", "layers", "ppl_base", "raw_locality_facts", "chat_locality_facts", "rows")
+
+
+def merge(results: dict[str, dict]) -> dict:
+    """One result from the results of separate runs (such as one process per fact set on
+    a GPU), keyed by where each came from: their curves side by side, with the summary
+    and goals over all of them. Results that differ in settings, machine or checkpoints,
+    or that repeat a fact set, are refused with a ValueError naming them."""
+    runs: list[dict] = []
+    ref_name, ref = next(iter(results.items()))
+    for name, result in results.items():
+        if not isinstance(result, dict) or not ("rows" in result or "runs" in result):
+            raise ValueError(f"{name}: not a capacity result (it has no 'rows' or 'runs')")
+        for key in SHARED:
+            if result.get(key) != ref.get(key):
+                raise ValueError(f"{name}: {key} {result.get(key)!r} differs from {ref_name}'s {ref.get(key)!r}")
+        runs += result["runs"] if "runs" in result else [{k: result[k] for k in RUN_KEYS if k in result}]
+    checkpoints = [[row["facts"] for row in run["rows"]] for run in runs]
+    if any(c != checkpoints[0] for c in checkpoints):
+        raise ValueError(f"the runs stop at different checkpoints: {sorted(set(map(tuple, checkpoints)))}")
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a fact set appears twice: seeds {seeds}")
+    shared = {key: ref[key] for key in SHARED if key in ref}
+    return {**shared, "date": max(str(r.get("date", "")) for r in results.values()),
+            "merged": {name: r.get("command") for name, r in results.items()}, "seeds": seeds,
+            "summary": summary(runs), "runs": runs, "goals": goals(means(runs))}
+
+
 def seed_list(text: str) -> list[int]:
     """`--seeds 7,8,9` → [7, 8, 9]; anything else is a usage error that names the value."""
     try:
@@ -185,7 +219,25 @@ def main() -> None:
                     help="keep a batch's first edit even where it knocks out earlier facts (MemoryConfig.guard)")
     ap.add_argument("--batch", type=batch_size, default=5, help="facts per injection (default 5, as the paper)")
     ap.add_argument("--name", default="capacity")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="instead of running, merge these results (one per fact set, same settings) into --name")
     args = ap.parse_args()
+    if args.merge:
+        loaded = {}
+        for path in args.merge:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    loaded[path] = json.load(f)
+            except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+                ap.error(f"--merge: cannot read {path}: {exc}")
+        try:
+            merged = merge(loaded)
+        except ValueError as exc:
+            ap.error(f"--merge: {exc}")
+        save(args.name, merged)
+        report_goals(merged["goals"])
+        plot(merged["runs"], RESULTS / f"{args.name}.png", merged.get("model"), merged.get("batch") or 5)
+        return
     changes = dict(args.settings)
     if args.layers:
         changes["layers"] = parse_layers(args.layers)
@@ -201,18 +253,22 @@ def main() -> None:
         print(f"seed {seed}", flush=True)
         runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
                                                 args.model, args.device, args.batch)})
-    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "guard": cfg.guard,
-              "locality_facts": len(loc), "seeds": args.seeds}
+    result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "guard": cfg.guard, "batch": args.batch,
+              "model": args.model, "locality_facts": len(loc), "seeds": args.seeds}
     if len(runs) == 1:
         result |= runs[0]
     else:
         result |= {"summary": summary(runs), "runs": runs}
     result["goals"] = goals(means(runs))
     save(args.name, result)
-    for g in result["goals"]:
+    report_goals(result["goals"])
+    plot(runs, RESULTS / f"{args.name}.png", args.model, args.batch)
+
+
+def report_goals(judged: list[dict]) -> None:
+    for g in judged:
         print(f"goal {g['metric']} at {g['facts']} facts {g['direction']} {g['bound']}: {g['value']} "
               f"({'met' if g['met'] else 'missed'})", flush=True)
-    plot(runs, RESULTS / f"{args.name}.png", args.model, args.batch)
 
 
 def plot(runs: list[dict], path, model: str | None = None, batch: int = 5) -> None:

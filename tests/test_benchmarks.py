@@ -104,3 +104,57 @@ def test_figure_marks_the_goals_reached_and_names_model_and_batch(capacity, tmp_
     assert not any(t.get_text().startswith("goal") for t in short.legends[0].get_texts())
     capacity.plot([run(0.01)], tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _result(seed, raw=1.0, facts=(5, 10), **shared):
+    """A capacity result as one process writes it (one fact set)."""
+    return {"command": f"python capacity.py --seeds {seed}", "machine": "H100", "date": "2026-11-24",
+            "lambda": 10.0, "settings": {}, "guard": True, "locality_facts": 145, **shared, "seed": seed,
+            "layers": [4, 11], "ppl_base": 22.9,
+            "rows": [{"facts": n, **{m: 0.5 for m in ("chat_recall", "ppl_change", "locality", "chat_locality")},
+                      "raw_recall": raw} for n in facts]}
+
+
+def test_merge_puts_fact_sets_side_by_side_and_refuses_mismatches(capacity):
+    merged = capacity.merge({"a.json": _result(7, raw=1.0), "b.json": _result(8, raw=0.5)})
+    assert merged["seeds"] == [7, 8] and merged["machine"] == "H100" and merged["lambda"] == 10.0
+    assert merged["summary"][1]["raw_recall"] == {"mean": 0.75, "min": 0.5, "max": 1.0}
+    assert merged["merged"] == {"a.json": "python capacity.py --seeds 7", "b.json": "python capacity.py --seeds 8"}
+    again = capacity.merge({"ab.json": merged, "c.json": _result(9)})  # an earlier merge merges again
+    assert again["seeds"] == [7, 8, 9]
+    bad = (({"b.json": _result(8, settings={"chat_edit": False})}, "b.json: settings"),
+           ({"b.json": _result(8, machine="CPU")}, "b.json: machine"),
+           ({"b.json": _result(8, facts=(5,))}, "different checkpoints"),
+           ({"b.json": _result(7)}, "appears twice"),
+           ({"b.json": {"lambda": 10.0}}, "b.json: not a capacity result"))
+    for other, message in bad:
+        with pytest.raises(ValueError, match=message):
+            capacity.merge({"a.json": _result(7), **other})
+
+
+def test_merge_option_writes_the_merged_result_and_names_bad_files(tmp_path):
+    import json
+    import subprocess
+
+    files = []
+    for seed in (7, 8):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps(_result(seed, facts=(60, 100))))
+    name = "test-merge-tmp"
+    try:
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "capacity.py"), "--merge", *map(str, files),
+                               "--name", name], capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads((BENCHMARKS / "results" / f"{name}.json").read_text())
+        assert out["seeds"] == [7, 8] and out["machine"] == "H100"
+        assert {(g["metric"], g["met"]) for g in out["goals"]} == {("raw_recall", True), ("locality", False),
+                                                                   ("ppl_change", False)}
+        assert (BENCHMARKS / "results" / f"{name}.png").stat().st_size > 0
+    finally:
+        for ext in ("json", "png"):
+            (BENCHMARKS / "results" / f"{name}.{ext}").unlink(missing_ok=True)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "capacity.py"), "--merge", str(files[0]), str(broken)],
+                          capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
+    assert proc.returncode == 2 and "broken.json" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
