@@ -234,9 +234,7 @@ def main() -> None:
             merged = merge(loaded)
         except ValueError as exc:
             ap.error(f"--merge: {exc}")
-        save(args.name, merged)
-        report_goals(merged["goals"])
-        plot(merged["runs"], RESULTS / f"{args.name}.png", merged.get("model"), merged.get("batch") or 5)
+        publish(args.name, merged, merged["runs"])
         return
     changes = dict(args.settings)
     if args.layers:
@@ -260,15 +258,16 @@ def main() -> None:
     else:
         result |= {"summary": summary(runs), "runs": runs}
     result["goals"] = goals(means(runs))
-    save(args.name, result)
-    report_goals(result["goals"])
-    plot(runs, RESULTS / f"{args.name}.png", args.model, args.batch)
+    publish(args.name, result, runs)
 
 
-def report_goals(judged: list[dict]) -> None:
-    for g in judged:
+def publish(name: str, result: dict, runs: list[dict]) -> None:
+    """Write results/<name>.json and .png, and print how the goals fared."""
+    save(name, result)
+    for g in result["goals"]:
         print(f"goal {g['metric']} at {g['facts']} facts {g['direction']} {g['bound']}: {g['value']} "
               f"({'met' if g['met'] else 'missed'})", flush=True)
+    plot(runs, RESULTS / f"{name}.png", result.get("model"), result.get("batch") or 5)
 
 
 def plot(runs: list[dict], path, model: str | None = None, batch: int = 5) -> None:
