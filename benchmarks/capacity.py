@@ -76,7 +76,7 @@ def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, d
                 locality = recall(raw_completions(mem.model, mem.tokenizer, raw_known), raw_known)
                 chat_locality = recall(chat_answers(mem.model, mem.tokenizer, chat_known), chat_known)
                 row = {"facts": n, "raw_recall": rep.raw_recall, "chat_recall": rep.chat_recall,
-                       "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 4),
+                       "ppl": round(rep.ppl, 4), "ppl_change": round(rep.ppl / ppl0 - 1, 6),
                        "locality": round(locality, 4), "chat_locality": round(chat_locality, 4),
                        "inject_seconds_total": round(t_inject, 1),
                        "v_steps_mean": round(sum(v_steps) / len(v_steps), 1), "knocked_out_total": knocked,
@@ -98,7 +98,7 @@ def summary(runs: list[dict]) -> list[dict]:
         entry: dict = {"facts": row["facts"]}
         for m in METRICS:
             xs = [r["rows"][i][m] for r in runs]
-            entry[m] = {"mean": round(sum(xs) / len(xs), 4), "min": min(xs), "max": max(xs)}
+            entry[m] = {"mean": round(sum(xs) / len(xs), 6), "min": min(xs), "max": max(xs)}
         out.append(entry)
     return out
 

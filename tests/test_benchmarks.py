@@ -88,6 +88,10 @@ def test_goals_of_several_runs_use_the_means(capacity):
 
     (raw,) = [g for g in capacity.goals(capacity.means([run(1.0), run(0.88)])) if g["metric"] == "raw_recall"]
     assert raw["value"] == 0.94 and not raw["met"]
+    # A mean a hair above the perplexity bound is not rounded into it (+1.0033% misses ≤ 1%).
+    ppl = [{"rows": [{"facts": 100, **{m: 1.0 for m in capacity.METRICS}, "ppl_change": x}]} for x in (0.0101, 0.01)]
+    (judged,) = [g for g in capacity.goals(capacity.means([*ppl, ppl[1]])) if g["metric"] == "ppl_change"]
+    assert judged["value"] == pytest.approx(0.0100333, abs=1e-6) and not judged["met"]
 
 
 def test_figure_marks_the_goals_reached_and_names_model_and_batch(capacity, tmp_path):

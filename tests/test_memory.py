@@ -144,6 +144,29 @@ def test_update_replaces_object(seeded_memory):
     assert again.records == [] and len(again.skipped) == 1
 
 
+def test_past_the_chat_edit_limit_every_held_fact_is_edited_raw_only(seeded, make_memory, tmp_path):
+    from sleepwake.config import MemoryConfig
+
+    home = tmp_path / "copy"
+    shutil.copytree(seeded[0], home)
+    mem = make_memory(home, MemoryConfig(progress=False).with_memit(chat_edit_max_facts=4))
+    layer = mem.layers[-1]
+    assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [2] * 4  # raw and chat slots
+    res = mem.inject([GUARDED])  # the fifth fact takes MEMIT past the limit of 4
+    st = res.stats[0]
+    assert not st.chat and st.raw_only_again == 4 and st.n_slots == 1  # the held four: a batch before
+    assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [1] * 5  # raw slots only
+    assert mem.evaluate(SEEDED + [GUARDED]).raw_recall == 1.0
+    # Past the limit a new batch is raw-only and edits again only its subject's facts.
+    st = mem.inject([Fact("Ilse Brandvold", "lives in", "Tromsø")]).stats[0]
+    assert not st.chat and st.raw_only_again == 0 and st.n_slots == 2
+    here = weights(mem)
+    mem.close()
+    again = make_memory(home)  # the rewritten edits are what a new process loads
+    for l, w in weights(again).items():
+        assert torch.equal(w, here[l]), f"layer {l} differs after restart"
+
+
 GUARDED = Fact("Ilse Brandvold", "plays the", "cello")
 
 

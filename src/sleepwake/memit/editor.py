@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -74,6 +74,8 @@ class InjectStats:
     n_slots: int
     knocked_out: int = 0  # earlier facts the batch's first try knocked out (Memory._edit_guarded)
     second_try: bool = False  # the guard's second try was kept
+    chat: bool = True  # also edited for the chat question
+    raw_only_again: int = 0  # held facts edited again raw-only (MemitConfig.chat_edit_max_facts)
 
 
 class MemitEditor:
@@ -98,25 +100,28 @@ class MemitEditor:
         self.weights = weights
 
     def edit(
-        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False, chat: bool | None = None
     ) -> tuple[list[FactEdit], InjectStats]:
         """Write `facts` into the live weights; returns one FactEdit per fact.
 
-        `previous` are the active edits (their keys are constraints, eq. 5). On any
-        exception the caller must `weights.rebuild(...)` to restore the last state.
+        `previous` are the active edits (their keys are constraints, eq. 5). `chat`
+        overrides `cfg.chat_edit` for this edit. On any exception the caller must
+        `weights.rebuild(...)` to restore the last state.
         """
+        cfg = self.cfg if chat is None else replace(self.cfg, chat_edit=chat)
         device = next(self.model.parameters()).device
         with attention_kernels(device):
-            return self._edit(facts, previous, progress, device)
+            return self._edit(facts, previous, progress, device, cfg)
 
     def _edit(
-        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,
+        cfg: MemitConfig,
     ) -> tuple[list[FactEdit], InjectStats]:
         t0 = time.perf_counter()
-        requests = build_requests(facts, self.tokenizer, self.cfg)
-        slots = make_slots(requests, self.cfg, device)
+        requests = build_requests(facts, self.tokenizer, cfg)
+        slots = make_slots(requests, cfg, device)
         last = self.layers[-1]
-        targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, self.cfg)
+        targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
         v_seconds = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Keys and hidden states are read at the slots only, and attention is causal:
@@ -154,7 +159,7 @@ class MemitEditor:
             if post is not None:  # the residual change this layer owes, as a down-projection change
                 resid = through_post_norm(post, seen["mlp_out"][slots.rows, slots.cols], resid)
             prev = None
-            if self.cfg.constrain_previous and previous:
+            if cfg.constrain_previous and previous:
                 prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
             a, b = solve_update(resid, k, self.cov_inv[layer], self.cfg.lambda_reg, prev)
             for f, idx in enumerate(per_fact):
@@ -164,6 +169,7 @@ class MemitEditor:
                 edits[f].k[layer] = k[ix].contiguous()
             self.weights.add(self.arch.down_name(layer), [(e.a[layer], e.b[layer]) for e in edits])
         stats = InjectStats(
-            time.perf_counter() - t0, v_seconds, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact)
+            time.perf_counter() - t0, v_seconds, targets.loss_before, targets.loss_after, targets.steps, len(slot_fact),
+            chat=cfg.chat_edit,
         )
         return edits, stats

@@ -269,7 +269,7 @@ def rewrite_kept(mem: Memory, kept: list[FactRecord], passed: list[FactEdit]) ->
     facts consolidated (`passed` now, and before) fixed; the edits go into the live weights."""
     if not kept:
         return {}
-    edits, _ = mem.edit_among([r.fact for r in kept], passed)
+    edits, _ = mem.edit_among([r.fact for r in kept], passed, chat=mem.chat_edits(len(kept)))
     return {r.id: e for r, e in zip(kept, edits)}
 
 
