@@ -247,6 +247,16 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     rows = {i: {t.shape[0] for name, t in k.items() if name.startswith("K.")} for i, k in keys.items()}
     assert rows == {anselm_id: {2}, maren_id: {1}}, rows
 
+    # Past --chat-edit-limit, the batch first edits every held fact again raw-only, and says so.
+    proc = run_cli("--chat-edit-limit", "2", "inject", "Ilse Brandvold | plays the | cello", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "more than 2 facts" in proc.stderr and "the 2 facts it held were written again" in proc.stderr
+    ilse_id = int(re.search(r"injected\s+#(\d+)", proc.stdout).group(1))
+    keys = {i: load_file(next((home / "edits").glob(f"{i:08d}*.safetensors"))) for i in (anselm_id, maren_id, ilse_id)}
+    rows = {i: {t.shape[0] for name, t in k.items() if name.startswith("K.")} for i, k in keys.items()}
+    assert rows == {anselm_id: {1}, maren_id: {1}, ilse_id: {1}}, rows
+    assert_clean_error(run_cli("--chat-edit-limit", "-1", "facts", home=home), 2, "-1")
+
 
 @pytest.mark.slow
 def test_eval_without_injection(cache_dir: Path, tmp_path: Path) -> None:

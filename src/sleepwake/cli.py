@@ -85,6 +85,16 @@ def _whole_number(what: str) -> Callable[[str], int]:
 _fact_id = _whole_number("fact")
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _short(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -191,6 +201,8 @@ class Context:
         from sleepwake.memory import Memory
 
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
+        if config is None and self.args.chat_edit_limit is not None:
+            config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
         return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
 
     def store(self) -> Any:
@@ -248,14 +260,18 @@ def cmd_inject(ctx: Context) -> int:
     before = _active_by_key(ctx)
     if all(f.key in before and before[f.key].fact.object == f.object for f in latest):
         # Everything is known already (as `Memory.inject` would find): no model to load.
-        records, known, seconds = [], latest, 0.0
+        records, known, seconds, stats, limit = [], latest, 0.0, [], None
     else:
         with ctx.memory() as mem:
             before = {r.fact.key: r for r in mem.facts()}
             t0 = time.perf_counter()
             result = mem.inject(facts)
             seconds = time.perf_counter() - t0
-        records, known = result.records, result.skipped
+            limit = mem.config.memit.chat_edit_max_facts if mem.config.memit.chat_edit else None
+        records, known, stats = result.records, result.skipped, result.stats
+    # Past MemitConfig.chat_edit_max_facts, facts are edited for raw prompts only.
+    raw_only = limit is not None and any(not st.chat for st in stats)
+    again = sum(st.raw_only_again for st in stats)
 
     injected = [(rec, before.get(rec.fact.key)) for rec in records]
     skipped = [(f, before[f.key]) for f in known if f.key in before]
@@ -266,6 +282,8 @@ def cmd_inject(ctx: Context) -> int:
             "skipped": [{**f.to_dict(), "id": old.id, "reason": "already known"} for f, old in skipped],
             "superseded": [f.to_dict() for f in superseded],
             "seconds": round(seconds, 3),
+            "chat_edit": all(st.chat for st in stats),
+            "raw_only_again": again,
         }, ctx.out)
         return 0
 
@@ -282,6 +300,10 @@ def cmd_inject(ctx: Context) -> int:
     if not ctx.quiet:
         n = len(records)
         ctx.say(f"{n} fact{'s' if n != 1 else ''} injected in {seconds:.1f} s")
+    if raw_only:
+        redone = f"; the {again} facts it held were written again that way" if again else ""
+        ctx.status(f"note: MEMIT holds more than {limit} facts, so facts are now written for raw prompts only"
+                   f"{redone}. Chat questions see them after a nap ('sleepwake nap').")
     return 0
 
 
@@ -551,6 +573,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--raw-only", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="edit facts written now for raw completions only, not chat questions: about "
                              "twice the capacity (BENCHMARKS.md); chat questions see them after a nap")
+    parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
+                        help="edit facts for chat questions too only while MEMIT holds at most N facts "
+                             "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")
 
 
 def _extractor_option(p: argparse.ArgumentParser) -> None:
