@@ -154,12 +154,17 @@ def test_past_the_chat_edit_limit_every_held_fact_is_edited_raw_only(seeded, mak
     assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [2] * 4  # raw and chat slots
     res = mem.inject([GUARDED])  # the fifth fact takes MEMIT past the limit of 4
     st = res.stats[0]
-    assert not st.chat and st.raw_only_again == 4 and st.n_slots == 1  # the held four: a batch before
+    assert not st.chat and st.raw_only_again == 4 and st.n_slots == 1  # the four, before the batch
     assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [1] * 5  # raw slots only
     assert mem.evaluate(SEEDED + [GUARDED]).raw_recall == 1.0
     # Past the limit a new batch is raw-only and edits again only its subject's facts.
-    st = mem.inject([Fact("Ilse Brandvold", "lives in", "Tromsø")]).stats[0]
+    res = mem.inject([Fact("Ilse Brandvold", "lives in", "Tromsø")])
+    st = res.stats[0]
     assert not st.chat and st.raw_only_again == 0 and st.n_slots == 2
+    # A forget above the limit edits the subject's other fact again raw-only too.
+    mem.forget(res.records[0].id)
+    assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [1] * 5
+    assert mentions(mem.complete("Ilse Brandvold plays the"), "cello")
     here = weights(mem)
     mem.close()
     again = make_memory(home)  # the rewritten edits are what a new process loads
