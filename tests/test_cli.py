@@ -255,6 +255,9 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     keys = {i: load_file(next((home / "edits").glob(f"{i:08d}*.safetensors"))) for i in (anselm_id, maren_id, ilse_id)}
     rows = {i: {t.shape[0] for name, t in k.items() if name.startswith("K.")} for i, k in keys.items()}
     assert rows == {anselm_id: {1}, maren_id: {1}, ilse_id: {1}}, rows
+    proc = run_cli("--chat-edit-limit", "2", "status", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert "new facts: edited for raw prompts only (MEMIT is past 2 facts)" in proc.stdout, proc.stdout
     assert_clean_error(run_cli("--chat-edit-limit", "-1", "facts", home=home), 2, "-1")
 
 

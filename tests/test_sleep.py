@@ -259,6 +259,7 @@ def test_cli_status_history_and_rollback(napped, make_memory, tmp_path):
     status = json.loads(st.stdout)
     assert status["facts"] == {"memit": len(report.kept), "consolidated": len(report.consolidated)}
     assert set(status["pressure"]) >= {"edits", "time", "perplexity", "total", "due"}
+    assert status["chat_edits"] == {"next": True, "limit": 40}
     hist = run_cli("history", "--json", home=home)
     assert hist.returncode == 0, hist.stderr
     [cycle] = json.loads(hist.stdout)

@@ -463,6 +463,12 @@ def cmd_status(ctx: Context) -> int:
     ctx.say(f"perplexity {_fmt_float(st['perplexity'], 3)} (base {_fmt_float(st['base_perplexity'], 3)}); "
             f"awake {st['awake_s']:.0f} s" + ("; a forgotten consolidated fact leaves at the next sleep"
                                                if st["rebuild_pending"] else ""))
+    chat, limit = st["chat_edits"]["next"], st["chat_edits"]["limit"]
+    if chat:
+        ctx.say("new facts: edited for chat questions too" + (f", while MEMIT holds at most {limit}" if limit else ""))
+    else:
+        ctx.say("new facts: edited for raw prompts only" + (f" (MEMIT is past {limit} facts); chat questions see "
+                                                            "them after a nap" if limit else " (chat edits are off)"))
     return 0
 
 

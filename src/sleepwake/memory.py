@@ -455,6 +455,9 @@ class Memory:
             "base_perplexity": ppl0,
             "pressure": p.to_dict(),
             "rebuild_pending": self.store.meta("rebuild_pending") == "1",
+            # Whether the next fact is also edited for its chat question, and up to how many held facts.
+            "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts
+                           if self.config.memit.chat_edit else 0},
         }
 
     def sleep_if_due(self) -> CycleReport | None:
