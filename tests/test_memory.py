@@ -156,6 +156,8 @@ def test_past_the_chat_edit_limit_every_held_fact_is_edited_raw_only(seeded, mak
     st = res.stats[0]
     assert not st.chat and st.raw_only_again == 4 and st.n_slots == 1  # the four, before the batch
     assert mem.status(measure_perplexity=False)["chat_edits"] == {"next": False, "limit": 4}
+    with pytest.raises(ValueError, match="chat_edit_max_facts"):
+        MemoryConfig().with_memit(chat_edit_max_facts=-1)
     assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [1] * 5  # raw slots only
     assert mem.evaluate(SEEDED + [GUARDED]).raw_recall == 1.0
     # Past the limit a new batch is raw-only and edits again only its subject's facts.

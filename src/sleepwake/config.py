@@ -83,9 +83,9 @@ class MemitConfig:
     0.943, raw-only edits +0.93% and 0.966. So the batch that takes MEMIT past the limit
     first edits every fact it holds again for the raw prompt only, and later batches
     edit raw-only, until a sleep empties MEMIT; chat questions see those facts after the
-    sleep. With 40 (H200, six fact sets): +1.00% and 0.970 at 100 facts. The default
-    sleep pressure calls a nap at about 33 facts, so in use facts stay visible to chat
-    questions (BENCHMARKS.md)."""
+    sleep. With 40 (H200): +1.00% and 0.970 at 100 facts on the same six fact sets, +0.96%
+    and 0.959 on six others. The default sleep pressure calls a nap at about 33 facts, so
+    in use facts stay visible to chat questions (BENCHMARKS.md)."""
     constrain_previous: bool = True
     """Eq. 5: keep earlier edits' keys in the solve with zero residual."""
 
