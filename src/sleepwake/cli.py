@@ -62,14 +62,24 @@ class _Parser(argparse.ArgumentParser):
 # --- small helpers --------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_NEW_TOKENS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_NEW_TOKENS}, got {value}")
-    return value
+def _int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from `low` to `high` (no upper bound if None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if high is None and value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        if high is not None and not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_between(1, MAX_NEW_TOKENS)
+_count = _int_between(0)
 
 
 def _whole_number(what: str) -> Callable[[str], int]:
@@ -83,16 +93,6 @@ def _whole_number(what: str) -> Callable[[str], int]:
 
 
 _fact_id = _whole_number("fact")
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _short(text: str, limit: int = 60) -> str:

@@ -100,15 +100,15 @@ class MemitEditor:
         self.weights = weights
 
     def edit(
-        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False, chat: bool | None = None
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False, *, chat: bool
     ) -> tuple[list[FactEdit], InjectStats]:
         """Write `facts` into the live weights; returns one FactEdit per fact.
 
-        `previous` are the active edits (their keys are constraints, eq. 5). `chat`
-        overrides `cfg.chat_edit` for this edit. On any exception the caller must
-        `weights.rebuild(...)` to restore the last state.
+        `previous` are the active edits (their keys are constraints, eq. 5). `chat`: also
+        edit for the chat questions (in place of `cfg.chat_edit`). On any exception the
+        caller must `weights.rebuild(...)` to restore the last state.
         """
-        cfg = self.cfg if chat is None else replace(self.cfg, chat_edit=chat)
+        cfg = replace(self.cfg, chat_edit=chat)
         device = next(self.model.parameters()).device
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg)
