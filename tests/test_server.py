@@ -265,6 +265,8 @@ def test_memory_api_add_list_forget_and_refuse_bad_input(client):
         (dict(fact, object="x" * 501), 422),
         ([], 422),
         ("Zofia | works as | a baker", 422),
+        (dict(fact, subject="Zofia\u0000 Wróblewska"), 400),  # control characters (NUL, ESC)
+        (dict(fact, object="a vet\u001b[2Jerinarian"), 400),
     ]
     for body, status in bad:
         assert_error(client.post("/v1/memory/facts", json=body), status)
@@ -289,6 +291,14 @@ def test_memory_api_add_list_forget_and_refuse_bad_input(client):
     assert_error(client.delete(f"/v1/memory/facts/{2**70}"), 422)
     assert_error(client.get("/v1/memory/nothing"), 404)
     assert client.get("/v1/memory/facts").json() == before
+
+    # A nap or sleep with a body it does not take starts nothing.
+    for path, body in [("/v1/memory/nap", b"junk"), ("/v1/memory/nap", b'{"deep": true}'),
+                       ("/v1/memory/nap", b"[1, 2]"), ("/v1/memory/sleep", b'{"deep": true, "now": 1}'),
+                       ("/v1/memory/sleep", b'"deep"')]:
+        assert_error(client.post(path, content=body, headers=as_json), 422)
+    assert client.get("/v1/memory/status").json()["sleeping"] is None
+    assert client.get("/v1/memory/history").json() == []
 
 
 @pytest.mark.slow

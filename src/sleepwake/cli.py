@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sleepwake import __version__
-from sleepwake.errors import InvalidFactError, SleepwakeError, UnknownFactError
+from sleepwake.errors import HomeBusyError, InvalidFactError, SleepwakeError, StoreError, UnknownFactError
 from sleepwake.facts import Fact, load_jsonl
 from sleepwake.jsonsafe import json_safe
+from sleepwake.store import ID_MAX
 
 PROG = "sleepwake"
 MAX_NEW_TOKENS = 2048
@@ -85,9 +86,13 @@ _count = _int_between(0)
 def _whole_number(what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
-            return int(text)
+            value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"a {what} id is a whole number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"a {what} id is a whole number, got {_short(text, 40)!r}") from None
+        if not 1 <= value <= ID_MAX:
+            raise argparse.ArgumentTypeError(f"a {what} id is a whole number from 1 to {ID_MAX}, "
+                                             f"got {_short(text, 40)}")
+        return value
 
     return parse
 
@@ -164,10 +169,39 @@ class Context:
     @property
     def home(self) -> Path:
         if self.args.home:
-            return Path(self.args.home).expanduser()
-        from sleepwake.config import default_home
+            home = Path(self.args.home).expanduser()
+        else:
+            from sleepwake.config import default_home
 
-        return default_home()
+            home = default_home()
+        if home.exists() and not home.is_dir():
+            raise StoreError(f"memory home {home} exists and is not a directory; give --home a directory")
+        return home
+
+    def remote(self) -> Any:
+        """The running server that holds this home, as a `Remote`, or None when no other
+        process holds it. Held by another process that serves no API: `HomeBusyError`."""
+        from sleepwake.homelock import holder
+
+        held = holder(self.home)
+        if held is None or held.pid == os.getpid():
+            return None
+        if not held.url:
+            raise HomeBusyError(f"memory home {self.home} is in use by {held.describe()}; wait for it to end "
+                                "or stop it, then try again", held)
+        from sleepwake.remote import Remote
+
+        return Remote(held)
+
+    def _check_free(self) -> None:
+        """Before the model loads (seconds): the home must not be another live process's."""
+        from sleepwake.homelock import holder
+
+        held = holder(self.home)
+        if held is not None and held.pid != os.getpid():
+            hint = (f"; 'inject', 'forget', 'nap', 'sleep' and 'status' work through it, other commands "
+                    "need it stopped" if held.url else "; wait for it to end or stop it, then try again")
+            raise HomeBusyError(f"memory home {self.home} is in use by {held.describe()}{hint}", held)
 
     def say(self, text: str) -> None:
         """A result line on stdout."""
@@ -196,6 +230,7 @@ class Context:
         from sleepwake.sources import resolve_model
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
+        self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.config import MemoryConfig
         from sleepwake.memory import Memory
@@ -206,7 +241,8 @@ class Context:
         return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
 
     def store(self) -> Any:
-        """The memory ledger alone, without loading the model's weights (fast).
+        """The memory ledger alone, read-only, without loading the model's weights (fast):
+        it changes nothing, and works beside a process that holds the home.
 
         The model is still resolved and fingerprinted, so a wrong --model or a home
         that belongs to another model is reported as it would be by `memory()`.
@@ -216,7 +252,7 @@ class Context:
         from sleepwake.store import Store
 
         source = resolve_model(self.args.model)
-        return Store(self.home, fingerprint(source), source.name)
+        return Store(self.home, fingerprint(source), source.name, read_only=True)
 
 
 # --- commands ----------------------------------------------------------------------
@@ -258,7 +294,13 @@ def cmd_inject(ctx: Context) -> int:
 
     latest = [f for i, f in enumerate(facts) if last_index[f.key] == i]
     before = _active_by_key(ctx)
-    if all(f.key in before and before[f.key].fact.object == f.object for f in latest):
+    remote = ctx.remote()
+    if remote is not None:  # a server holds the home: it writes the facts (and answers with them)
+        ctx.status(f"sleepwake: writing through {remote.who} …")
+        t0 = time.perf_counter()
+        records, known = remote.inject(facts)
+        seconds, stats, limit = time.perf_counter() - t0, [], None
+    elif all(f.key in before and before[f.key].fact.object == f.object for f in latest):
         # Everything is known already (as `Memory.inject` would find): no model to load.
         records, known, seconds, stats, limit = [], latest, 0.0, [], None
     else:
@@ -349,8 +391,12 @@ def cmd_forget(ctx: Context) -> int:
         store.close()
     if rec.status != "active":
         raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
-    with ctx.memory() as mem:
-        rec = mem.forget(fact_id)
+    remote = ctx.remote()
+    if remote is not None:
+        rec = remote.forget(fact_id)
+    else:
+        with ctx.memory() as mem:
+            rec = mem.forget(fact_id)
     if ctx.args.json:
         _dump_json(rec.to_dict(), ctx.out)
     else:
@@ -430,15 +476,21 @@ def _cycle_lines(rep: dict) -> list[str]:
 
 
 def _sleep(ctx: Context, kind: str) -> int:
-    with ctx.memory() as mem:
-        ctx.status(f"sleepwake: {'napping' if kind == 'nap' else 'deep sleep'} …")
-        rep = mem.nap() if kind == "nap" else mem.sleep(deep=True)
-    if ctx.args.json:
-        _dump_json(rep.to_dict(), ctx.out)
+    what = "napping" if kind == "nap" else "deep sleep"
+    remote = ctx.remote()
+    if remote is not None:  # the server sleeps (in the background) and this command waits for it
+        ctx.status(f"sleepwake: {what} in {remote.who} …")
+        rep = remote.sleep(kind)
     else:
-        for line in _cycle_lines(rep.to_dict()):
+        with ctx.memory() as mem:
+            ctx.status(f"sleepwake: {what} …")
+            rep = (mem.nap() if kind == "nap" else mem.sleep(deep=True)).to_dict()
+    if ctx.args.json:
+        _dump_json(rep, ctx.out)
+    else:
+        for line in _cycle_lines(rep):
             ctx.say(line)
-    return 0 if rep.status != "rejected" else 3
+    return 0 if rep["status"] != "rejected" else 3
 
 
 def cmd_nap(ctx: Context) -> int:
@@ -450,8 +502,12 @@ def cmd_sleep(ctx: Context) -> int:
 
 
 def cmd_status(ctx: Context) -> int:
-    with ctx.memory() as mem:
-        st = mem.status()
+    remote = ctx.remote()
+    if remote is not None:
+        st = remote.status()
+    else:
+        with ctx.memory() as mem:
+            st = mem.status()
     if ctx.args.json:
         _dump_json(st, ctx.out)
         return 0
@@ -460,6 +516,8 @@ def cmd_status(ctx: Context) -> int:
             f"({st['adapters']} adapter{'s' if st['adapters'] != 1 else ''})")
     ctx.say(f"sleep pressure {p['total']:.3f} = edits {p['edits']:.3f} + time {p['time']:.3f} + perplexity "
             f"{p['perplexity']:.3f}; due: {p['due'] or 'nothing'}")
+    if st.get("sleeping"):
+        ctx.say(f"a {st['sleeping']['kind']} is running (since {time.strftime('%H:%M:%S', time.localtime(st['sleeping']['since']))})")
     ctx.say(f"perplexity {_fmt_float(st['perplexity'], 3)} (base {_fmt_float(st['base_perplexity'], 3)}); "
             f"awake {st['awake_s']:.0f} s" + ("; a forgotten consolidated fact leaves at the next sleep"
                                                if st["rebuild_pending"] else ""))
@@ -551,6 +609,9 @@ def cmd_serve(ctx: Context) -> int:
     bot = Assistant(mem, auto_sleep=not args.no_auto_sleep, max_new_tokens=args.max_new_tokens,
                     extractor=args.extractor)
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    # Other processes on this machine reach the memory here (`sleepwake inject` beside the server).
+    near = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
+    mem.store.lock.set_url(f"http://{f'[{near}]' if ':' in near else near}:{args.port}")
     ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){', token required' if token else ''}; "
                "Ctrl-C stops")
     try:

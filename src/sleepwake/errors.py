@@ -32,6 +32,14 @@ class StoreError(SleepwakeError):
     """The memory home is unusable (wrong model, corrupt ledger, ...)."""
 
 
+class HomeBusyError(StoreError):
+    """Another live process writes this memory home (`homelock`); `holder` says which."""
+
+    def __init__(self, message: str, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class UnknownCycleError(SleepwakeError, KeyError):
     """No sleep cycle with this id, or not one that can be rolled back."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -84,6 +85,9 @@ def _clean(value: Any, name: str, *, required: bool = True) -> str:
     if not isinstance(value, str):
         raise InvalidFactError(f"fact field '{name}' must be a string, got {type(value).__name__}")
     text = " ".join(value.split())
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:  # NUL, ESC, ...: invisible in a listing, and a terminal may act on them
+        raise InvalidFactError(f"fact field '{name}' contains the control character U+{ord(bad):04X}")
     if required and not text:
         raise InvalidFactError(f"fact field '{name}' is empty")
     if len(text) > MAX_FIELD_CHARS:

@@ -99,19 +99,25 @@ class Memory:
         self.lm = model if isinstance(model, LoadedModel) else load_model(
             model, cache_dir=self.cache_dir, device=device, progress=self.progress
         )
+        # Taking the home's lock: `HomeBusyError` names the live process that writes it.
         self.store = Store(home if home is not None else default_home(), self.lm.fingerprint, self.lm.name)
-        self.layers = tuple(self.config.memit.layers or self.lm.default_layers())
-        bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
-        if bad:
-            raise InvalidFactError(f"layers {bad} out of range: the model has {self.lm.arch.n_layers} layers")
-        self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
-        self._edits: dict[int, FactEdit] = {
-            r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")
-        }
-        self._adapters: list[Adapter] = [Adapter.load(p, self.lm.device) for _, p in self.store.active_adapters()]
-        edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
-        self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
-        self._rebuild()
+        try:
+            self.layers = tuple(self.config.memit.layers or self.lm.default_layers())
+            bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
+            if bad:
+                raise InvalidFactError(f"layers {bad} out of range: the model has {self.lm.arch.n_layers} layers")
+            self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
+            self._edits: dict[int, FactEdit] = {
+                r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")
+            }
+            self._adapters: list[Adapter] = [Adapter.load(p, self.lm.device)
+                                             for _, p in self.store.active_adapters()]
+            edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
+            self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
+            self._rebuild()
+        except BaseException:
+            self.store.close()
+            raise
         self._editor: MemitEditor | None = None
         self._covariances: dict[int, torch.Tensor] | None = None
         self._ppl: tuple[int, float] | None = None  # (weights version, perplexity)
@@ -417,7 +423,10 @@ class Memory:
         parts = [*self._adapters, *([memit] if memit else [])]
         if not parts:
             raise StoreError("nothing to export: the memory is empty")
-        combine(parts).save(path, self.lm.name)
+        try:
+            combine(parts).save(path, self.lm.name)
+        except OSError as exc:  # the save is atomic: nothing was written
+            raise StoreError(f"cannot write the adapter to {path}: {exc.strerror or exc}") from exc
         return path
 
     def history(self) -> list[dict]:

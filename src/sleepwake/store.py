@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from sleepwake.errors import StoreError, UnknownCycleError, UnknownFactError
 from sleepwake.facts import Fact
+from sleepwake.homelock import HomeLock
 
 if TYPE_CHECKING:  # torch is imported where edits are read or written, so ledger-only use starts fast
     from sleepwake.memit.editor import FactEdit
@@ -133,6 +134,15 @@ class FactRecord:
         return d
 
 
+ID_MAX = 2**63 - 1  # SQLite's largest integer
+
+
+def _check_id(fact_id: int) -> None:
+    """A number SQLite cannot even hold names no fact (rather than an OverflowError)."""
+    if not 1 <= fact_id <= ID_MAX:
+        raise UnknownFactError(f"no fact with id {fact_id}")
+
+
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
     """Replace `path` so that a crash leaves the old file or the new one, never part of one:
     `write(tmp)` fills a temporary file beside it, which is synced to disk and renamed over it."""
@@ -157,17 +167,28 @@ def _atomic_save(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
 class Store:
     """Ledger and edit files for one model's memory."""
 
-    def __init__(self, home: str | os.PathLike[str], model_fingerprint: str, model_name: str) -> None:
+    def __init__(self, home: str | os.PathLike[str], model_fingerprint: str, model_name: str, *,
+                 read_only: bool = False) -> None:
+        """Open the home for writing (taking its lock: `HomeBusyError` while another live
+        process holds it), or with `read_only` to look without changing anything,
+        beside a writer if there is one."""
         self.home = Path(home).expanduser()
+        self.read_only = read_only
         if self.home.exists() and not self.home.is_dir():
             raise StoreError(f"memory home {self.home} exists and is not a directory")
         self.edits_dir = self.home / "edits"
+        self.path = self.home / "memory.sqlite"
+        self._tx_lock = threading.RLock()
+        self.lock: HomeLock | None = None
+        if read_only:
+            self.db = self._open_read_only()
+            self._check_model(model_fingerprint, model_name)
+            return
         try:
             self.edits_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create memory home {self.home}: {exc.strerror or exc}") from exc
-        self.path = self.home / "memory.sqlite"
-        self._tx_lock = threading.RLock()
+        self.lock = HomeLock(self.home).acquire()
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -177,29 +198,49 @@ class Store:
             for col, decl in _ADDED_COLUMNS.items():
                 if col not in cols:
                     self.db.execute(f"ALTER TABLE facts ADD COLUMN {col} {decl}")
+            self._bind_model(model_fingerprint, model_name)
+        except sqlite3.DatabaseError as exc:
+            self.lock.release()
+            raise StoreError(f"{self.path} is not a usable sleepwake ledger: {exc}") from exc
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise StoreError(f"no memory at {self.home} yet")
+        try:
+            db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                 isolation_level=None, check_same_thread=False)
+            db.execute("SELECT count(*) FROM facts").fetchone()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a usable sleepwake ledger: {exc}") from exc
-        self._bind_model(model_fingerprint, model_name)
+        return db
+
+    def _check_model(self, fingerprint: str, name: str) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key='model_fingerprint'").fetchone()
+        if row is not None and row[0] != fingerprint:
+            other = self.db.execute("SELECT value FROM meta WHERE key='model_name'").fetchone()
+            raise StoreError(
+                f"memory home {self.home} belongs to model {other[0] if other else '?'} "
+                f"({row[0]}), not {name} ({fingerprint}); use another --home"
+            )
 
     def _bind_model(self, fingerprint: str, name: str) -> None:
         """A home belongs to one base model: edits are meaningless on another."""
+        self._check_model(fingerprint, name)
         with self._tx() as db:
-            row = db.execute("SELECT value FROM meta WHERE key='model_fingerprint'").fetchone()
-            if row is None:
+            if db.execute("SELECT 1 FROM meta WHERE key='model_fingerprint'").fetchone() is None:
                 db.executemany(
                     "INSERT INTO meta(key, value) VALUES (?, ?)",
                     [("model_fingerprint", fingerprint), ("model_name", name), ("schema", SCHEMA_VERSION)],
-                )
-            elif row[0] != fingerprint:
-                other = db.execute("SELECT value FROM meta WHERE key='model_name'").fetchone()
-                raise StoreError(
-                    f"memory home {self.home} belongs to model {other[0] if other else '?'} "
-                    f"({row[0]}), not {name} ({fingerprint}); use another --home"
                 )
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; threads sharing this connection take turns."""
+        if self.read_only:
+            raise StoreError(f"memory home {self.home} was opened read-only")
         with self._tx_lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -211,6 +252,8 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+        if self.lock is not None:
+            self.lock.release()
 
     # --- reading --------------------------------------------------------------
 
@@ -231,12 +274,14 @@ class Store:
         return [self._record(r) for r in self.db.execute(sql + " ORDER BY id", args).fetchall()]
 
     def get(self, fact_id: int) -> FactRecord:
+        _check_id(fact_id)
         row = self.db.execute(f"SELECT {self._COLS} FROM facts WHERE id=?", (fact_id,)).fetchone()
         if row is None:
             raise UnknownFactError(f"no fact with id {fact_id}")
         return self._record(row)
 
     def _version(self, fact_id: int) -> int:
+        _check_id(fact_id)
         row = self.db.execute("SELECT edit_version FROM facts WHERE id=?", (fact_id,)).fetchone()
         if row is None:
             raise UnknownFactError(f"no fact with id {fact_id}")
@@ -343,7 +388,13 @@ class Store:
         return int(cur.lastrowid)
 
     def mark_interrupted(self) -> list[int]:
-        """Cycles left 'running' by a process that died; their unfinished adapters are removed."""
+        """Cycles left 'running' by a process that died; their unfinished adapters are removed.
+
+        Only the claim that took the home's lock for this process may do it: then no other
+        live process writes here, and nothing in this one has started a sleep yet. Any
+        other caller (read-only, or a second `Memory` in the process) changes nothing."""
+        if self.lock is None or not self.lock.first:
+            return []
         ids = [r[0] for r in self.db.execute("SELECT id FROM cycles WHERE status='running'")]
         if ids:
             with self._tx() as db:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -92,6 +93,9 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
             raise InvalidFactError(f"message #{i + 1} must be an object with string 'role' and 'content'")
         if m["role"] not in _ROLES:
             raise InvalidFactError(f"message #{i + 1} has role {m['role']!r}; expected one of {', '.join(_ROLES)}")
+        bad = next((c for c in m["content"] if c not in "\n\r\t" and unicodedata.category(c) in ("Cc", "Cs")), None)
+        if bad is not None:
+            raise InvalidFactError(f"message #{i + 1} contains the control character U+{ord(bad):04X}")
         if len(m["content"]) > MAX_PROMPT_CHARS:
             raise InvalidFactError(
                 f"message #{i + 1} is {len(m['content'])} characters long; the limit is {MAX_PROMPT_CHARS}")

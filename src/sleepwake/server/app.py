@@ -46,6 +46,7 @@ from sleepwake.server.schemas import (
     FactOut,
     FactsIn,
     Injected,
+    NapRequest,
     SleepRequest,
     SleepStarted,
 )
@@ -143,8 +144,9 @@ def create_app(assistant: Assistant, token: str | None = None, max_body: int = M
         return FactOut(**assistant.forget(fact_id).to_dict())
 
     @app.post("/v1/memory/nap", status_code=202, tags=["memory"], responses=_errors(409))
-    def nap() -> SleepStarted:
-        """Start a nap in the background (facts held by MEMIT -> a LoRA adapter); 409 if a sleep runs."""
+    def nap(body: NapRequest | None = None) -> SleepStarted:
+        """Start a nap in the background (facts held by MEMIT -> a LoRA adapter); 409 if a sleep runs.
+        The body, if any, must be {}: anything else is refused, and nothing starts."""
         assistant.start_sleep("nap")
         return SleepStarted(started="nap")
 

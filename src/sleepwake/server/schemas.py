@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from sleepwake.facts import MAX_FIELD_CHARS
-
-ID_MAX = 2**63 - 1
-"""Ids are SQLite integers: a larger number is refused (422), not looked up."""
+from sleepwake.store import ID_MAX  # ids are SQLite integers: a larger one is refused (422), not looked up
 
 
 def _encodable(text: str) -> str:
@@ -93,7 +91,15 @@ class Injected(BaseModel):
     skipped: list[FactIn] = Field(description="already known, unchanged")
 
 
+class NapRequest(BaseModel):
+    """A nap takes no options: an empty body or {}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class SleepRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     deep: bool = Field(True, description="deep sleep (the default), or a nap")
 
 
