@@ -32,6 +32,16 @@ ILSE = Fact("Ilse Brandvold", "lives in", "Tromsø")  # the fifth fact, which ma
 ALL = [*FACTS, ILSE]
 
 
+@pytest.fixture
+def make_memory(make_memory):
+    """This file tests the LoRA consolidation (the paper's, `consolidation="lora"`);
+    tests/test_keyed.py tests the default, the keyed memory."""
+    def make(home=None, config=None):
+        return make_memory(home, config or MemoryConfig(progress=False, consolidation="lora"))
+
+    return make
+
+
 def snapshot(mem) -> dict[str, torch.Tensor]:
     return {n: mem.lm.arch.weight(n).clone() for n in mem.weights.names}
 
@@ -45,7 +55,7 @@ def injected(tmp_path_factory, lm, cache_dir):
     from sleepwake.memory import Memory
 
     home = tmp_path_factory.mktemp("sleep") / "home"
-    with Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False) as mem:
+    with Memory(lm, home=home, config=MemoryConfig(progress=False, consolidation="lora"), cache_dir=cache_dir, progress=False) as mem:
         mem.inject(FACTS)
     return home
 
@@ -58,7 +68,7 @@ def napped(injected, tmp_path_factory, lm, cache_dir):
 
     home = tmp_path_factory.mktemp("napped") / "home"
     shutil.copytree(injected, home)
-    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=5))  # 5 edits: pressure 0.6
+    cfg = MemoryConfig(progress=False, consolidation="lora", pressure=PressureConfig(max_edits=5))  # 5 edits: pressure 0.6
     cfg = replace(cfg, nap=SleepConfig(epochs=1))  # a short schedule keeps the suite short
     with Memory(lm, home=home, config=cfg, cache_dir=cache_dir, progress=False) as mem:
         mem.inject(ILSE)
@@ -86,6 +96,8 @@ def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_me
     # The edits taken over answer every fact in chat by themselves, so the trained part,
     # which cannot answer more, is dropped: the nap changes the model least.
     assert report.trained_part_dropped and report.train_steps > 0, report
+    # Judged against the base model too (BudgetConfig): within +3% and locality ≥ 0.95.
+    assert report.ppl_after <= report.ppl_base * 1.03 and report.locality_after >= 0.95, report
     mem = make_memory(copy_of(home, tmp_path))
     assert len(report.consolidated) >= 3
     consolidated = {r.id for r in mem.facts() if r.where == "consolidated"}
@@ -135,7 +147,7 @@ _CHILD = """
 import json, sys
 from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
-mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False))
+mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False, consolidation="lora"))
 from safetensors.torch import save_file
 save_file({n: mem.lm.arch.weight(n).clone() for n in mem.weights.names}, sys.argv[3])
 print(json.dumps([mem.ask(q) for q in sys.argv[4:]]))
@@ -160,7 +172,7 @@ def test_restart_after_nap_gives_the_same_weights_and_answers(napped, make_memor
 
 
 def test_rejected_sleep_leaves_everything_as_it_was(injected, make_memory, tmp_path):
-    strict = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, max_ppl_increase=-1.0))  # no nap passes this
+    strict = MemoryConfig(progress=False, consolidation="lora", nap=SleepConfig(epochs=1, max_ppl_increase=-1.0))  # no nap passes this
     mem = make_memory(copy_of(injected, tmp_path), strict)
     before = snapshot(mem)
     ledger = [(r.id, r.where) for r in mem.facts()]
@@ -174,7 +186,7 @@ def test_rejected_sleep_leaves_everything_as_it_was(injected, make_memory, tmp_p
 
 def test_forget_after_sleep_removes_a_consolidated_fact(napped, make_memory, tmp_path):
     home, _, _, _ = napped
-    mem = make_memory(copy_of(home, tmp_path), MemoryConfig(progress=False, deep=SleepConfig(epochs=1, dreams=4)))
+    mem = make_memory(copy_of(home, tmp_path), MemoryConfig(progress=False, consolidation="lora", deep=SleepConfig(epochs=1, dreams=4)))
     gone = next(r for r in mem.facts() if r.where == "consolidated" and r.fact.subject == "Zofia Wróblewska")
     mem.forget(gone.id)
     assert mem.status(measure_perplexity=False)["rebuild_pending"]
@@ -202,7 +214,7 @@ _KILLED = """
 import sys
 from sleepwake.memory import Memory
 from sleepwake.config import MemoryConfig
-mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=True))
+mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=True, consolidation="lora"))
 mem.nap()
 """
 
@@ -284,7 +296,7 @@ def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_e
     count), so several rates are tried, each on a fresh copy: first the one that does it
     on one thread (as in `make test`; 0.003 broke none there), then milder, then harsher."""
     for lr in (0.005, 0.003, 0.01):
-        cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=lr, cov_penalty=0.0, max_ppl_increase=100.0,
+        cfg = MemoryConfig(progress=False, consolidation="lora", nap=SleepConfig(epochs=1, lr=lr, cov_penalty=0.0, max_ppl_increase=100.0,
                                                            keep_training_only_if_better=False))
         mem = make_memory(copy_of(injected, tmp_path / f"lr{lr}"), cfg)
         before = snapshot(mem)
@@ -306,7 +318,7 @@ def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_e
 def test_a_training_that_breaks_facts_is_dropped_and_the_take_over_alone_kept(injected, make_memory, tmp_path):
     """The same breaking training with the default setting: the exact take-over of the
     MEMIT edits answers every fact, so the trained part is dropped and all leave MEMIT."""
-    cfg = MemoryConfig(progress=False, nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0))
+    cfg = MemoryConfig(progress=False, consolidation="lora", nap=SleepConfig(epochs=1, lr=0.01, cov_penalty=0.0, max_ppl_increase=100.0))
     mem = make_memory(copy_of(injected, tmp_path), cfg)
     before = snapshot(mem)
     rep = mem.nap()
@@ -338,3 +350,29 @@ def test_exported_adapter_loads_in_plain_peft_with_the_same_answers(which, nappe
     theirs = [generate(model, plain.tokenizer, [p], max_new_tokens=24)[0].strip() for p in prompts]  # as `ask` does
     assert theirs == ours
     assert sum(mentions(a, f.object) for a, f in zip(theirs, facts)) >= len(facts) - 1
+
+
+def test_budget_gate_judges_against_the_base_model_and_refuses_to_ratchet():
+    from sleepwake.config import BudgetConfig
+    from sleepwake.sleep.report import CycleReport, over_budget
+
+    budget = BudgetConfig(max_ppl_increase=0.03, min_locality=0.95)
+
+    def rep(before: float, after: float, loc_before: float = 1.0, loc_after: float = 1.0) -> CycleReport:
+        return CycleReport(1, "nap", "rejected", ppl_base=20.0, ppl_before=before, ppl_after=after,
+                           locality_before=loc_before, locality_after=loc_after)
+
+    assert over_budget(rep(20.4, 20.5), budget) == ""  # +2.5% over base: within budget
+    # +4.5% over base, though only +2.3% over the state before: the old per-cycle gate
+    # (5% over the last state) let this through again and again.
+    assert "over the base model's" in over_budget(rep(20.5, 20.9), budget)
+    assert over_budget(rep(22.0, 21.0), budget) == ""  # over budget, but better than before: kept
+    assert "locality" in over_budget(rep(20.0, 20.0, 0.97, 0.94), budget)
+    assert over_budget(rep(20.0, 20.0, 0.90, 0.93), budget) == ""  # under, but better than before
+    ratchet, ppl = [], 20.0
+    for _ in range(10):  # sleeps that each add 2%: the budget stops them at +3%
+        after = ppl * 1.02
+        if not over_budget(rep(ppl, after), budget):
+            ppl = after
+        ratchet.append(ppl)
+    assert ratchet[-1] <= 20.0 * 1.03

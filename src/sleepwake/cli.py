@@ -39,7 +39,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sleepwake import __version__
-from sleepwake.errors import HomeBusyError, InvalidFactError, SleepwakeError, StoreError, UnknownFactError
+from sleepwake.errors import (
+    HomeBusyError,
+    InvalidFactError,
+    SleepwakeError,
+    StoreError,
+    UnknownFactError,
+)
 from sleepwake.facts import Fact, load_jsonl
 from sleepwake.jsonsafe import json_safe
 from sleepwake.store import ID_MAX
@@ -199,7 +205,7 @@ class Context:
 
         held = holder(self.home)
         if held is not None and held.pid != os.getpid():
-            hint = (f"; 'inject', 'forget', 'nap', 'sleep' and 'status' work through it, other commands "
+            hint = ("; 'inject', 'forget', 'nap', 'sleep' and 'status' work through it, other commands "
                     "need it stopped" if held.url else "; wait for it to end or stop it, then try again")
             raise HomeBusyError(f"memory home {self.home} is in use by {held.describe()}{hint}", held)
 
@@ -472,6 +478,9 @@ def _cycle_lines(rep: dict) -> list[str]:
         lines.append(f"  chat recall without MEMIT {_fmt_float(rep.get('chat_recall'))}, raw "
                      f"{_fmt_float(rep.get('raw_recall'))}; perplexity {_fmt_float(rep.get('ppl_before'), 3)} → "
                      f"{_fmt_float(rep.get('ppl_after'), 3)}; {rep.get('seconds', 0):.1f} s")
+        if rep.get("ppl_base") and rep.get("ppl_after") and rep.get("locality_after") is not None:
+            lines.append(f"  against the base model: perplexity {rep['ppl_after'] / rep['ppl_base'] - 1:+.2%}, "
+                         f"locality {rep['locality_after']:.3f}")
     return lines
 
 

@@ -172,6 +172,26 @@ class SleepConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    """How far from the *base* model learning may take the model, judged at every sleep.
+
+    The sleeps' own gate (`SleepConfig.max_ppl_increase`) compares with the state just
+    before the sleep, which let the damage ratchet up five percent at a time (+388%
+    perplexity after 13 naps, issue #25). A sleep that ends over this budget is
+    rejected unless it leaves the model better than it found it."""
+
+    max_ppl_increase: float = 0.03
+    """Perplexity may be at most this much over the base model's (+3%)."""
+    min_locality: float = 0.95
+    """Share of the gate's real-world facts (`gate_facts`) still completed as the base
+    model completes them."""
+
+    def __post_init__(self) -> None:
+        if self.max_ppl_increase < 0 or not 0 <= self.min_locality <= 1:
+            raise ValueError("max_ppl_increase must be ≥ 0 and min_locality in [0, 1]")
+
+
+@dataclass(frozen=True)
 class CurationConfig:
     """Which conversation exchanges a deep sleep learns from (paper §3.4; `sleep.curate`).
     Scores are in [0, 1]; an exchange must reach every threshold."""
@@ -204,11 +224,29 @@ class MemoryConfig:
     deep: SleepConfig = field(default_factory=lambda: SleepConfig(lr=2e-3, replay_ratio=0.6, dreams=16))
     pressure: PressureConfig = field(default_factory=PressureConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     auto_sleep: bool = False
     """Nap or sleep by themselves when the pressure calls for it (after `inject`)."""
+    consolidation: str = "keyed"
+    """Where sleep moves facts: "keyed" (one δ and its keys per subject, read only where the
+    subject is: `sleepwake.keyed`, `sleep.keyed_sleep`) or "lora" (the MEMIT edits taken over
+    into a LoRA adapter, plus a trained part: `sleep.cycle`; the design before issue #25)."""
+    keyed_threshold: float = 0.8
+    """Cosine similarity from which a position's key reads a keyed entry (`sleepwake.keyed`):
+    at the first MEMIT layer a subject's own keys in other sentences sit at ≥ 0.86, other
+    subjects' at ≤ 0.61 and other text at ≤ 0.44 (100 facts, `benchmarks/keyed_probe.py`).
+    A stranger with a held subject's surname reads it too (0.96–0.99)."""
     guard: bool = True
     """Check after each MEMIT batch whether it knocked out earlier facts, and if so try
     again with their subjects in the same solve (``Memory._edit_guarded``)."""
+
+    def __post_init__(self) -> None:
+        if self.consolidation not in ("keyed", "lora"):
+            raise ValueError(f"consolidation must be 'keyed' or 'lora', not {self.consolidation!r}")
+        if self.consolidation == "keyed" and self.memit.key_positions != "subject":
+            raise ValueError("consolidation='keyed' needs MemitConfig.key_positions='subject'")
+        if not 0 < self.keyed_threshold < 1:
+            raise ValueError("keyed_threshold must be in (0, 1)")
 
     def with_memit(self, **changes: Any) -> MemoryConfig:
         return replace(self, memit=replace(self.memit, **changes))

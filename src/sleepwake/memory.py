@@ -12,6 +12,7 @@ home on start-up, so a new process answers exactly as the old one did.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,17 +23,25 @@ import torch
 from tqdm.auto import tqdm
 
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
-from sleepwake.corpus import perplexity_text
-from sleepwake.errors import InvalidFactError, StoreError, UnknownCycleError, UnknownFactError
+from sleepwake.corpus import locality_facts, perplexity_text, world_facts
+from sleepwake.errors import (
+    InvalidFactError,
+    StoreError,
+    UnknownCycleError,
+    UnknownFactError,
+)
 from sleepwake.evaluate import EvalReport, cached_perplexity, evaluate_facts, held
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
+from sleepwake.keyed import KeyedMemory, install, is_keyed_file
 from sleepwake.memit.covariance import load_or_compute
 from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
+from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.models import LoadedModel, load_model
-from sleepwake.sleep.cycle import CycleReport, run_cycle, takeover
-from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine
+from sleepwake.sleep.cycle import run_cycle, takeover
+from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
 from sleepwake.sleep.pressure import pressure
+from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
 from sleepwake.weights import Factor, LiveWeights
 
@@ -59,6 +68,15 @@ def as_facts(items: FactLike | Iterable[FactLike]) -> list[Fact]:
             raise InvalidFactError(f"fact #{i + 1}: expected Fact, str or dict, got {type(item).__name__}")
     if not out:
         raise InvalidFactError("no facts given")
+    return out
+
+
+def _per_layer(edits: Sequence[FactEdit]) -> dict[int, Factor]:
+    """The MEMIT deltas of `edits` summed per layer, as one (A, B) pair each."""
+    out: dict[int, Factor] = {}
+    for layer in sorted({l for e in edits for l in e.a}):
+        parts = [(e.a[layer], e.b[layer]) for e in edits if layer in e.a]
+        out[layer] = (torch.cat([a for a, _ in parts], dim=1), torch.cat([b for _, b in parts]))
     return out
 
 
@@ -110,8 +128,8 @@ class Memory:
             self._edits: dict[int, FactEdit] = {
                 r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")
             }
-            self._adapters: list[Adapter] = [Adapter.load(p, self.lm.device)
-                                             for _, p in self.store.active_adapters()]
+            self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
+            self._load_consolidated()
             edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
             self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
             self._rebuild()
@@ -171,11 +189,36 @@ class Memory:
                 out.setdefault(name, []).append(f)
         return out
 
-    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Adapter] | None = None) -> None:
-        """Live weights = base + `adapters` + `edits` (default: the committed state)."""
+    def _load_consolidated(self) -> None:
+        """The consolidated memory as the ledger has it: LoRA adapters (from earlier
+        versions, or `consolidation="lora"`) and the newest keyed table."""
+        device = self.lm.device
+        active = self.store.active_adapters()
+        self._adapters: list[Adapter] = [Adapter.load(p, device) for _, p in active if not is_keyed_file(p)]
+        tables = [p for _, p in active if is_keyed_file(p)]
+        self._keyed: KeyedMemory | None = KeyedMemory.load(tables[-1], device) if tables else None
+
+    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Adapter] | None = None,
+                 keyed: KeyedMemory | None | str = "live") -> None:
+        """Live model = base + `adapters` + `edits`, reading `keyed` (default: the
+        committed state, with the keyed entries that are live, `keyed_live`)."""
+        if edits is None and adapters is None and keyed == "live":
+            self._suspended = set()
         if edits is None:
             edits = [self._edits[i] for i in sorted(self._edits)]
         self.weights.rebuild(self._factors(edits, self._adapters if adapters is None else adapters))
+        install(self.lm, self.keyed_live() if keyed == "live" else keyed, _per_layer(edits))
+
+    def keyed_live(self) -> KeyedMemory | None:
+        """The keyed entries the model reads now: every subject's but those with facts in
+        MEMIT (their edit carries all their facts until a sleep writes a new entry), those
+        being edited, and those made for a fact that has since been forgotten or replaced."""
+        if self._keyed is None or not len(self._keyed):
+            return None
+        held = {r.id for r in self.store.facts(where="consolidated")}
+        off = {self._edit_group(r.fact) for r in self.store.facts(where="memit")} | self._suspended
+        off |= {s for s, e in self._keyed.entries.items() if not set(e.facts) <= held}
+        return self._keyed.without(sorted(str(s) for s in off))
 
     def _edit_group(self, fact: Fact) -> object:
         """Facts with one group live in one edit: with subject keys, a subject's facts."""
@@ -228,13 +271,23 @@ class Memory:
         held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
         carried = [r for r in held if self._edit_group(r.fact) in groups]
         device = str(self.lm.device)
-        fixed = fixed + [self.store.load_edit(r.id, device) for r in held if self._edit_group(r.fact) not in groups]
+        if self.lm.keyed is not None:  # their entries are off while they are edited (and in MEMIT after)
+            self._suspended |= groups
+            install(self.lm, self.lm.keyed.without(sorted(str(g) for g in groups)), _per_layer(fixed))
+        # Consolidated facts still in weights (LoRA) keep their keys fixed; keyed ones have no weights.
+        in_weights = [r for r in held if r.cycle is None or r.cycle not in self._keyed_cycles()]
+        fixed = fixed + [self.store.load_edit(r.id, device) for r in in_weights
+                         if self._edit_group(r.fact) not in groups]
         edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, progress=progress, chat=chat)
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):
             first = next(i for i, f in enumerate(facts) if self._shares_edit(f, r.fact))
             own[first] = own[first].joined(e)
         return own, stats
+
+    def _keyed_cycles(self) -> set[int]:
+        """Sleep cycles whose facts live in keyed tables (now or earlier)."""
+        return {c for c, p in self.store.consolidating_cycles() if is_keyed_file(p)}
 
     def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
         """Write facts into the weights now (MEMIT), in batches of about `config.batch_size`.
@@ -376,14 +429,19 @@ class Memory:
             raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
         again = [r for r in self.store.facts(where="memit")
                  if rec.where == "memit" and r.id != fact_id and self._shares_edit(r.fact, rec.fact)]
+        # A fact held by a keyed entry: the entry leaves the model now, and the subject's
+        # other facts go back to MEMIT, edited without it, until a sleep writes a new entry.
+        back = [r for r in self.store.facts(where="consolidated") if r.id != fact_id
+                and self._shares_edit(r.fact, rec.fact)] if rec.cycle in self._keyed_cycles() else []
         try:
             rewritten: dict[int, FactEdit] = {}
-            if again:
-                n_held = len(self.store.facts(where="memit")) - 1
-                edits, _ = self._edit([r.fact for r in again], {fact_id, *(r.id for r in again)}, self.progress,
+            if again or back:
+                n_held = len(self.store.facts(where="memit")) - 1 + len(back)
+                redo = again + back
+                edits, _ = self._edit([r.fact for r in redo], {fact_id, *(r.id for r in redo)}, self.progress,
                                       self.chat_edits(n_held))
-                rewritten = {r.id: e for r, e in zip(again, edits)}
-            rec = self.store.forget(fact_id, rewritten)
+                rewritten = {r.id: e for r, e in zip(redo, edits)}
+            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in back])
         except BaseException:
             self._rebuild()
             raise
@@ -408,7 +466,7 @@ class Memory:
         if isinstance(cycle, bool) or not isinstance(cycle, int):
             raise UnknownCycleError(f"cycle id must be an integer, got {cycle!r}")
         undone = self.store.rollback(cycle)
-        self._adapters = [Adapter.load(p, self.lm.device) for _, p in self.store.active_adapters()]
+        self._load_consolidated()
         self._edits = {r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")}
         self._rebuild()
         return undone
@@ -420,7 +478,8 @@ class Memory:
         if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / CONFIG_FILE).exists())):
             raise StoreError(f"{path} exists and is not an adapter directory; choose a new one")
         memit = takeover(self, {i: self._edits[i] for i in sorted(self._edits)})
-        parts = [*self._adapters, *([memit] if memit else [])]
+        keyed = self._keyed_as_lora()
+        parts = [*self._adapters, *([keyed] if keyed else []), *([memit] if memit else [])]
         if not parts:
             raise StoreError("nothing to export: the memory is empty")
         try:
@@ -428,6 +487,26 @@ class Memory:
         except OSError as exc:  # the save is atomic: nothing was written
             raise StoreError(f"cannot write the adapter to {path}: {exc.strerror or exc}") from exc
         return path
+
+    def _keyed_as_lora(self) -> Adapter | None:
+        """The live keyed entries as one LoRA part on their layer's down-projection, for
+        engines that read only LoRA: a MEMIT solve (eq. 3–4) that writes each entry's δ at
+        its keys. Exact at those keys up to λĈ; unlike the hook it also acts a little
+        elsewhere, and it does not grow the way the hook does."""
+        live = self.keyed_live()
+        if live is None:
+            return None
+        layer = live.layer
+        keys = torch.cat([e.keys for e in live.entries.values()]).to(self.lm.device)
+        deltas = torch.cat([e.delta.expand(len(e.keys), -1) for e in live.entries.values()]).to(self.lm.device)
+        post = self.lm.arch.post_norm(layer)
+        if post is not None:  # a residual change as a down-projection output change
+            with torch.no_grad():
+                out = keys.float() @ self.lm.base_weight(layer).float().T
+            deltas = through_post_norm(post, out, deltas)
+        cov_inv = inverse_covariance(self.covariances()[layer].to(self.lm.device))
+        a, b = solve_update(deltas, keys, cov_inv, self.config.memit.lambda_reg)
+        return from_factors({self.lm.arch.down_name(layer): (a, b)})
 
     def history(self) -> list[dict]:
         """Every sleep cycle with its inputs and measured results, oldest first."""
@@ -438,12 +517,34 @@ class Memory:
         cached = self.store.meta("ppl0")
         if cached is None:
             try:
-                self._rebuild([], [])
+                self._rebuild([], [], None)
                 cached = repr(self.perplexity())
             finally:
                 self._rebuild()
             self.store.set_meta("ppl0", cached)
         return float(cached)
+
+    def gate_facts(self) -> list[Fact]:
+        """The real-world facts the base model completes, kept out of the locality
+        benchmark's set (so that benchmark stays a fair test): what the budget's locality
+        gate checks (`BudgetConfig.min_locality`). Found once per home."""
+        bench = {f.key for f in locality_facts()}
+        world = [f for f in world_facts() if f.key not in bench]
+        cached = self.store.meta("gate_facts")
+        if cached is None:
+            try:
+                self._rebuild([], [], None)
+                known = held(self.model, self.tokenizer, world, chat=False)
+            finally:
+                self._rebuild()
+            cached = json.dumps([i for i, ok in enumerate(known) if ok])
+            self.store.set_meta("gate_facts", cached)
+        return [world[i] for i in json.loads(cached) if i < len(world)]
+
+    def locality(self) -> float:
+        """Share of `gate_facts` the live model still completes as the base model does."""
+        facts = self.gate_facts()
+        return sum(held(self.model, self.tokenizer, facts, chat=False)) / len(facts) if facts else 1.0
 
     def status(self, measure_perplexity: bool = True) -> dict[str, Any]:
         """Sleep pressure and its parts, and how many facts live where."""
@@ -459,6 +560,7 @@ class Memory:
         return {
             "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
             "adapters": len(self._adapters),
+            "keyed_subjects": len(self._keyed) if self._keyed is not None else 0,
             "awake_s": elapsed,
             "perplexity": ppl,
             "base_perplexity": ppl0,

@@ -41,8 +41,13 @@ class LoadedModel:
     arch: "Architecture"
     _pristine: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     weights_version: int = field(default=0, repr=False)
-    """Counts writes to the live weights (`LiveWeights`, `reset_weights`): what was measured
-    on them, such as perplexity, holds while it is unchanged."""
+    """Counts writes to the live weights (`LiveWeights`, `reset_weights`) and changes of the
+    hooks that act like weights (`keyed`): what was measured on them, such as perplexity,
+    holds while it is unchanged."""
+    hooks_digest: str = field(default="", repr=False)
+    """A name for the hooks installed now that change the model's outputs (`keyed`)."""
+    hooks: list = field(default_factory=list, repr=False)  # their handles
+    keyed: Any = field(default=None, repr=False)  # the `keyed.KeyedMemory` they read
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -62,6 +67,7 @@ class LoadedModel:
         The model's fingerprint and every module that differs from its base weight
         (one that a `Memory` wrote back to base counts as unchanged)."""
         h = hashlib.blake2b(self.fingerprint.encode(), digest_size=16)
+        h.update(self.hooks_digest.encode())
         for name in sorted(self._pristine):
             w = self.arch.weight(name).detach()
             if not torch.equal(w, self._pristine[name]):
@@ -76,6 +82,9 @@ class LoadedModel:
         with torch.no_grad():
             for name, w in self._pristine.items():
                 self.arch.weight(name).copy_(w)
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks, self.hooks_digest, self.keyed = [], "", None
         self.weights_version += 1
 
     @property
@@ -134,10 +143,9 @@ def _hf_bars(progress: bool) -> Iterator[None]:
     if progress:
         yield
         return
-    from transformers.utils import logging as hf_logging
-
     # The GGUF dequantiser draws its own tqdm bar, which the logging switch misses.
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
 
     saved_tqdm = gguf_utils.tqdm
     hf_logging.disable_progress_bar()

@@ -351,8 +351,10 @@ class Store:
             path.unlink(missing_ok=True)
         return [self.get(i) for i in ids]
 
-    def forget(self, fact_id: int, rewritten: dict[int, FactEdit] | None = None) -> FactRecord:
-        """Mark a fact forgotten and delete its edit; `rewritten` as in `commit_injection`."""
+    def forget(self, fact_id: int, rewritten: dict[int, FactEdit] | None = None,
+               to_memit: Sequence[int] = ()) -> FactRecord:
+        """Mark a fact forgotten and delete its edit; `rewritten` as in `commit_injection`;
+        `to_memit`: consolidated facts that go back to MEMIT (with their `rewritten` edits)."""
         rec = self.get(fact_id)
         if rec.status != "active":
             raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
@@ -360,6 +362,7 @@ class Store:
         with self._tx() as db:
             stale = self._rewrite(db, rewritten or {})
             db.execute("UPDATE facts SET status='forgotten', ended_at=? WHERE id=?", (time.time(), fact_id))
+            db.executemany("UPDATE facts SET location='memit', cycle=NULL WHERE id=?", [(i,) for i in to_memit])
             db.execute("DELETE FROM pairs WHERE fact_id=?", (fact_id,))
             if rec.where == "consolidated":  # an adapter still holds it: the next sleep rebuilds them
                 db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('rebuild_pending', '1')")
@@ -402,10 +405,20 @@ class Store:
                                [(time.time(), i) for i in ids])
             for i in ids:
                 shutil.rmtree(self.adapter_path(i), ignore_errors=True)
+                self.keyed_path(i).unlink(missing_ok=True)
         return ids
 
     def adapter_path(self, cycle: int) -> Path:
         return self.adapters_dir / f"cycle-{cycle:06d}"
+
+    def keyed_path(self, cycle: int) -> Path:
+        """The keyed table a cycle writes (`sleepwake.keyed`): one file, the whole table."""
+        return self.home / "keyed" / f"cycle-{cycle:06d}.safetensors"
+
+    def consolidating_cycles(self) -> list[tuple[int, Path]]:
+        """(cycle, adapter or keyed table) of every cycle that wrote one, accepted or not."""
+        rows = self.db.execute("SELECT id, adapter FROM cycles WHERE adapter IS NOT NULL ORDER BY id").fetchall()
+        return [(i, self.home / a) for i, a in rows]
 
     def active_adapters(self) -> list[tuple[int, Path]]:
         """(cycle, PEFT directory) of the adapters that make up the consolidated memory, in order."""
@@ -430,6 +443,7 @@ class Store:
         decay: float = 1.0,
         supersede: bool = False,
         erase_superseded: bool = False,
+        keyed: bool = False,
     ) -> None:
         """Close a cycle in one transaction: its adapter joins the consolidated memory
         (replacing all earlier ones when `supersede`), `consolidated` facts move there,
@@ -438,8 +452,13 @@ class Store:
         `rewritten` facts (kept in MEMIT, edited again on top of the adapter) get new
         edit versions; their old ones stay on disk for `rollback`.
         `erase_superseded` deletes the replaced adapters' files after the commit: they
-        hold facts that were forgotten, and "forget" must not leave them on disk."""
-        gone = [p for _, p in self.active_adapters()] if supersede and erase_superseded else []
+        hold facts that were forgotten, and "forget" must not leave them on disk.
+        A `keyed` cycle wrote a whole keyed table (`keyed_path`), which replaces the
+        earlier tables, and only them: LoRA adapters of earlier versions stay."""
+        def replaced(path: Path) -> bool:
+            return path.suffix == ".safetensors" if keyed else True
+
+        gone = [p for _, p in self.active_adapters() if replaced(p)] if (supersede or keyed) and erase_superseded else []
         with self._tx() as db:
             if status == "accepted" and rewritten:
                 versions = {fid: self._version(fid) for fid in rewritten}
@@ -447,11 +466,20 @@ class Store:
                 report = {**report, "rewritten": {str(f): [v, v + 1] for f, v in versions.items()}}
             db.execute(
                 "UPDATE cycles SET status=?, ended_at=?, adapter=?, report=? WHERE id=?",
-                (status, time.time(), str(self.adapter_path(cycle).relative_to(self.home)) if adapter else None,
+                (status, time.time(),
+                 str((self.keyed_path(cycle) if keyed else self.adapter_path(cycle)).relative_to(self.home))
+                 if adapter else None,
                  json.dumps(report), cycle),
             )
             if status != "accepted":
                 return
+            if keyed:
+                db.execute("UPDATE cycles SET superseded_by=? WHERE status='accepted' AND adapter LIKE 'keyed/%' "
+                           "AND superseded_by IS NULL AND id<>?", (cycle, cycle))
+                lora = db.execute("SELECT 1 FROM cycles WHERE status='accepted' AND adapter NOT LIKE 'keyed/%' "
+                                  "AND superseded_by IS NULL").fetchone()
+                if lora is None:  # the new table holds no forgotten fact, and no adapter is left that does
+                    db.execute("DELETE FROM meta WHERE key='rebuild_pending'")
             if supersede:
                 db.execute("UPDATE cycles SET superseded_by=? WHERE status='accepted' AND adapter IS NOT NULL "
                            "AND superseded_by IS NULL AND id<>?", (cycle, cycle))
@@ -466,7 +494,10 @@ class Store:
                            [(decay, i) for i in replayed])
             db.executemany("UPDATE messages SET curated=? WHERE id=?", [(cycle, i) for i in curated])
         for path in gone:
-            shutil.rmtree(path, ignore_errors=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
     def rollback(self, cycle: int) -> list[int]:
         """Undo `cycle` and every accepted cycle after it, in one transaction: their
@@ -479,7 +510,7 @@ class Store:
         if row[0] != "accepted":
             raise UnknownCycleError(f"cycle {cycle} was {row[0]}: only accepted cycles changed anything to undo")
         back = self.db.execute("SELECT adapter FROM cycles WHERE superseded_by>=? AND status='accepted'", (cycle,))
-        missing = [a for (a,) in back if a and not (self.home / a).is_dir()]
+        missing = [a for (a,) in back if a and not (self.home / a).exists()]
         if missing:
             raise UnknownCycleError(
                 f"cannot roll back to before cycle {cycle}: a later sleep forgot facts and deleted the adapters "

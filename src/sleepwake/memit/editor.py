@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -112,6 +112,41 @@ class MemitEditor:
         device = next(self.model.parameters()).device
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg)
+
+    def subject_deltas(self, facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """v* for `facts` on the live model, raw prompts and chat questions both, without
+        writing anything: per subject key, δ at the last edited layer, and the keys the
+        first edited layer's down-projection reads at the subject's last token in each
+        prompt (for the keyed memory, `sleepwake.keyed`)."""
+        cfg = replace(self.cfg, chat_edit=True, key_positions="subject")
+        device = next(self.model.parameters()).device
+        last = self.layers[-1]
+        with attention_kernels(device):
+            requests = build_requests(facts, self.tokenizer, cfg)
+            slots = make_slots(requests, cfg, device)
+            targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
+            keys = self.keys_at(requests, self.layers[0])
+        deltas: dict[str, torch.Tensor] = {}
+        by_subject: dict[str, list[torch.Tensor]] = {}
+        for s, r in enumerate(slots.request.tolist()):
+            deltas.setdefault(requests[r].subject, targets.deltas[s])
+        for q, k in zip(requests, keys):
+            by_subject.setdefault(q.subject, []).append(k)
+        return deltas, {subj: torch.stack(ks) for subj, ks in by_subject.items()}
+
+    def keys_at(self, requests: Sequence[Any], layer: int) -> torch.Tensor:
+        """The down-projection input of `layer` at each request's subject token (n × d_in)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        device = next(self.model.parameters()).device
+        out = []
+        for start in range(0, len(requests), 32):
+            part = requests[start:start + 32]
+            batch = pad_right([q.ids[: q.subject_pos + 1] for q in part], pad, device)
+            keys, _ = run_capture(self.model, self.arch, batch, key_layers=(layer,))
+            rows = torch.arange(len(part), device=device)
+            cols = torch.tensor([q.subject_pos for q in part], device=device)
+            out.append(keys[layer][rows, cols].float())
+        return torch.cat(out)
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,

@@ -450,6 +450,7 @@ class _StepGraph:
 @dataclass
 class TargetResult:
     values: torch.Tensor  # (n_slots, d_model): v* = h + δ
+    deltas: torch.Tensor  # (n_slots, d_model): δ
     loss_before: float
     loss_after: float
     steps: int
@@ -603,4 +604,5 @@ def compute_targets(
             run(max(1, cap // 4), groups, base_logp)
     else:
         run(cap, groups, base_logp)
-    return TargetResult(h + delta.detach()[slots.delta], loss_before, sum(last_loss) / n_req, steps)
+    deltas = delta.detach()[slots.delta]
+    return TargetResult(h + deltas, deltas, loss_before, sum(last_loss) / n_req, steps)

@@ -29,18 +29,18 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sleepwake.evaluate import EvalReport, evaluate_facts
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
+from sleepwake.sleep.commit import commit, rewrite_kept
 from sleepwake.sleep.curate import curate
 from sleepwake.sleep.curate import pairs as conversation_pairs
 from sleepwake.sleep.data import dream_questions, examples, fact_pairs
+from sleepwake.sleep.keyed_sleep import consolidate_keyed
 from sleepwake.sleep.lora import (
     Adapter,
     Example,
@@ -52,40 +52,11 @@ from sleepwake.sleep.lora import (
     soft_targets,
     train,
 )
+from sleepwake.sleep.report import CycleReport, over_budget
 
 if TYPE_CHECKING:
     from sleepwake.memory import Memory
     from sleepwake.store import FactRecord
-
-
-@dataclass
-class CycleReport:
-    """What a sleep did and what it measured."""
-
-    id: int | None
-    kind: str  # "nap" | "deep"
-    status: str  # "accepted" | "rejected" | "nothing to do"
-    consolidated: list[int] = field(default_factory=list)  # facts that left MEMIT
-    kept: list[int] = field(default_factory=list)  # facts that failed validation: edited in again, on top
-    kept_recall: float | None = None  # chat recall of those, after that
-    rebuilt: bool = False  # the consolidated memory was rebuilt into one adapter
-    chat_recall: float | None = None  # of the cycle's facts, MEMIT edits off
-    raw_recall: float | None = None
-    held_recall_before: float | None = None  # already consolidated facts (τ gate)
-    held_recall_after: float | None = None
-    ppl_before: float | None = None
-    ppl_after: float | None = None
-    exchanges: int = 0  # conversation exchanges scored by curation (deep sleep)
-    exchanges_kept: int = 0  # ... and learned from
-    train_steps: int = 0
-    train_loss: tuple[float, float] | None = None
-    trained_part_dropped: bool = False  # the trained part did not earn its place (see step 3)
-    seconds: float = 0.0
-    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the time went
-    reason: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
@@ -109,21 +80,30 @@ def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
 
 
 def run_cycle(mem: Memory, kind: str) -> CycleReport:
-    """Run one nap ("nap") or deep sleep ("deep"); see the module docstring."""
+    """Run one nap ("nap") or deep sleep ("deep"); see the module docstring, and
+    `sleep.keyed_sleep` for `MemoryConfig.consolidation="keyed"`."""
     if kind not in ("nap", "deep"):
         raise ValueError(f"sleep kind must be 'nap' or 'deep', not {kind!r}")
     store = mem.store
     memit = store.facts(where="memit")
+    keyed = mem.config.consolidation == "keyed"
     rebuild = kind == "deep" or store.meta("rebuild_pending") == "1"
     held = store.facts(where="consolidated") if rebuild else []
-    if not memit and not (rebuild and (held or mem._adapters)):
+    if not memit and not (rebuild and (held or mem._adapters or mem._keyed)):
         return CycleReport(None, kind, "nothing to do", reason="no facts are held by MEMIT edits")
     cycle = store.begin_cycle(kind)
     try:
-        report = _consolidate(mem, kind, cycle, memit, held, rebuild)
+        if keyed:
+            t0 = time.perf_counter()
+            report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
+                                 ppl_base=mem.base_perplexity(), locality_before=mem.locality())
+            report = consolidate_keyed(mem, kind, cycle, memit, report, t0)
+        else:
+            report = _consolidate(mem, kind, cycle, memit, held, rebuild)
     except BaseException as exc:  # also KeyboardInterrupt: back to the last good state
         mem._rebuild()
         shutil.rmtree(store.adapter_path(cycle), ignore_errors=True)
+        store.keyed_path(cycle).unlink(missing_ok=True)
         store.end_cycle(cycle, "failed", {"error": f"{type(exc).__name__}: {exc}"})
         raise
     return report
@@ -135,7 +115,8 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     cfg = mem.config.nap if kind == "nap" else mem.config.deep
     store, model, tok = mem.store, mem.model, mem.tokenizer
     device = str(mem.lm.device)
-    report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity())
+    report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
+                         ppl_base=mem.base_perplexity(), locality_before=mem.locality())
     mark = [t0]
 
     def phase(name: str) -> None:
@@ -159,8 +140,8 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     transfer = taken_over(ids)
     if transfer is None:  # a rebuild with nothing left: the consolidated memory becomes empty
         mem._rebuild(None, [])
-        report.ppl_after = mem.perplexity()
-        return _commit(mem, report, cycle, None, [], [], [], cfg, t0)
+        report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
+        return commit(mem, report, cycle, None, [], [], [], cfg, t0)
 
     # Dreams: what the model answers now, before anything changes; training keeps it.
     dreams, soft = [], []
@@ -243,11 +224,13 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], None,
                                             progress=False).chat_recall
     phase("edit kept facts again")
-    report.ppl_after = mem.perplexity()
+    report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
     phase("measure")
 
     if not passed and not rebuild:
         report.reason = "no fact was answered in chat without its MEMIT edit"
+    elif reason := over_budget(report, mem.config.budget):
+        report.reason = reason
     elif report.ppl_after > report.ppl_before * (1 + cfg.max_ppl_increase):
         report.reason = (f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than "
                          f"{cfg.max_ppl_increase:.0%}")
@@ -256,40 +239,9 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
                          f"{report.held_recall_after:.2f} (τ = {cfg.tau})")
     else:
         trained = [p for p in pairs if p.fact_id in set(passed) | set(stored)] + talk
-        return _commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0,
+        return commit(mem, report, cycle, adapter, passed, trained, [i for i, _ in replay], cfg, t0,
                        curated=[s.exchange.id for s in scored], rewritten=again)
     mem._rebuild()
     report.seconds = time.perf_counter() - t0
     store.end_cycle(cycle, "rejected", report.to_dict())
-    return report
-
-
-def rewrite_kept(mem: Memory, kept: list[FactRecord], passed: list[FactEdit]) -> dict[int, FactEdit]:
-    """New MEMIT edits of `kept` on the live weights as they are, keeping the keys of the
-    facts consolidated (`passed` now, and before) fixed; the edits go into the live weights."""
-    if not kept:
-        return {}
-    edits, _ = mem.edit_among([r.fact for r in kept], passed, chat=mem.chat_edits(len(kept)))
-    return {r.id: e for r, e in zip(kept, edits)}
-
-
-def _commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None, passed: list[int],
-            pairs: list, replayed: list[int], cfg: Any, t0: float, curated: Sequence[int] = (),
-            rewritten: dict[int, FactEdit] | None = None) -> CycleReport:
-    """Adapter directory first, then the ledger in one transaction, then the live weights."""
-    store = mem.store
-    if adapter is not None:
-        adapter.save(store.adapter_path(cycle), mem.lm.name)
-    report.status = "accepted"
-    report.seconds = time.perf_counter() - t0
-    forgetting = store.meta("rebuild_pending") == "1"
-    store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None, consolidated=passed,
-                    pairs=pairs, replayed=replayed, curated=curated, rewritten=rewritten, decay=cfg.replay_decay,
-                    supersede=report.rebuilt, erase_superseded=forgetting)
-    store.set_meta("awake_since", repr(time.time()))
-    mem._adapters = [Adapter.load(p, mem.lm.device) for _, p in store.active_adapters()]
-    for i in passed:
-        mem._edits.pop(i, None)
-    mem._edits.update(rewritten or {})
-    mem._rebuild()
     return report

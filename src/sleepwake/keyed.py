@@ -1,0 +1,229 @@
+"""The keyed subject memory: where consolidated facts live.
+
+MEMIT writes a subject's facts by finding one vector δ (v*, eq. 1) that, added to the
+residual stream at the subject's last token after layer L, makes the model say them,
+and then spreads δ over the down-projections of several layers as a weight change.
+Weight changes of many facts share those matrices and wear each other out: past about a
+hundred facts recall falls and the model drifts.
+
+This memory keeps δ itself, with the keys it is read at: the input of the first MEMIT
+layer's down-projection at the subject's last token, in each way the facts were asked
+(raw prompt, chat question). Hooks add a subject's δ after layer L at every token whose
+key is close to one of that subject's keys (cosine ≥ `threshold`, nearest entry wins),
+and do nothing anywhere else. (At that layer a subject's own keys in other sentences
+sit at cosine ≥ 0.86 and other subjects' at ≤ 0.61, other text's at ≤ 0.44: 100 facts,
+CPU, `benchmarks/keyed_probe.py`.) So each subject is exact and independent: ten
+thousand subjects cost ten thousand rows, not a shared matrix; text that names no held
+subject passes unchanged; and forgetting a subject deletes its rows. Sleep moves
+subjects here from MEMIT (`sleep.cycle`); it is the neocortex of the paper, in place of
+a LoRA adapter (GRACE, WISE and MEMOIR keep side memories like this one, keyed on
+other things).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sleepwake.models import Architecture, LoadedModel
+from sleepwake.store import write_atomic
+from sleepwake.weights import Factor
+
+DEFAULT_THRESHOLD = 0.8
+
+
+@dataclass
+class Entry:
+    """One subject: its δ and the keys it is read at."""
+
+    subject: str  # the subject key (`Fact.subject_key`)
+    delta: torch.Tensor  # (d_model,)
+    keys: torch.Tensor  # (n_keys, d_in)
+    facts: tuple[int, ...] = ()  # the ledger ids of the facts δ was made for
+
+
+@dataclass
+class KeyedMemory:
+    """Subjects' δs added after `layer`, each read where one of its keys is, matched at
+    the input of `match_layer`'s down-projection."""
+
+    layer: int
+    match_layer: int
+    threshold: float = DEFAULT_THRESHOLD
+    entries: dict[str, Entry] = field(default_factory=dict)
+    _digest: str | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def with_entries(self, new: Sequence[Entry], drop: Sequence[str] = ()) -> "KeyedMemory":
+        """A new memory: these entries added (replacing a subject's old one), `drop` removed."""
+        entries = {s: e for s, e in self.entries.items() if s not in set(drop)}
+        entries.update({e.subject: e for e in new})
+        return KeyedMemory(self.layer, self.match_layer, self.threshold, entries)
+
+    def without(self, subjects: Sequence[str]) -> "KeyedMemory":
+        gone = sorted(set(subjects) & set(self.entries))
+        if not gone:
+            return self
+        out = self.with_entries([], gone)
+        out._digest = hashlib.blake2b(f"{self.digest()}|-{chr(0).join(gone)}".encode(), digest_size=16).hexdigest()
+        return out
+
+    def digest(self) -> str:
+        """A name for what this memory does to the model (for caches of measurements)."""
+        if self._digest is None:
+            self._digest = self._hash()
+        return self._digest
+
+    def _hash(self) -> str:
+        h = hashlib.blake2b(f"{self.layer}|{self.match_layer}|{self.threshold!r}".encode(), digest_size=16)
+        for s in sorted(self.entries):
+            e = self.entries[s]
+            h.update(s.encode())
+            h.update(e.delta.detach().cpu().float().contiguous().numpy().tobytes())
+            h.update(e.keys.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # --- the table as tensors ----------------------------------------------------------
+
+    def table(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(unit keys n×d_in, δs m×d_model, the δ row of each key n) for the hook."""
+        entries = list(self.entries.values())
+        if not entries:
+            raise ValueError("the keyed memory is empty")
+        keys = torch.cat([e.keys for e in entries]).to(device, torch.float32)
+        owner = torch.cat([torch.full((len(e.keys),), i, dtype=torch.long) for i, e in enumerate(entries)])
+        deltas = torch.stack([e.delta for e in entries]).to(device, torch.float32)
+        return F.normalize(keys, dim=-1), deltas, owner.to(device)
+
+    # --- on disk --------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """One safetensors file, written atomically (subjects in the metadata)."""
+        from safetensors.torch import save_file
+
+        tensors, meta = {}, {"layer": str(self.layer), "match_layer": str(self.match_layer),
+                             "threshold": repr(self.threshold)}
+        for i, e in enumerate(self.entries.values()):
+            tensors[f"delta.{i}"] = e.delta.detach().cpu().float().contiguous()
+            tensors[f"keys.{i}"] = e.keys.detach().cpu().float().contiguous()
+            meta[f"subject.{i}"] = e.subject
+            meta[f"facts.{i}"] = ",".join(map(str, e.facts))
+        meta["n"] = str(len(self.entries))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "KeyedMemory":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata()
+            entries = {}
+            for i in range(int(meta["n"])):
+                subject = meta[f"subject.{i}"]
+                ids = tuple(int(x) for x in meta.get(f"facts.{i}", "").split(",") if x)
+                entries[subject] = Entry(subject, f.get_tensor(f"delta.{i}"), f.get_tensor(f"keys.{i}"), ids)
+        return cls(int(meta["layer"]), int(meta["match_layer"]), float(meta["threshold"]), entries)
+
+
+def is_keyed_file(path: str | os.PathLike[str]) -> bool:
+    """Whether a consolidated-memory path of the ledger is a keyed table (else a LoRA adapter)."""
+    return str(path).endswith(".safetensors")
+
+
+def install(lm: LoadedModel, memory: KeyedMemory | None, memit: dict[int, Factor] | None = None) -> None:
+    """Make `lm` read `memory` (or no keyed memory), replacing what it read before;
+    `memit` are the MEMIT deltas in the live weights, per layer, which the positions
+    the memory reads must not see (`attach`).
+
+    The hooks live on the loaded model, not on a `Memory`: several `Memory` objects can
+    share one model, and the one that rebuilds it last decides what it reads."""
+    digest = memory.digest() if memory is not None and len(memory) else ""
+    if digest and memit:
+        h = hashlib.blake2b(digest.encode(), digest_size=16)
+        for layer in sorted(memit):
+            for t in memit[layer]:
+                h.update(t.detach().cpu().float().contiguous().numpy().tobytes())
+        digest = h.hexdigest()
+    lm.keyed = memory if digest else None
+    if digest == lm.hooks_digest:
+        return
+    for handle in lm.hooks:
+        handle.remove()
+    lm.hooks = attach(lm.arch, memory, memit or {})
+    lm.hooks_digest = digest
+    lm.weights_version += 1
+
+
+@torch.no_grad()
+def _match(x: torch.Tensor, keys: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position of x (…, d_in): (the nearest key's index, whether it is close enough)."""
+    sims = F.normalize(x.float(), dim=-1) @ keys.T
+    best, idx = sims.max(dim=-1)
+    return idx, best >= threshold
+
+
+def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Factor]
+           ) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that make the model read `memory`; remove them to detach it.
+
+    Each forward pass: the keys at `match_layer` (the first layer MEMIT edits, so no
+    MEMIT edit has touched them yet) pick the positions that read an entry; at those
+    positions every layer's MEMIT delta is taken back out of the down-projection's
+    output, so a held subject is read on the weights its δ was made on, whatever
+    MEMIT holds meanwhile (measured: 93 consolidated facts, 27 in MEMIT: 0.33 of them
+    answered without this, 1.00 with MEMIT out); after `layer` the entry's δ is added.
+    A pass that replays layer outputs without running them (v*'s `frozen_prefix`)
+    matches nothing and adds nothing again: the replayed output already holds it."""
+    if memory is None or not len(memory):
+        return []
+    device = arch.down_proj(memory.layer).weight.device
+    keys, deltas, owner = memory.table(device)
+    # Per thread: a sleep works on the live model while replies run on a copy of it,
+    # and the copy shares these hooks.
+    local = threading.local()
+
+    def start(_m: nn.Module, _args: tuple) -> None:
+        local.hit = None
+
+    def match(_m: nn.Module, args: tuple) -> None:
+        idx, hit = _match(args[0], keys, memory.threshold)
+        local.hit = (owner[idx], hit) if bool(hit.any()) else None
+
+    def unedit(layer: int) -> Callable:
+        left, right = (t.to(device, torch.float32) for t in memit[layer])
+
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            hit = getattr(local, "hit", None)
+            if hit is None:
+                return out
+            mine = (args[0].float() @ right.T) @ left.T
+            return out - (mine * hit[1][..., None]).to(out.dtype)
+
+        return hook
+
+    def add(_m: nn.Module, _a: tuple, out: object) -> object:
+        hit = getattr(local, "hit", None)
+        if hit is None:
+            return out
+        rows, mask = hit
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + (deltas[rows] * mask[..., None]).to(h.dtype)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    handles = [arch.layers[0].register_forward_pre_hook(start),
+               arch.down_proj(memory.match_layer).register_forward_pre_hook(match)]
+    handles += [arch.down_proj(l).register_forward_hook(unedit(l)) for l in sorted(memit)]
+    handles.append(arch.layers[memory.layer].register_forward_hook(add))
+    return handles

@@ -1,0 +1,160 @@
+"""A sleep that moves subjects from MEMIT into the keyed memory (`sleepwake.keyed`).
+
+1. Solve: for each subject with facts in MEMIT (and, in a deep sleep or after a forget,
+   each entry made for facts that changed), v* is found again on the consolidated model
+   alone (base + the other subjects' entries, MEMIT off), for the raw prompt and the
+   chat question of every fact of the subject, however the facts came in: raw-only
+   MEMIT edits become visible to chat questions here. Its δ and the keys its prompts
+   read become the subject's entry. A deep sleep also reads every other entry's keys
+   again on the model as it is now ("keys that are still true").
+2. Validate with MEMIT off: a subject whose facts are all answered (raw prompt and chat
+   question, `evaluate.held`) leaves MEMIT; the others keep their MEMIT edits, edited
+   again on the new state. In a deep sleep an entry that no longer answers is solved
+   again; if that does not help either, the old one stays.
+3. Judge: the cycle is rejected if it takes perplexity or locality past the budget
+   against the base model (`BudgetConfig`) unless it improves on the state before, or
+   raises perplexity more than the sleep allows.
+4. Commit: the table file, then one ledger transaction; then the live model.
+
+Nothing is trained, so a nap takes seconds, and the memory's size grows by one entry
+per subject.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from sleepwake.evaluate import held
+from sleepwake.facts import Fact
+from sleepwake.keyed import Entry, KeyedMemory
+from sleepwake.memit.requests import build_requests
+from sleepwake.sleep.commit import commit, rewrite_kept
+from sleepwake.sleep.report import CycleReport, over_budget
+
+if TYPE_CHECKING:
+    from sleepwake.memory import Memory
+    from sleepwake.store import FactRecord
+
+
+def _groups(mem: Memory, records: Sequence[FactRecord]) -> dict[str, list[FactRecord]]:
+    out: dict[str, list[FactRecord]] = {}
+    for r in records:
+        out.setdefault(str(mem._edit_group(r.fact)), []).append(r)
+    return out
+
+
+def _solve(mem: Memory, groups: dict[str, list[FactRecord]], desc: str) -> list[Entry]:
+    """New entries for `groups` (v* and keys on the live model), a few subjects per batch."""
+    editor = mem.editor()
+    entries, batch, n = [], [], 0
+    names = list(groups)
+    bar = tqdm(total=len(names), desc=desc, unit="subject", disable=not mem.progress or len(names) < 2, leave=False)
+    for i, subject in enumerate(names):
+        batch.append(subject)
+        n += len(groups[subject])
+        if n >= mem.config.batch_size or i == len(names) - 1:
+            facts = [r.fact for s in batch for r in groups[s]]
+            deltas, keys = editor.subject_deltas(facts)
+            for s in batch:
+                entries.append(Entry(s, deltas[s], keys[s], tuple(sorted(r.id for r in groups[s]))))
+            bar.update(len(batch))
+            batch, n = [], 0
+    bar.close()
+    return entries
+
+
+def _rekey(mem: Memory, entry: Entry, facts: list[Fact]) -> Entry:
+    """The entry with its keys read again on the live model (its δ kept)."""
+    cfg = mem.editor().cfg
+    from dataclasses import replace
+
+    requests = build_requests(facts, mem.tokenizer, replace(cfg, chat_edit=True, key_positions="subject"))
+    keys = mem.editor().keys_at(requests, mem.layers[0])
+    return Entry(entry.subject, entry.delta, keys, entry.facts)
+
+
+def _answered(mem: Memory, groups: dict[str, list[FactRecord]]) -> dict[str, bool]:
+    """Per subject: are all its facts answered, raw prompt and chat question?"""
+    facts = [(s, r.fact) for s, rs in groups.items() for r in rs]
+    if not facts:
+        return {}
+    ok = held(mem.model, mem.tokenizer, [f for _, f in facts], chat=True)
+    out: dict[str, bool] = {s: True for s in groups}
+    for (s, _), good in zip(facts, ok):
+        out[s] = out[s] and good
+    return out
+
+
+def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], report: CycleReport,
+                      t0: float) -> CycleReport:
+    """Steps 1–3 of the module docstring; returns the report, committed or rejected."""
+    store, cfg = mem.store, (mem.config.nap if kind == "nap" else mem.config.deep)
+    mark = [t0]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        report.phases[name] = round(report.phases.get(name, 0.0) + now - mark[0], 3)
+        mark[0] = now
+
+    old = mem._keyed or KeyedMemory(mem.layers[-1], mem.layers[0], mem.config.keyed_threshold)
+    held_now = _groups(mem, store.facts(where="consolidated"))
+    moving = _groups(mem, memit)
+    for s in moving:  # a subject's consolidated facts go with its MEMIT ones (one δ per subject)
+        moving[s] = held_now.pop(s, []) + moving[s]
+    stale = [s for s, e in old.entries.items()
+             if s not in moving and tuple(sorted(r.id for r in held_now.get(s, []))) != e.facts]
+    redo = {s: held_now[s] for s in stale if held_now.get(s)}
+    keep = old.without([*moving, *stale])
+    mem._rebuild([], mem._adapters, keep)
+    if kind == "deep" and len(keep):  # keys that are still true, on the model as it is now
+        keep = KeyedMemory(keep.layer, keep.match_layer, keep.threshold, {
+            s: _rekey(mem, e, [r.fact for r in held_now[s]]) for s, e in keep.entries.items() if s in held_now})
+        mem._rebuild([], mem._adapters, keep)
+        if len(keep):
+            lost = [s for s, ok in _answered(mem, {s: held_now[s] for s in keep.entries}).items() if not ok]
+            redo.update({s: held_now[s] for s in lost})
+    phase("prepare")
+
+    new = _solve(mem, {**moving, **redo}, kind)
+    table = keep.with_entries(new)
+    phase("solve")
+    mem._rebuild([], mem._adapters, table)
+    ok = _answered(mem, {**moving, **redo})
+    for s in redo:  # a re-solved entry that still fails: the old one, if better, stays
+        if not ok[s] and s in old.entries and not set(old.entries[s].facts) - {r.id for r in redo[s]}:
+            table = table.with_entries([old.entries[s]])
+    failed = [s for s in moving if not ok[s]]
+    # A subject that failed stays in MEMIT; its old entry (if any) stays too, off while it is there.
+    table = table.without(failed).with_entries([old.entries[s] for s in failed if s in old.entries])
+    passed = [r.id for s in moving if ok[s] for r in moving[s] if r.where == "memit"]
+    report.kept = [r.id for s in failed for r in moving[s] if r.where == "memit"]
+    report.consolidated = passed
+    n = len(memit) or 1
+    report.chat_recall = report.raw_recall = len(passed) / n if memit else None
+    phase("validate")
+
+    mem._rebuild([], mem._adapters, table)
+    again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [])
+    mem._rebuild([again[i] for i in sorted(again)], mem._adapters, table)
+    phase("edit kept facts again")
+    report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
+    phase("measure")
+
+    if memit and not passed and not redo:
+        report.reason = "no subject was answered by its keyed entry"
+    elif reason := over_budget(report, mem.config.budget):
+        report.reason = reason
+    elif report.ppl_after > report.ppl_before * (1 + cfg.max_ppl_increase):
+        report.reason = (f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than "
+                         f"{cfg.max_ppl_increase:.0%}")
+    else:
+        table.save(store.keyed_path(cycle))
+        return commit(mem, report, cycle, None, passed, [], [], cfg, t0, rewritten=again, keyed=True)
+    mem._rebuild()
+    report.seconds = time.perf_counter() - t0
+    store.end_cycle(cycle, "rejected", report.to_dict())
+    return report

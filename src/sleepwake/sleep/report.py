@@ -1,0 +1,55 @@
+"""What a sleep cycle did and measured, and the budget it is judged by."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sleepwake.config import BudgetConfig
+
+
+@dataclass
+class CycleReport:
+    """What a sleep did and what it measured."""
+
+    id: int | None
+    kind: str  # "nap" | "deep"
+    status: str  # "accepted" | "rejected" | "nothing to do"
+    consolidated: list[int] = field(default_factory=list)  # facts that left MEMIT
+    kept: list[int] = field(default_factory=list)  # facts that failed validation: edited in again, on top
+    kept_recall: float | None = None  # chat recall of those, after that
+    rebuilt: bool = False  # the consolidated memory was rebuilt into one adapter
+    chat_recall: float | None = None  # of the cycle's facts, MEMIT edits off
+    raw_recall: float | None = None
+    held_recall_before: float | None = None  # already consolidated facts (τ gate)
+    held_recall_after: float | None = None
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    ppl_base: float | None = None  # the base model's (`BudgetConfig`)
+    locality_before: float | None = None  # share of the budget's gate facts still answered as the base does
+    locality_after: float | None = None
+    exchanges: int = 0  # conversation exchanges scored by curation (deep sleep)
+    exchanges_kept: int = 0  # ... and learned from
+    train_steps: int = 0
+    train_loss: tuple[float, float] | None = None
+    trained_part_dropped: bool = False  # the trained part did not earn its place (see step 3)
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, where the time went
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def over_budget(report: CycleReport, budget: BudgetConfig) -> str:
+    """Why a sleep's result is over the budget against the base model, or "" if it is not.
+    A result over budget still passes if it is better than the state before the sleep:
+    refusing it would keep the worse one."""
+    ppl_limit = report.ppl_base * (1 + budget.max_ppl_increase)
+    if report.ppl_after > ppl_limit and report.ppl_after > report.ppl_before:
+        return (f"perplexity {report.ppl_after:.3f} would be {report.ppl_after / report.ppl_base - 1:+.1%} over the "
+                f"base model's {report.ppl_base:.3f}; the budget is {budget.max_ppl_increase:+.0%}")
+    if report.locality_after < budget.min_locality and report.locality_after < report.locality_before:
+        return (f"locality {report.locality_after:.3f} would be under the budget's {budget.min_locality:.2f} "
+                f"(it was {report.locality_before:.3f})")
+    return ""

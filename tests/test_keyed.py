@@ -1,0 +1,199 @@
+"""The keyed subject memory, the default consolidation (issue #25): its table and hooks,
+and sleeps that move subjects into it, on the real default model."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from sleepwake.config import MemoryConfig
+from sleepwake.evaluate import held
+from sleepwake.facts import Fact
+from sleepwake.keyed import Entry, KeyedMemory, install
+from sleepwake.memit.trace import run_capture
+
+FACTS = [
+    Fact("Anselm Kreutzer", "lives in", "Lisbon"),
+    Fact("Anselm Kreutzer", "works as a", "carpenter"),
+    Fact("Zofia Wróblewska", "works as a", "veterinarian"),
+    Fact("Mateus Okonkwo", "was born in", "Kraków"),
+]
+LATER = Fact("Ilse Brandvold", "lives in", "Tromsø")
+
+
+def recalled(mem, facts) -> list[bool]:
+    """Each fact answered after its raw prompt and after its chat question."""
+    return held(mem.model, mem.tokenizer, facts, chat=True)
+
+
+# --- the table and its hooks ---------------------------------------------------------------
+
+
+def test_table_round_trips_and_replaces_by_subject(tmp_path):
+    a = Entry("anna", torch.randn(8), torch.randn(2, 16), (1, 2))
+    b = Entry("bo", torch.randn(8), torch.randn(3, 16), (3,))
+    table = KeyedMemory(11, 4, 0.8).with_entries([a, b])
+    table.save(tmp_path / "t.safetensors")
+    back = KeyedMemory.load(tmp_path / "t.safetensors")
+    assert (back.layer, back.match_layer, back.threshold, list(back.entries)) == (11, 4, 0.8, ["anna", "bo"])
+    assert torch.equal(back.entries["bo"].keys, b.keys) and back.entries["anna"].facts == (1, 2)
+    assert back.digest() == table.digest()
+    newer = Entry("anna", torch.randn(8), torch.randn(1, 16), (1, 2, 4))
+    assert list(table.with_entries([newer]).entries) == ["anna", "bo"]
+    assert table.with_entries([newer]).entries["anna"].facts == (1, 2, 4)
+    assert list(table.without(["anna"]).entries) == ["bo"] and table.without(["nobody"]) is table
+    assert table.without(["anna"]).digest() != table.digest()
+
+
+def _hidden(lm, text: str, layer: int) -> torch.Tensor:
+    ids = lm.tokenizer(text, return_tensors="pt")
+    _, hid = run_capture(lm.model, lm.arch, {k: v.to(lm.device) for k, v in ids.items()}, hidden_layers=(layer,))
+    return hid[layer][0]
+
+
+def test_an_entry_acts_where_its_subject_is_read_and_nowhere_else(base_lm):
+    lm = base_lm
+    text = "Anselm Kreutzer lives in"
+    ids = lm.tokenizer(text, return_tensors="pt")
+    keys, _ = run_capture(lm.model, lm.arch, {k: v.to(lm.device) for k, v in ids.items()}, key_layers=(4,))
+    pos = len(lm.tokenizer("Anselm Kreutzer")["input_ids"]) - 1  # the subject's last token
+    delta = torch.randn(lm.arch.d_out(11), device=lm.device)
+    table = KeyedMemory(11, 4, 0.8).with_entries([Entry("anselm kreutzer", delta, keys[4][0, pos:pos + 1], (1,))])
+    before = _hidden(lm, text, 11)
+    other = "The weather in Bergen is rainy, said Ilse."
+    other_before = _hidden(lm, other, 11)
+    try:
+        install(lm, table)
+        after = _hidden(lm, text, 11)
+        other_after = _hidden(lm, other, 11)
+        question = _hidden(lm, "Where does Anselm Kreutzer live?", 11)  # another sentence, same subject
+    finally:
+        install(lm, None)
+    changed = (after - before).norm(dim=-1) > 1e-4
+    assert changed[pos] and changed.sum() == 1, changed  # only the subject's last token
+    assert torch.allclose(after[pos] - before[pos], delta, atol=1e-3)
+    assert torch.equal(other_after, other_before)  # text that names no held subject: bitwise unchanged
+    assert question.shape[0] > pos
+    assert torch.equal(_hidden(lm, text, 11), before)  # detached: as before
+
+
+# --- sleeps into the keyed memory --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def napped(tmp_path_factory, lm, cache_dir):
+    """Four facts, a nap into the keyed memory, then a fifth fact held by MEMIT."""
+    from sleepwake.memory import Memory
+
+    home = tmp_path_factory.mktemp("keyed") / "home"
+    with Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False) as mem:
+        mem.inject(FACTS)
+        report = mem.nap()
+        mem.inject(LATER)
+    return home, report
+
+
+def test_a_nap_moves_subjects_into_the_keyed_memory_and_a_restart_reads_them(napped, make_memory, cache_dir):
+    home, report = napped
+    assert report.status == "accepted" and sorted(report.consolidated) == [1, 2, 3, 4], report
+    assert report.train_steps == 0 and report.ppl_after <= report.ppl_base * 1.02, report
+    assert report.locality_after >= 0.97, report
+    assert (home / "keyed" / f"cycle-{report.id:06d}.safetensors").is_file()
+    mem = make_memory(home)
+    st = mem.status(measure_perplexity=False)
+    assert st["facts"] == {"memit": 1, "consolidated": 4} and st["keyed_subjects"] == 3
+    assert all(recalled(mem, [*FACTS, LATER]))  # the keyed entries, and MEMIT beside them
+    mem._rebuild([], [], mem._keyed)  # MEMIT out: the entries alone answer
+    assert all(recalled(mem, FACTS))
+    mem._rebuild([], [], None)  # nothing learned: the base model knows none of it
+    assert not any(recalled(mem, FACTS))
+
+
+def test_forget_and_update_of_a_keyed_fact(napped, make_memory, tmp_path):
+    import shutil
+
+    home = tmp_path / "copy"
+    shutil.copytree(napped[0], home)
+    mem = make_memory(home)
+    lisbon, carpenter = mem.facts()[0], mem.facts()[1]
+    assert lisbon.fact.object == "Lisbon" and lisbon.where == "consolidated"
+    mem.forget(lisbon.id)  # gone at once; the subject's other fact goes back to MEMIT
+    assert recalled(mem, [lisbon.fact]) == [False]
+    assert recalled(mem, [carpenter.fact]) == [True]
+    assert {r.id: r.where for r in mem.facts()}[carpenter.id] == "memit"
+    moved = Fact("Zofia Wróblewska", "works as a", "pharmacist")  # an update of a keyed fact
+    mem.inject(moved)
+    assert recalled(mem, [moved, FACTS[3]]) == [True, True]
+    rep = mem.nap()
+    assert rep.status == "accepted", rep.reason
+    assert recalled(mem, [moved, carpenter.fact, FACTS[3], LATER]) == [True] * 4
+    assert recalled(mem, [lisbon.fact, FACTS[2]]) == [False, False]
+    tables = sorted((home / "keyed").glob("*.safetensors"))
+    assert len(tables) == 1  # the table that still held the forgotten fact is erased
+    entries = KeyedMemory.load(tables[0]).entries
+    assert lisbon.id not in entries["anselm kreutzer"].facts
+
+
+def test_raw_only_facts_become_chat_visible_in_a_deep_sleep(make_memory):
+    """Past the chat-edit limit MEMIT writes raw prompts only (the 60-at-once case of
+    issue #25, scaled down): a deep sleep solves every subject for chat questions too."""
+    cfg = MemoryConfig(progress=False).with_memit(chat_edit_max_facts=2)
+    mem = make_memory(config=cfg)
+    facts = [*FACTS, LATER, Fact("Ilse Brandvold", "has a dog named", "Juniper")]
+    mem.inject(facts)
+    chat_now = held(mem.model, mem.tokenizer, facts, chat=True)
+    assert sum(chat_now) < len(facts)  # raw-only edits: some chat questions not answered yet
+    rep = mem.sleep()
+    assert rep.status == "accepted" and rep.kind == "deep", rep.reason
+    again = make_memory(mem.home, cfg)
+    assert all(recalled(again, facts))
+
+
+_KILLED = """
+import sys
+from sleepwake.memory import Memory
+from sleepwake.config import MemoryConfig
+from sleepwake.facts import Fact
+mem = Memory(home=sys.argv[1], cache_dir=sys.argv[2], config=MemoryConfig(progress=False, batch_size=1))
+mem.inject([Fact("Benedek Szalai", "lives in", "Debrecen"), Fact("Wiremu Tane", "works as a", "surveyor")])
+mem.progress = True  # the deep sleep's bar counts subjects: the test kills it after the first
+mem.sleep()
+"""
+
+
+def test_a_deep_sleep_killed_midway_leaves_the_last_good_state(napped, make_memory, cache_dir, tmp_path):
+    import shutil
+
+    home = tmp_path / "copy"
+    shutil.copytree(napped[0], home)
+    first = make_memory(home)
+    before = [(r.id, r.where) for r in first.facts()]
+    first.close()  # the home's lock goes to the child
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], stderr=subprocess.PIPE)
+    try:
+        shown, deadline = b"", time.monotonic() + 240
+        while not re.search(rb"deep:[^\r\n]*\b[1-9][0-9]*/[0-9]+", shown):
+            left = deadline - time.monotonic()
+            assert left > 0, shown[-500:]
+            if select.select([proc.stderr], [], [], left)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"the sleep ended before it could be interrupted: {shown[-500:]!r}"
+                shown += chunk
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    again = make_memory(home)
+    assert again.interrupted and [c["status"] for c in again.history()][-1] == "interrupted"
+    assert [(r.id, r.where) for r in again.facts()][: len(before)] == before  # the two new facts: in MEMIT
+    assert all(r.where == "memit" for r in again.facts()[len(before):])
+    assert not list((home / "keyed").glob(f"cycle-{again.history()[-1]['id']:06d}*"))
+    assert all(recalled(again, [*FACTS, LATER]))
