@@ -145,9 +145,9 @@ def test_forget_and_update_of_a_keyed_fact(napped, make_memory, tmp_path):
 def test_raw_only_facts_become_chat_visible_in_a_deep_sleep(make_memory):
     """Past the chat-edit limit MEMIT writes raw prompts only (the 60-at-once case of
     issue #25, scaled down): a deep sleep solves every subject for chat questions too."""
-    cfg = MemoryConfig(progress=False).with_memit(chat_edit_max_facts=2)
+    cfg = MemoryConfig(progress=False).with_memit(chat_edit_max_facts=1)
     mem = make_memory(config=cfg)
-    facts = [*FACTS, LATER, Fact("Ilse Brandvold", "has a dog named", "Juniper")]
+    facts = [FACTS[0], FACTS[2], LATER]
     mem.inject(facts)
     chat_now = held(mem.model, mem.tokenizer, facts, chat=True)
     assert sum(chat_now) < len(facts)  # raw-only edits: some chat questions not answered yet

@@ -230,7 +230,8 @@ class MemoryConfig:
     consolidation: str = "keyed"
     """Where sleep moves facts: "keyed" (one δ and its keys per subject, read only where the
     subject is: `sleepwake.keyed`, `sleep.keyed_sleep`) or "lora" (the MEMIT edits taken over
-    into a LoRA adapter, plus a trained part: `sleep.cycle`; the design before issue #25)."""
+    into a LoRA adapter, plus a trained part: `sleep.cycle`; the design before issue #25).
+    Keyed entries need subject keys: with other `key_positions` sleep uses "lora"."""
     keyed_threshold: float = 0.8
     """Cosine similarity from which a position's key reads a keyed entry (`sleepwake.keyed`):
     at the first MEMIT layer a subject's own keys in other sentences sit at ≥ 0.86, other
@@ -243,8 +244,6 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         if self.consolidation not in ("keyed", "lora"):
             raise ValueError(f"consolidation must be 'keyed' or 'lora', not {self.consolidation!r}")
-        if self.consolidation == "keyed" and self.memit.key_positions != "subject":
-            raise ValueError("consolidation='keyed' needs MemitConfig.key_positions='subject'")
         if not 0 < self.keyed_threshold < 1:
             raise ValueError("keyed_threshold must be in (0, 1)")
 

@@ -20,7 +20,7 @@ import random
 
 from sleepwake.facts import Fact
 
-__all__ = ["RELATIONS", "fictional_people", "fictional_facts", "max_people"]
+__all__ = ["RELATIONS", "fictional_facts", "fictional_people", "lifelong_facts", "max_people"]
 
 # ---------------------------------------------------------------------------
 # Relations: (relation, question template with {s}, pool of objects).
@@ -369,3 +369,43 @@ def fictional_facts(n_subjects: int, relations_per_subject: int = 1, seed: int =
             obj = pool[_randbelow(rng, len(pool))]
             facts.append(Fact(person, relation, obj, template.format(s=person)))
     return facts
+
+
+def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), spread: int = 100) -> list[Fact]:
+    """The first ``n`` facts told about invented people over a long time, in the order told.
+
+    Each person has ``attributes[0]`` to ``attributes[1]`` facts with distinct relations
+    (drawn from all of :data:`RELATIONS`, so fact sets differ in kind as well as in names).
+    Their facts do not come together: person ``i`` turns up at time ``i * attributes[0]``
+    and each of their facts at a uniformly random time up to ``spread`` later, so people
+    interleave and a later fact about someone often arrives after the earlier ones were
+    slept on, as in use. The list for a smaller ``n`` is a prefix of the list for a
+    larger one with the same other arguments, so checkpoints of a short run are those of
+    a long one. Deterministic in its arguments.
+    """
+    lo, hi = attributes
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    if not 1 <= lo <= hi <= len(RELATIONS):
+        raise ValueError(f"attributes must be (lo, hi) with 1 <= lo <= hi <= {len(RELATIONS)}, got {attributes}")
+    if spread < 0:
+        raise ValueError(f"spread must be non-negative, got {spread}")
+    # The first ceil(n / lo) people have at least n facts, all told before `horizon`; a
+    # person who turns up after it cannot be among the first n facts.
+    horizon = -(-n // lo) * lo + spread
+    needed = -(-horizon // lo) if n else 0
+    if needed > max_people():
+        raise ValueError(f"{n} facts need {needed} people; there are {max_people()} names")
+    people = fictional_people(needed, seed)
+    # A stream of its own, drawn person by person: more people leave earlier ones alone.
+    rng = random.Random(seed * 1_000_003 + 104_729)
+    timed: list[tuple[float, int, int, Fact]] = []
+    for i, person in enumerate(people):
+        k = lo + _randbelow(rng, hi - lo + 1)
+        for j, r in enumerate(_shuffled(list(range(len(RELATIONS))), rng)[:k]):
+            relation, template, pool = RELATIONS[r]
+            obj = pool[_randbelow(rng, len(pool))]
+            when = i * lo + rng.random() * spread
+            timed.append((when, i, j, Fact(person, relation, obj, template.format(s=person))))
+    timed.sort(key=lambda t: t[:3])
+    return [t[3] for t in timed[:n]]

@@ -86,7 +86,7 @@ def run_cycle(mem: Memory, kind: str) -> CycleReport:
         raise ValueError(f"sleep kind must be 'nap' or 'deep', not {kind!r}")
     store = mem.store
     memit = store.facts(where="memit")
-    keyed = mem.config.consolidation == "keyed"
+    keyed = mem.config.consolidation == "keyed" and mem.config.memit.key_positions == "subject"
     rebuild = kind == "deep" or store.meta("rebuild_pending") == "1"
     held = store.facts(where="consolidated") if rebuild else []
     if not memit and not (rebuild and (held or mem._adapters or mem._keyed)):
