@@ -438,14 +438,11 @@ def sleep_marks(ax: Any, runs: Sequence[dict]) -> None:
 
 
 def positive(text: str) -> int:
-    """A positive integer option."""
+    """A positive integer option (as capacity.py's `--batch`)."""
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return n
+        return batch_size(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
 
 
 def checkpoint_list(text: str) -> list[int]:

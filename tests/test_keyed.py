@@ -3,16 +3,11 @@ and sleeps that move subjects into it, on the real default model."""
 
 from __future__ import annotations
 
-import os
-import re
-import select
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
+from test_sleep import kill_after_first_step
 
 from sleepwake.config import MemoryConfig
 from sleepwake.evaluate import held
@@ -177,20 +172,7 @@ def test_a_deep_sleep_killed_midway_leaves_the_last_good_state(napped, make_memo
     first = make_memory(home)
     before = [(r.id, r.where) for r in first.facts()]
     first.close()  # the home's lock goes to the child
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], stderr=subprocess.PIPE)
-    try:
-        shown, deadline = b"", time.monotonic() + 240
-        while not re.search(rb"deep:[^\r\n]*\b[1-9][0-9]*/[0-9]+", shown):
-            left = deadline - time.monotonic()
-            assert left > 0, shown[-500:]
-            if select.select([proc.stderr], [], [], left)[0]:
-                chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk, f"the sleep ended before it could be interrupted: {shown[-500:]!r}"
-                shown += chunk
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
+    kill_after_first_step([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], "deep")
     again = make_memory(home)
     assert again.interrupted and [c["status"] for c in again.history()][-1] == "interrupted"
     assert [(r.id, r.where) for r in again.facts()][: len(before)] == before  # the two new facts: in MEMIT

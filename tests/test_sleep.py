@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from dataclasses import replace
 
 import pytest
@@ -210,6 +209,25 @@ def test_forget_after_sleep_removes_a_consolidated_fact(napped, make_memory, tmp
     assert len(mem._adapters) == 1 and not mem.status(measure_perplexity=False)["rebuild_pending"]
 
 
+def kill_after_first_step(cmd: list[str], bar: str) -> None:
+    """Run `cmd` and kill it without warning once its progress bar `bar` shows a first
+    step done (not after a fixed wait, which a fast machine outran)."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    try:
+        shown, deadline = b"", time.monotonic() + 240
+        while not re.search(bar.encode() + rb":[^\r\n]*\b[1-9][0-9]*/[0-9]+", shown):
+            left = deadline - time.monotonic()
+            assert left > 0, shown[-500:]
+            if select.select([proc.stderr], [], [], left)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, f"it ended before it could be interrupted: {shown[-500:]!r}"
+                shown += chunk
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+
+
 _KILLED = """
 import sys
 from sleepwake.memory import Memory
@@ -226,20 +244,7 @@ def test_a_sleep_killed_midway_leaves_the_last_good_state(injected, make_memory,
     mem = make_memory(home)
     before = snapshot(mem)
     mem.close()
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], stderr=subprocess.PIPE)
-    try:
-        shown, deadline = b"", time.monotonic() + 240
-        while not re.search(rb"nap:[^\r\n]*\b[1-9][0-9]*/[0-9]+", shown):
-            left = deadline - time.monotonic()
-            assert left > 0, shown[-500:]
-            if select.select([proc.stderr], [], [], left)[0]:
-                chunk = os.read(proc.stderr.fileno(), 4096)
-                assert chunk, f"the nap ended before it could be interrupted: {shown[-500:]!r}"
-                shown += chunk
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
+    kill_after_first_step([sys.executable, "-c", _KILLED, str(home), str(cache_dir)], "nap")
     again = make_memory(home)
     assert again.interrupted and [c["status"] for c in again.history()] == ["interrupted"]
     assert all(r.where == "memit" for r in again.facts())
@@ -369,6 +374,8 @@ def test_budget_gate_judges_against_the_base_model_and_refuses_to_ratchet():
     assert over_budget(rep(22.0, 21.0), budget) == ""  # over budget, but better than before: kept
     assert "locality" in over_budget(rep(20.0, 20.0, 0.97, 0.94), budget)
     assert over_budget(rep(20.0, 20.0, 0.90, 0.93), budget) == ""  # under, but better than before
+    assert "rose more than 1%" in over_budget(rep(20.0, 20.3), budget, max_step=0.01)  # the sleep's own step
+    assert over_budget(rep(20.0, 20.3), budget, max_step=0.05) == ""
     ratchet, ppl = [], 20.0
     for _ in range(10):  # sleeps that each add 2%: the budget stops them at +3%
         after = ppl * 1.02

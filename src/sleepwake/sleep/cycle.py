@@ -229,11 +229,8 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
     if not passed and not rebuild:
         report.reason = "no fact was answered in chat without its MEMIT edit"
-    elif reason := over_budget(report, mem.config.budget):
+    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase):
         report.reason = reason
-    elif report.ppl_after > report.ppl_before * (1 + cfg.max_ppl_increase):
-        report.reason = (f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than "
-                         f"{cfg.max_ppl_increase:.0%}")
     elif held and report.held_recall_after < cfg.tau * report.held_recall_before:
         report.reason = (f"consolidated facts' recall fell from {report.held_recall_before:.2f} to "
                          f"{report.held_recall_after:.2f} (τ = {cfg.tau})")

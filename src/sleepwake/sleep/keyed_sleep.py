@@ -146,11 +146,8 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
 
     if memit and not passed and not redo:
         report.reason = "no subject was answered by its keyed entry"
-    elif reason := over_budget(report, mem.config.budget):
+    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase):
         report.reason = reason
-    elif report.ppl_after > report.ppl_before * (1 + cfg.max_ppl_increase):
-        report.reason = (f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than "
-                         f"{cfg.max_ppl_increase:.0%}")
     else:
         table.save(store.keyed_path(cycle))
         return commit(mem, report, cycle, None, passed, [], [], cfg, t0, rewritten=again, keyed=True)

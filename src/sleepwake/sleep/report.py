@@ -41,10 +41,11 @@ class CycleReport:
         return asdict(self)
 
 
-def over_budget(report: CycleReport, budget: BudgetConfig) -> str:
-    """Why a sleep's result is over the budget against the base model, or "" if it is not.
-    A result over budget still passes if it is better than the state before the sleep:
-    refusing it would keep the worse one."""
+def over_budget(report: CycleReport, budget: BudgetConfig, max_step: float | None = None) -> str:
+    """Why a sleep's result is over the budget against the base model, or over the
+    perplexity rise one sleep may cause (`max_step`, relative to before it), or "" if
+    neither. A result over the budget still passes if it is better than the state before
+    the sleep: refusing it would keep the worse one."""
     ppl_limit = report.ppl_base * (1 + budget.max_ppl_increase)
     if report.ppl_after > ppl_limit and report.ppl_after > report.ppl_before:
         return (f"perplexity {report.ppl_after:.3f} would be {report.ppl_after / report.ppl_base - 1:+.1%} over the "
@@ -52,4 +53,6 @@ def over_budget(report: CycleReport, budget: BudgetConfig) -> str:
     if report.locality_after < budget.min_locality and report.locality_after < report.locality_before:
         return (f"locality {report.locality_after:.3f} would be under the budget's {budget.min_locality:.2f} "
                 f"(it was {report.locality_before:.3f})")
+    if max_step is not None and report.ppl_after > report.ppl_before * (1 + max_step):
+        return f"perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f} rose more than {max_step:.0%}"
     return ""
