@@ -9,11 +9,14 @@ deep sleeps come when the sleep pressure calls for them. At each checkpoint (40,
 and chat recall, locality (real-world facts the base model got right that it still gets
 right, raw and chat, as in capacity.py), the perplexity change over the base model, the
 naps and deep sleeps so far (accepted, rejected) and the seconds spent injecting and
-sleeping. At the end a new process opens the same home and measures it all again (and
-whether it rebuilt bitwise the same weights).
+sleeping. Then `--changes N` facts are updated (a new object) and N others forgotten,
+and it measures whether only the new objects are recalled, the forgotten facts are gone
+and the rest are unchanged. At the end a new process opens the same home and measures
+it all again (and whether it rebuilt bitwise the same weights).
 
     python benchmarks/lifelong.py [--max 1000] [--sets 3 | --seeds 1,2,3] [--device cuda]
-        [--batch 5] [--checkpoints 40,100,200,400,1000,2000] [--model PATH] [--out lifelong] [--quiet]
+        [--batch 5] [--checkpoints 40,100,200,400,1000,2000] [--changes 20] [--model PATH]
+        [--out lifelong] [--quiet]
     python benchmarks/lifelong.py --merge A.json B.json ... [--out NAME]
 
 Writes results/NAME.json (machine, date, git commit, configuration, every fact set's
@@ -47,7 +50,7 @@ from sleepwake.evaluate import chat_answers, evaluate_facts, raw_completions, re
 from sleepwake.facts import Fact
 from sleepwake.memory import Memory
 from sleepwake.models import LoadedModel, load_model
-from sleepwake.synthetic import lifelong_facts
+from sleepwake.synthetic import changed_facts, lifelong_facts
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINTS = (40, 100, 200, 400, 1000, 2000)
@@ -59,7 +62,7 @@ GOALS = (  # issue 25: (metric, checkpoint, bound, direction); 2000 facts is rep
     ("raw_recall", 1000, 0.95, ">="), ("chat_recall", 1000, 0.90, ">="),
     ("locality", 1000, 0.95, ">="), ("ppl_change", 1000, 0.03, "<="),
 )
-SHARED = ("benchmark", "machine", "commit", "model", "device", "batch", "max", "checkpoints", "config",
+SHARED = ("benchmark", "machine", "commit", "model", "device", "batch", "max", "checkpoints", "changes", "config",
           "locality_facts", "generator")  # equal in results that may be merged
 
 
@@ -137,10 +140,11 @@ def cycle_counts(history: Sequence[dict]) -> dict[str, int]:
 
 def run_set(lm: LoadedModel, seed: int, facts: Sequence[Fact], cfg: MemoryConfig, loc: Sequence[Fact],
             stops: Sequence[int], batch: int, model: str | None = None, device: str | None = None,
-            progress: bool = True) -> dict[str, Any]:
+            progress: bool = True, changes: int = 0) -> dict[str, Any]:
     """Tell `facts` in batches through `Memory.inject` in a fresh home, measuring at each
-    of `stops`; then measure the same home again in a new process (`model` and `device`
-    name the model there, as `load_model` takes them)."""
+    of `stops`; then update and forget `changes` facts each; then measure the same home
+    again in a new process (`model` and `device` name the model there, as `load_model`
+    takes them)."""
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(lm, home=home, config=cfg, progress=False)
         mem.editor()  # Ĉ is computed (or read) before the clock starts
@@ -157,13 +161,60 @@ def run_set(lm: LoadedModel, seed: int, facts: Sequence[Fact], cfg: MemoryConfig
                 rows.append(checkpoint(mem, facts[:end], base, seconds, progress))
                 bar.write(row_line(str(seed), rows[-1]))
         bar.close()
+        changed = change(mem, list(facts), changes, seed, seconds) if changes else None
+        if changed:
+            print(change_line(str(seed), changed), flush=True)
         digest = lm.weights_digest()
         layers = list(mem.layers)
+        final = [r.fact for r in mem.facts()]
         mem.close()  # the home is the new process's now
-        restart = recheck(Path(home), facts, base, digest, model, device)
-        print(row_line(f"{seed} new", {"facts": len(facts), **restart}), flush=True)
+        restart = recheck(Path(home), final, base, digest, model, device)
+        print(row_line(f"{seed} new", {"facts": len(final), **restart}), flush=True)
     return {"seed": seed, "layers": layers, "ppl_base": base.ppl, "raw_locality_facts": len(base.raw_known),
-            "chat_locality_facts": len(base.chat_known), "rows": rows, "sleeps": sleeps, "restart": restart}
+            "chat_locality_facts": len(base.chat_known), "rows": rows, "sleeps": sleeps, "changes": changed,
+            "restart": restart}
+
+
+def change(mem: Memory, told: list[Fact], n: int, seed: int, seconds: dict[str, float]) -> dict[str, Any]:
+    """Update `n` facts and forget `n` others (`synthetic.changed_facts`), then measure:
+    recall of the new objects, how many old objects and forgotten facts are still
+    answered (raw or chat: either counts as not gone), and recall of the rest against
+    before. Updates arrive in batches of 5, through auto sleep, as facts do."""
+    updates, forgets = changed_facts(told, n, seed)
+    touched = {f.key for f, _ in updates} | {f.key for f in forgets}
+    rest = [f for f in told if f.key not in touched]
+    before = evaluate_facts(mem.model, mem.tokenizer, rest, None, batch=64, progress=False)
+    t = time.perf_counter()
+    ids = {r.fact.key: r.id for r in mem.facts()}
+    for f in forgets:
+        mem.forget(ids[f.key])
+    for i in range(0, len(updates), 5):
+        tell(mem, [new for _, new in updates[i:i + 5]], len(told), seconds)
+    spent = time.perf_counter() - t
+    new = evaluate_facts(mem.model, mem.tokenizer, [b for _, b in updates], None, batch=64, progress=False)
+    old = evaluate_facts(mem.model, mem.tokenizer, [a for a, _ in updates], None, batch=64, progress=False)
+    gone = evaluate_facts(mem.model, mem.tokenizer, forgets, None, batch=64, progress=False)
+    after = evaluate_facts(mem.model, mem.tokenizer, rest, None, batch=64, progress=False)
+    same = sum(a.raw_ok == b.raw_ok and a.chat_ok == b.chat_ok for a, b in zip(before.facts, after.facts))
+    return {"updates": n, "forgets": n, "seconds": round(spent, 1),
+            "new_raw_recall": new.raw_recall, "new_chat_recall": new.chat_recall,
+            "old_objects_answered": answered(old), "forgotten_answered": answered(gone),
+            "rest_unchanged": same / max(1, len(rest)), "rest_raw_recall": after.raw_recall,
+            "rest_chat_recall": after.chat_recall, "rest_raw_recall_before": before.raw_recall,
+            "rest_chat_recall_before": before.chat_recall}
+
+
+def answered(report: Any) -> float:
+    """Share of facts answered by raw prompt or chat question."""
+    return sum(r.raw_ok or r.chat_ok for r in report.facts) / max(1, len(report.facts))
+
+
+def change_line(label: str, c: dict[str, Any]) -> str:
+    return (f"{label}: {c['updates']} updates, {c['forgets']} forgets in {c['seconds']:.0f} s: new objects raw "
+            f"{c['new_raw_recall']:.2f} chat {c['new_chat_recall']:.2f}; old objects still answered "
+            f"{c['old_objects_answered']:.2f}; forgotten still answered {c['forgotten_answered']:.2f}; rest "
+            f"unchanged {c['rest_unchanged']:.3f} (raw {c['rest_raw_recall_before']:.3f} -> {c['rest_raw_recall']:.3f}, "
+            f"chat {c['rest_chat_recall_before']:.3f} -> {c['rest_chat_recall']:.3f})")
 
 
 def tell(mem: Memory, batch: Sequence[Fact], told: int, seconds: dict[str, float]) -> list[dict]:
@@ -272,7 +323,10 @@ def assemble(shared: dict[str, Any], runs: list[dict]) -> dict[str, Any]:
     """A whole result from its settings and its fact sets' runs: summary, the new
     process's means, and the goals judged both live and in the new process."""
     again = restart_means(runs)
+    changed = [r["changes"] for r in runs if r.get("changes")]
+    changes = {k: mean([c[k] for c in changed]) for k in changed[0]} if changed else None
     return {**shared, "seeds": [r["seed"] for r in runs], "summary": summary(runs), "restart": again,
+            "changes_mean": changes,
             "goals": goals(means(runs)) + goals([again], "new process"), "runs": runs}
 
 
@@ -334,6 +388,7 @@ def table(result: dict[str, Any]) -> str:
     if len(runs) > 1:
         lines.append(row_line("new mean", result["restart"]))
     lines += [row_line(f"{r['seed']} new", {"facts": r["rows"][-1]["facts"], **r["restart"]}) for r in runs]
+    lines += [change_line(f"{r['seed']} changes", r["changes"]) for r in runs if r.get("changes")]
     same = all(r["restart"]["same_weights"] for r in runs)
     lines.append(f"new process rebuilt bitwise the same weights: {'yes' if same else 'NO'}")
     return "\n".join(lines)
@@ -473,6 +528,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpoints", type=checkpoint_list, default=list(CHECKPOINTS),
                     help="comma-separated facts told at which to measure (default 40,100,200,400,1000,2000); "
                          "--max is always one")
+    ap.add_argument("--changes", type=int, default=20,
+                    help="facts to update and facts to forget after the last checkpoint (default 20; 0: none)")
     ap.add_argument("--model", help="model path or id (default: the default model)")
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
     ap.add_argument("--out", default="lifelong", help="name of the result files in benchmarks/results")
@@ -509,6 +566,8 @@ def main() -> None:
         lm = load_model(args.model, device=args.device, progress=not args.quiet)
     except ModelNotFoundError as exc:
         ap.error(str(exc))
+    if not 0 <= 2 * args.changes <= args.max:
+        ap.error(f"--changes {args.changes} needs 0 ≤ 2 × changes ≤ --max ({args.max})")
     seeds = args.seeds or list(range(1, args.sets + 1))
     cfg = MemoryConfig(auto_sleep=True, progress=False, batch_size=args.batch)
     stops = checkpoints_upto(args.checkpoints, args.max)
@@ -519,9 +578,10 @@ def main() -> None:
         print(f"fact set {seed}: {args.max} facts, checkpoints {stops}\n{HEADER}", flush=True)
         facts = lifelong_facts(args.max, seed, tuple(GENERATOR["attributes"]), GENERATOR["spread"])
         runs.append(run_set(lm, seed, facts, cfg, loc, stops, args.batch, args.model, args.device,
-                            progress=not args.quiet))
+                            progress=not args.quiet, changes=args.changes))
     shared = {"benchmark": "lifelong", "commit": git_commit(), "model": args.model, "device": str(lm.device),
-              "batch": args.batch, "max": args.max, "checkpoints": stops, "config": cfg.to_dict(),
+              "batch": args.batch, "max": args.max, "checkpoints": stops, "changes": args.changes,
+              "config": cfg.to_dict(),
               "locality_facts": len(loc), "generator": GENERATOR, "seconds": round(time.perf_counter() - t, 1)}
     publish(args.out, assemble(shared, runs))
 

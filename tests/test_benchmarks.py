@@ -201,6 +201,21 @@ def test_lifelong_facts_spread_each_persons_facts_over_time():
         lifelong_facts(10, attributes=(0, 3))
 
 
+def test_changed_facts_update_and_forget_distinct_facts():
+    from sleepwake.synthetic import changed_facts, lifelong_facts
+
+    facts = lifelong_facts(200, seed=3)
+    updates, forgets = changed_facts(facts, 20, seed=3)
+    assert (updates, forgets) == changed_facts(facts, 20, seed=3)  # deterministic
+    assert len(updates) == len(forgets) == 20
+    keys = [old.key for old, _ in updates] + [f.key for f in forgets]
+    assert len(set(keys)) == 40 and set(keys) <= {f.key for f in facts}
+    for old, new in updates:  # the same slot, another object
+        assert new.key == old.key and new.object != old.object and new.question == old.question
+    with pytest.raises(ValueError, match="need at least"):
+        changed_facts(facts[:10], 6)
+
+
 def test_lifelong_batches_stop_at_each_checkpoint(lifelong):
     assert lifelong.checkpoints_upto([40, 100, 200], 150) == [40, 100, 150]
     assert lifelong.checkpoints_upto([40, 100], 10) == [10]

@@ -13,6 +13,7 @@ from sleepwake.config import MemoryConfig
 from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.keyed import Entry, KeyedMemory, install
+from sleepwake.memit.editor import ReadKeys
 from sleepwake.memit.trace import run_capture
 
 FACTS = [
@@ -32,16 +33,23 @@ def recalled(mem, facts) -> list[bool]:
 # --- the table and its hooks ---------------------------------------------------------------
 
 
+def _read(n: int, d: int = 16) -> ReadKeys:
+    return ReadKeys(torch.randn(n, d), torch.randn(n, d), torch.randint(0, 3, (n,)))
+
+
 def test_table_round_trips_and_replaces_by_subject(tmp_path):
-    a = Entry("anna", torch.randn(8), torch.randn(2, 16), (1, 2))
-    b = Entry("bo", torch.randn(8), torch.randn(3, 16), (3,))
+    a = Entry("anna", torch.randn(8), _read(2), (1, 2))
+    b = Entry("bo", torch.randn(8), _read(3), (3,))
     table = KeyedMemory(11, 4, 0.8).with_entries([a, b])
     table.save(tmp_path / "t.safetensors")
     back = KeyedMemory.load(tmp_path / "t.safetensors")
     assert (back.layer, back.match_layer, back.threshold, list(back.entries)) == (11, 4, 0.8, ["anna", "bo"])
-    assert torch.equal(back.entries["bo"].keys, b.keys) and back.entries["anna"].facts == (1, 2)
+    assert back.head_threshold == table.head_threshold
+    for x, y in ((back.entries["bo"].read, b.read), (back.entries["anna"].read, a.read)):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.heads, y.heads) and torch.equal(x.backs, y.backs)
+    assert back.entries["anna"].facts == (1, 2)
     assert back.digest() == table.digest()
-    newer = Entry("anna", torch.randn(8), torch.randn(1, 16), (1, 2, 4))
+    newer = Entry("anna", torch.randn(8), _read(1), (1, 2, 4))
     assert list(table.with_entries([newer]).entries) == ["anna", "bo"]
     assert table.with_entries([newer]).entries["anna"].facts == (1, 2, 4)
     assert list(table.without(["anna"]).entries) == ["bo"] and table.without(["nobody"]) is table
@@ -54,30 +62,64 @@ def _hidden(lm, text: str, layer: int) -> torch.Tensor:
     return hid[layer][0]
 
 
-def test_an_entry_acts_where_its_subject_is_read_and_nowhere_else(base_lm):
-    lm = base_lm
-    text = "Anselm Kreutzer lives in"
-    ids = lm.tokenizer(text, return_tensors="pt")
+def _anselm(lm) -> tuple[KeyedMemory, int, torch.Tensor]:
+    """An entry for "Anselm Kreutzer" keyed where the raw prompt reads him (δ random)."""
+    ids = lm.tokenizer("Anselm Kreutzer lives in", return_tensors="pt")
     keys, _ = run_capture(lm.model, lm.arch, {k: v.to(lm.device) for k, v in ids.items()}, key_layers=(4,))
     pos = len(lm.tokenizer("Anselm Kreutzer")["input_ids"]) - 1  # the subject's last token
+    head = len(lm.tokenizer("Anselm")["input_ids"]) - 1  # the first name's last token
+    read = ReadKeys(keys[4][0, pos:pos + 1], keys[4][0, head:head + 1], torch.tensor([pos - head]))
     delta = torch.randn(lm.arch.d_out(11), device=lm.device)
-    table = KeyedMemory(11, 4, 0.8).with_entries([Entry("anselm kreutzer", delta, keys[4][0, pos:pos + 1], (1,))])
+    return KeyedMemory(11, 4, 0.8).with_entries([Entry("anselm kreutzer", delta, read, (1,))]), pos, delta
+
+
+def test_an_entry_acts_where_its_subject_is_read_and_nowhere_else(base_lm):
+    lm = base_lm
+    table, pos, delta = _anselm(lm)
+    text = "Anselm Kreutzer lives in"
+    others = ["The weather in Bergen is rainy, said Ilse.",
+              "Ilse Kreutzer lives in"]  # same surname: the last token reads alike, the first name does not
     before = _hidden(lm, text, 11)
-    other = "The weather in Bergen is rainy, said Ilse."
-    other_before = _hidden(lm, other, 11)
+    others_before = [_hidden(lm, t, 11) for t in others]
     try:
         install(lm, table)
         after = _hidden(lm, text, 11)
-        other_after = _hidden(lm, other, 11)
+        others_after = [_hidden(lm, t, 11) for t in others]
         question = _hidden(lm, "Where does Anselm Kreutzer live?", 11)  # another sentence, same subject
     finally:
         install(lm, None)
     changed = (after - before).norm(dim=-1) > 1e-4
     assert changed[pos] and changed.sum() == 1, changed  # only the subject's last token
     assert torch.allclose(after[pos] - before[pos], delta, atol=1e-3)
-    assert torch.equal(other_after, other_before)  # text that names no held subject: bitwise unchanged
+    for a, b in zip(others_after, others_before):  # text that names no held subject: bitwise unchanged
+        assert torch.equal(a, b)
     assert question.shape[0] > pos
     assert torch.equal(_hidden(lm, text, 11), before)  # detached: as before
+
+
+def test_decoding_with_a_kv_cache_reads_the_entry_as_one_pass_does(base_lm):
+    """A head key sits tokens before the subject's last one: fed one token a pass, the
+    hook must remember the positions before (here the whole name arrives token by token)."""
+    lm = base_lm
+    table, _, _ = _anselm(lm)
+    ids = lm.tokenizer("I met Anselm Kreutzer, who lives in", return_tensors="pt")["input_ids"].to(lm.device)
+    try:
+        install(lm, table)
+        with torch.no_grad():
+            whole = lm.model(input_ids=ids, use_cache=False).logits[0]
+            out = lm.model(input_ids=ids[:, :2], use_cache=True)
+            steps, cache = [out.logits[0]], out.past_key_values
+            for t in range(2, ids.shape[1]):
+                out = lm.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                steps.append(out.logits[0])
+                cache = out.past_key_values
+    finally:
+        install(lm, None)
+    with torch.no_grad():
+        base = lm.model(input_ids=ids, use_cache=False).logits[0]
+    stepped = torch.cat(steps)
+    assert torch.allclose(stepped, whole, atol=1e-3)
+    assert not torch.allclose(whole, base, atol=1e-3)  # the entry acted
 
 
 # --- sleeps into the keyed memory --------------------------------------------------------------

@@ -259,8 +259,16 @@ def test_pressure_formula_and_triggers():
     assert pressure(0, 0, None, None, cfg).due is None
     assert pressure(50, 7200, 20.0, 20.0, cfg).due == "deep"  # 0.6 + 0.3
     assert pressure(10, 0, 19.0, 20.0, cfg).perplexity == 0.0  # a better model adds no pressure
+    # Deep sleep in normal use: a due nap deepens after naps_per_deep naps, or after a rejection.
+    assert pressure(25, 3600, 23.0, 20.0, cfg, naps_since_deep=cfg.naps_per_deep - 1).due == "nap"
+    assert pressure(25, 3600, 23.0, 20.0, cfg, naps_since_deep=cfg.naps_per_deep).due == "deep"
+    assert pressure(25, 3600, 23.0, 20.0, cfg, last_rejected=True).due == "deep"
+    assert pressure(5, 0, None, None, cfg, naps_since_deep=99).due is None  # nothing due stays so
+    assert pressure(25, 3600, 23.0, 20.0, PressureConfig(naps_per_deep=0), naps_since_deep=99).due == "nap"
     with pytest.raises(ValueError):
         PressureConfig(nap_at=0.9, deep_at=0.5)
+    with pytest.raises(ValueError):
+        PressureConfig(naps_per_deep=-1)
 
 
 def run_cli(*args: str, home) -> subprocess.CompletedProcess:

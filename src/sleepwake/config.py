@@ -117,10 +117,17 @@ class PressureConfig:
     max_awake_s: float = 7200.0
     nap_at: float = 0.4
     deep_at: float = 0.8
+    naps_per_deep: int = 4
+    """A nap that is due becomes a deep sleep once this many naps were accepted since the
+    last deep one, or when the last sleep was rejected: naps alone leave every fact's
+    keys as they were read when it was consolidated, and only a deep sleep reads them
+    again (0 turns this off; deep sleep then comes from the pressure alone)."""
 
     def __post_init__(self) -> None:
         if self.max_edits < 1 or self.max_awake_s <= 0:
             raise ValueError("max_edits and max_awake_s must be positive")
+        if self.naps_per_deep < 0:
+            raise ValueError("naps_per_deep must be ≥ 0")
         if not 0 < self.nap_at <= self.deep_at:
             raise ValueError("need 0 < nap_at ≤ deep_at")
 

@@ -12,7 +12,12 @@ layer's down-projection at the subject's last token, in each way the facts were 
 key is close to one of that subject's keys (cosine ≥ `threshold`, nearest entry wins),
 and do nothing anywhere else. (At that layer a subject's own keys in other sentences
 sit at cosine ≥ 0.86 and other subjects' at ≤ 0.61, other text's at ≤ 0.44: 100 facts,
-CPU, `benchmarks/keyed_probe.py`.) So each subject is exact and independent: ten
+CPU, `benchmarks/keyed_probe.py`.) The last token is mostly the surname, and there a
+stranger with the same surname reads like the subject (cosine 0.68–0.99): so a
+subject of several words also has a head key, at the last token of its other words
+(the first name), which the token that many places back must match too (cosine ≥
+`head_threshold`; own 0.82–1.0, same-surname strangers ≤ 0.15, 12 names in four
+contexts each). So each subject is exact and independent: ten
 thousand subjects cost ten thousand rows, not a shared matrix; text that names no held
 subject passes unchanged; and forgetting a subject deletes its rows. Sleep moves
 subjects here from MEMIT (`sleep.cycle`); it is the neocortex of the paper, in place of
@@ -33,11 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sleepwake.memit.editor import ReadKeys
 from sleepwake.models import Architecture, LoadedModel
 from sleepwake.store import write_atomic
 from sleepwake.weights import Factor
 
 DEFAULT_THRESHOLD = 0.8
+HEAD_THRESHOLD = 0.5
 
 
 @dataclass
@@ -46,8 +53,12 @@ class Entry:
 
     subject: str  # the subject key (`Fact.subject_key`)
     delta: torch.Tensor  # (d_model,)
-    keys: torch.Tensor  # (n_keys, d_in)
+    read: ReadKeys  # n_keys rows
     facts: tuple[int, ...] = ()  # the ledger ids of the facts δ was made for
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.read.keys
 
 
 @dataclass
@@ -59,6 +70,7 @@ class KeyedMemory:
     match_layer: int
     threshold: float = DEFAULT_THRESHOLD
     entries: dict[str, Entry] = field(default_factory=dict)
+    head_threshold: float = HEAD_THRESHOLD
     _digest: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -68,7 +80,7 @@ class KeyedMemory:
         """A new memory: these entries added (replacing a subject's old one), `drop` removed."""
         entries = {s: e for s, e in self.entries.items() if s not in set(drop)}
         entries.update({e.subject: e for e in new})
-        return KeyedMemory(self.layer, self.match_layer, self.threshold, entries)
+        return KeyedMemory(self.layer, self.match_layer, self.threshold, entries, self.head_threshold)
 
     def without(self, subjects: Sequence[str]) -> "KeyedMemory":
         gone = sorted(set(subjects) & set(self.entries))
@@ -85,25 +97,29 @@ class KeyedMemory:
         return self._digest
 
     def _hash(self) -> str:
-        h = hashlib.blake2b(f"{self.layer}|{self.match_layer}|{self.threshold!r}".encode(), digest_size=16)
+        h = hashlib.blake2b(f"{self.layer}|{self.match_layer}|{self.threshold!r}|{self.head_threshold!r}".encode(),
+                            digest_size=16)
         for s in sorted(self.entries):
             e = self.entries[s]
             h.update(s.encode())
-            h.update(e.delta.detach().cpu().float().contiguous().numpy().tobytes())
-            h.update(e.keys.detach().cpu().float().contiguous().numpy().tobytes())
+            for t in (e.delta, e.read.keys, e.read.heads, e.read.backs):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
     # --- the table as tensors ----------------------------------------------------------
 
-    def table(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(unit keys n×d_in, δs m×d_model, the δ row of each key n) for the hook."""
+    def table(self, device: torch.device | str) -> tuple[ReadKeys, torch.Tensor, torch.Tensor]:
+        """(unit keys and heads of n rows, δs m×d_model, the δ row of each key n) for the hook."""
         entries = list(self.entries.values())
         if not entries:
             raise ValueError("the keyed memory is empty")
-        keys = torch.cat([e.keys for e in entries]).to(device, torch.float32)
+        keys = torch.cat([e.read.keys for e in entries]).to(device, torch.float32)
+        heads = torch.cat([e.read.heads for e in entries]).to(device, torch.float32)
+        backs = torch.cat([e.read.backs for e in entries]).to(device, torch.long)
         owner = torch.cat([torch.full((len(e.keys),), i, dtype=torch.long) for i, e in enumerate(entries)])
         deltas = torch.stack([e.delta for e in entries]).to(device, torch.float32)
-        return F.normalize(keys, dim=-1), deltas, owner.to(device)
+        read = ReadKeys(F.normalize(keys, dim=-1), F.normalize(heads, dim=-1), backs)
+        return read, deltas, owner.to(device)
 
     # --- on disk --------------------------------------------------------------------
 
@@ -112,10 +128,12 @@ class KeyedMemory:
         from safetensors.torch import save_file
 
         tensors, meta = {}, {"layer": str(self.layer), "match_layer": str(self.match_layer),
-                             "threshold": repr(self.threshold)}
+                             "threshold": repr(self.threshold), "head_threshold": repr(self.head_threshold)}
         for i, e in enumerate(self.entries.values()):
             tensors[f"delta.{i}"] = e.delta.detach().cpu().float().contiguous()
-            tensors[f"keys.{i}"] = e.keys.detach().cpu().float().contiguous()
+            tensors[f"keys.{i}"] = e.read.keys.detach().cpu().float().contiguous()
+            tensors[f"heads.{i}"] = e.read.heads.detach().cpu().float().contiguous()
+            tensors[f"backs.{i}"] = e.read.backs.detach().cpu().long().contiguous()
             meta[f"subject.{i}"] = e.subject
             meta[f"facts.{i}"] = ",".join(map(str, e.facts))
         meta["n"] = str(len(self.entries))
@@ -128,13 +146,19 @@ class KeyedMemory:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata()
+            meta, names = f.metadata(), set(f.keys())
             entries = {}
             for i in range(int(meta["n"])):
                 subject = meta[f"subject.{i}"]
                 ids = tuple(int(x) for x in meta.get(f"facts.{i}", "").split(",") if x)
-                entries[subject] = Entry(subject, f.get_tensor(f"delta.{i}"), f.get_tensor(f"keys.{i}"), ids)
-        return cls(int(meta["layer"]), int(meta["match_layer"]), float(meta["threshold"]), entries)
+                keys = f.get_tensor(f"keys.{i}")
+                if f"heads.{i}" in names:
+                    read = ReadKeys(keys, f.get_tensor(f"heads.{i}"), f.get_tensor(f"backs.{i}"))
+                else:  # a table from before head keys: matched at the last token alone
+                    read = ReadKeys(keys, torch.zeros_like(keys), torch.zeros(len(keys), dtype=torch.long))
+                entries[subject] = Entry(subject, f.get_tensor(f"delta.{i}"), read, ids)
+        return cls(int(meta["layer"]), int(meta["match_layer"]), float(meta["threshold"]), entries,
+                   float(meta.get("head_threshold", HEAD_THRESHOLD)))
 
 
 def is_keyed_file(path: str | os.PathLike[str]) -> bool:
@@ -167,11 +191,29 @@ def install(lm: LoadedModel, memory: KeyedMemory | None, memit: dict[int, Factor
 
 
 @torch.no_grad()
-def _match(x: torch.Tensor, keys: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each position of x (…, d_in): (the nearest key's index, whether it is close enough)."""
-    sims = F.normalize(x.float(), dim=-1) @ keys.T
-    best, idx = sims.max(dim=-1)
-    return idx, best >= threshold
+def _match(seen: torch.Tensor, n: int, read: ReadKeys, threshold: float, head_threshold: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the last `n` positions of `seen` (batch, seq, d_in, unit rows): the best key's
+    index, and whether one matches.
+
+    A key matches where the position is close to it and, for a key with a head, the
+    position `back` tokens earlier is close to its head; the best match has the highest
+    sum of the two. The positions before the last `n` are there for the heads: decoding
+    with a KV cache feeds one token a pass."""
+    x = seen[:, -n:]
+    sims = x @ read.keys.T
+    ok = sims >= threshold
+    score = sims.clone()
+    for back in read.backs.unique().tolist():
+        if back == 0:
+            continue
+        cols = (read.backs == back).nonzero().squeeze(1)
+        earlier = F.pad(seen, (0, 0, back, 0))[:, seen.shape[1] - n:seen.shape[1]]
+        heads = earlier @ read.heads[cols].T
+        ok[..., cols] &= heads >= head_threshold
+        score[..., cols] += heads
+    best, idx = score.masked_fill(~ok, float("-inf")).max(dim=-1)
+    return idx, torch.isfinite(best)
 
 
 def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Factor]
@@ -194,11 +236,22 @@ def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Fact
     # and the copy shares these hooks.
     local = threading.local()
 
-    def start(_m: nn.Module, _args: tuple) -> None:
+    reach = int(keys.backs.max())  # how far back a head key is read
+
+    def start(_m: nn.Module, _args: tuple, kwargs: dict) -> None:
         local.hit = None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        local.continuing = cache is not None and getattr(cache, "get_seq_length", lambda: 0)() > 0
 
     def match(_m: nn.Module, args: tuple) -> None:
-        idx, hit = _match(args[0], keys, memory.threshold)
+        x = F.normalize(args[0].float(), dim=-1).reshape(-1, args[0].shape[-2], args[0].shape[-1])
+        tail = getattr(local, "tail", None) if getattr(local, "continuing", False) else None
+        if tail is not None and tail.shape[0] == 1:  # a shared prefix run once for a batch (`evaluate`)
+            tail = tail.expand(x.shape[0], -1, -1)
+        seen = torch.cat([tail, x], dim=1) if tail is not None and tail.shape[0] == x.shape[0] else x
+        idx, hit = _match(seen, x.shape[1], keys, memory.threshold, memory.head_threshold)
+        local.tail = seen[:, -reach:] if reach else None  # where later passes of this sequence read heads
+        idx, hit = idx.view(args[0].shape[:-1]), hit.view(args[0].shape[:-1])
         local.hit = (owner[idx], hit) if bool(hit.any()) else None
 
     def unedit(layer: int) -> Callable:
@@ -222,7 +275,7 @@ def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Fact
         h = h + (deltas[rows] * mask[..., None]).to(h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    handles = [arch.layers[0].register_forward_pre_hook(start),
+    handles = [arch.layers[0].register_forward_pre_hook(start, with_kwargs=True),
                arch.down_proj(memory.match_layer).register_forward_pre_hook(match)]
     handles += [arch.down_proj(l).register_forward_hook(unedit(l)) for l in sorted(memit)]
     handles.append(arch.layers[memory.layer].register_forward_hook(add))

@@ -556,7 +556,8 @@ class Memory:
         elapsed = time.time() - start if memit else 0.0
         ppl = self.perplexity() if measure_perplexity else None
         ppl0 = self.base_perplexity() if measure_perplexity else None
-        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure)
+        naps, last_rejected = self._sleeps_since_deep()
+        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected)
         return {
             "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
             "adapters": len(self._adapters),
@@ -565,11 +566,23 @@ class Memory:
             "perplexity": ppl,
             "base_perplexity": ppl0,
             "pressure": p.to_dict(),
+            "naps_since_deep": naps,
             "rebuild_pending": self.store.meta("rebuild_pending") == "1",
             # Whether the next fact is also edited for its chat question, and up to how many held facts.
             "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts
                            if self.config.memit.chat_edit else 0},
         }
+
+    def _sleeps_since_deep(self) -> tuple[int, bool]:
+        """Naps accepted since the last accepted deep sleep, and whether the last sleep was rejected."""
+        cycles = [c for c in self.store.cycles() if c["status"] in ("accepted", "rejected")]
+        naps = 0
+        for c in reversed(cycles):
+            if c["status"] == "accepted":
+                if c["kind"] == "deep":
+                    break
+                naps += 1
+        return naps, bool(cycles) and cycles[-1]["status"] == "rejected"
 
     def sleep_if_due(self) -> CycleReport | None:
         """Nap or deep sleep when the pressure calls for it (called after `inject`

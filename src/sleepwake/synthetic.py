@@ -409,3 +409,24 @@ def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), 
             timed.append((when, i, j, Fact(person, relation, obj, template.format(s=person))))
     timed.sort(key=lambda t: t[:3])
     return [t[3] for t in timed[:n]]
+
+
+def changed_facts(facts: list[Fact], n: int, seed: int = 0) -> tuple[list[tuple[Fact, Fact]], list[Fact]]:
+    """``n`` updates and ``n`` forgets among ``facts`` (distinct facts, deterministic):
+    each update is (old fact, the same subject and relation with another object of the
+    relation's pool), each forget a fact to remove. For the lifelong benchmark's
+    "updates and forgets keep working at scale"."""
+    if not 0 <= 2 * n <= len(facts):
+        raise ValueError(f"{n} updates and {n} forgets need at least {2 * n} facts, got {len(facts)}")
+    pools = {relation: pool for relation, _, pool in RELATIONS}
+    rng = random.Random(seed * 7_919 + 17)
+    chosen = _shuffled(list(range(len(facts))), rng)[: 2 * n]
+    updates = []
+    for i in chosen[:n]:
+        old = facts[i]
+        others = [o for o in pools.get(old.relation, []) if o != old.object]
+        if not others:
+            raise ValueError(f"no other object for the relation {old.relation!r}")
+        new = others[_randbelow(rng, len(others))]
+        updates.append((old, Fact(old.subject, old.relation, new, old.question)))
+    return updates, [facts[i] for i in chosen[n:]]

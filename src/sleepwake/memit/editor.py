@@ -25,6 +25,20 @@ from sleepwake.models import Architecture
 from sleepwake.weights import Factor, LiveWeights
 
 
+@dataclass(frozen=True)
+class ReadKeys:
+    """Where prompts read a subject, at one layer's down-projection input: the key at the
+    subject's last token, the key at the last token of its words but the last ("Anna" of
+    "Anna Berg"; zeros for a one-word subject) and how many tokens back that is (0: none)."""
+
+    keys: torch.Tensor  # n × d_in
+    heads: torch.Tensor  # n × d_in
+    backs: torch.Tensor  # n, long
+
+    def __getitem__(self, rows: Any) -> "ReadKeys":
+        return ReadKeys(self.keys[rows], self.heads[rows], self.backs[rows])
+
+
 @dataclass
 class FactEdit:
     """One fact's share of a MEMIT update, per edited layer.
@@ -113,7 +127,7 @@ class MemitEditor:
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg)
 
-    def subject_deltas(self, facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def subject_deltas(self, facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
         """v* for `facts` on the live model, raw prompts and chat questions both, without
         writing anything: per subject key, δ at the last edited layer, and the keys the
         first edited layer's down-projection reads at the subject's last token in each
@@ -127,26 +141,30 @@ class MemitEditor:
             targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
             keys = self.keys_at(requests, self.layers[0])
         deltas: dict[str, torch.Tensor] = {}
-        by_subject: dict[str, list[torch.Tensor]] = {}
+        rows: dict[str, list[int]] = {}
         for s, r in enumerate(slots.request.tolist()):
             deltas.setdefault(requests[r].subject, targets.deltas[s])
-        for q, k in zip(requests, keys):
-            by_subject.setdefault(q.subject, []).append(k)
-        return deltas, {subj: torch.stack(ks) for subj, ks in by_subject.items()}
+        for i, q in enumerate(requests):
+            rows.setdefault(q.subject, []).append(i)
+        return deltas, {subj: keys[torch.tensor(ix)] for subj, ix in rows.items()}
 
-    def keys_at(self, requests: Sequence[Any], layer: int) -> torch.Tensor:
-        """The down-projection input of `layer` at each request's subject token (n × d_in)."""
+    def keys_at(self, requests: Sequence[Any], layer: int) -> ReadKeys:
+        """The down-projection input of `layer` at each request's subject token, and at its head."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         device = next(self.model.parameters()).device
-        out = []
+        keys, heads = [], []
         for start in range(0, len(requests), 32):
             part = requests[start:start + 32]
             batch = pad_right([q.ids[: q.subject_pos + 1] for q in part], pad, device)
-            keys, _ = run_capture(self.model, self.arch, batch, key_layers=(layer,))
+            captured, _ = run_capture(self.model, self.arch, batch, key_layers=(layer,))
             rows = torch.arange(len(part), device=device)
             cols = torch.tensor([q.subject_pos for q in part], device=device)
-            out.append(keys[layer][rows, cols].float())
-        return torch.cat(out)
+            head_cols = torch.tensor([q.subject_pos if q.head_pos is None else q.head_pos for q in part], device=device)
+            keys.append(captured[layer][rows, cols].float())
+            has_head = torch.tensor([q.head_pos is not None for q in part], device=device)
+            heads.append(captured[layer][rows, head_cols].float() * has_head[:, None])
+        backs = torch.tensor([0 if q.head_pos is None else q.subject_pos - q.head_pos for q in requests])
+        return ReadKeys(torch.cat(keys), torch.cat(heads), backs.to(device))
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,

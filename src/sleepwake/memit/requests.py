@@ -32,22 +32,37 @@ class EditRequest:
     kind: str  # "raw" | "chat"
     subject_pos: int  # last token of the subject in `ids` (last prompt token if absent)
     kl_subject_pos: int  # the same in `kl_ids`
+    head_pos: int | None = None  # last token of the subject's words but the last ("Anna" of "Anna Berg")
 
     @property
     def target(self) -> tuple[int, ...]:
         return self.ids[self.prompt_len:]
 
 
+def _last_token_in(tokenizer: Any, text: str, start: int, end: int, chat: bool) -> int | None:
+    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    return hits[-1] if hits else None
+
+
 def last_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -> int | None:
     """Index of the last token overlapping the last occurrence of `span` in `text`
     (case-insensitive), in the ids `encode(tokenizer, text, chat=chat)`; None if absent."""
     start = text.casefold().rfind(span.casefold())
-    if start < 0:
+    return None if start < 0 else _last_token_in(tokenizer, text, start, start + len(span), chat)
+
+
+def head_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -> int | None:
+    """Like `last_token_of`, for the last token of `span`'s words but its last one ("Anna"
+    of "Anna Berg"); None for a one-word span. The keyed memory checks the key there too:
+    at the surname alone "Lars Berg" reads like "Anna Berg" (cosine up to 0.99)."""
+    words = span.strip().rsplit(None, 1)
+    start = text.casefold().rfind(span.casefold())
+    if len(words) < 2 or start < 0:
         return None
-    end = start + len(span)
-    enc = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
-    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
-    return hits[-1] if hits else None
+    head = _last_token_in(tokenizer, text, start, start + span.find(words[0]) + len(words[0]), chat)
+    last = _last_token_in(tokenizer, text, start, start + len(span), chat)
+    return head if head is not None and last is not None and head < last else None
 
 
 def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> list[EditRequest]:
@@ -64,8 +79,9 @@ def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> l
             p = encode(tokenizer, text, chat=chat)
             t = encode_target(tokenizer, text, target, chat=chat)
             pos = last_token_of(tokenizer, text, fact.subject, chat=chat)
+            head = head_token_of(tokenizer, text, fact.subject, chat=chat) if pos is not None and pos < len(p) else None
             pos = len(p) - 1 if pos is None or pos >= len(p) else pos
-            out.append(EditRequest(i, fact.subject_key, tuple(p + t), len(p), kl, kind, pos, kl_pos))
+            out.append(EditRequest(i, fact.subject_key, tuple(p + t), len(p), kl, kind, pos, kl_pos, head))
     return out
 
 

@@ -4,6 +4,10 @@
 
 `edits` counts the facts held by MEMIT edits, `elapsed` the seconds awake since the
 last sleep (or since the first such fact), PPL₀ the base model's perplexity.
+
+A nap that is due turns into a deep sleep after `naps_per_deep` accepted naps since the
+last deep sleep, or after a rejected sleep: so deep sleep comes in normal use, where
+naps keep the MEMIT buffer small and the pressure alone would rarely reach `deep_at`.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ class Pressure:
 
 
 def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | None,
-             cfg: PressureConfig) -> Pressure:
+             cfg: PressureConfig, naps_since_deep: int = 0, last_rejected: bool = False) -> Pressure:
     """The pressure and which sleep (if any) it calls for. Unknown perplexity counts 0."""
     e = cfg.w_edits * n_edits / cfg.max_edits
     t = cfg.w_time * max(0.0, elapsed_s) / cfg.max_awake_s
     p = cfg.w_ppl * max(0.0, ppl / ppl0 - 1.0) if ppl and ppl0 else 0.0
     total = e + t + p
     due = "deep" if total >= cfg.deep_at else "nap" if total >= cfg.nap_at else None
+    if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep or last_rejected):
+        due = "deep"
     return Pressure(e, t, p, total, due)
