@@ -9,6 +9,10 @@ class InvalidFactError(SleepwakeError, ValueError):
     """A fact field is empty, too long, or of the wrong type."""
 
 
+class InvalidRequestError(SleepwakeError, ValueError):
+    """An option is out of its range or of the wrong type (sampling, export rank, ...)."""
+
+
 class FactFileError(SleepwakeError, ValueError):
     """A JSONL facts file is malformed; the message names the line."""
 

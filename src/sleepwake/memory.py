@@ -80,7 +80,7 @@ def _per_layer(edits: Sequence[FactEdit]) -> dict[int, Factor]:
     return out
 
 
-def _check_text(text: Any, what: str) -> str:
+def check_text(text: Any, what: str) -> str:
     if not isinstance(text, str):
         raise InvalidFactError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -581,13 +581,13 @@ class Memory:
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Greedy raw continuation of `prompt` (the MEMIT pathway)."""
-        prompt = _check_text(prompt, "prompt")
+        prompt = check_text(prompt, "prompt")
         n = max_new_tokens or self.config.generation.max_new_tokens
         return generate(self.model, self.tokenizer, [encode(self.tokenizer, prompt)], max_new_tokens=n)[0]
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> str:
         """Greedy answer to `question` through the model's chat template."""
-        question = _check_text(question, "question")
+        question = check_text(question, "question")
         n = max_new_tokens or self.config.generation.max_new_tokens
         ids = encode(self.tokenizer, chat_text(self.tokenizer, question), chat=True)
         return generate(self.model, self.tokenizer, [ids], max_new_tokens=n)[0].strip()
