@@ -236,6 +236,7 @@ class Context:
         from sleepwake.sources import resolve_model
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
+        device = self.device()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.config import MemoryConfig
@@ -244,7 +245,17 @@ class Context:
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
-        return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
+        return Memory(self.args.model, home=self.home, config=config, device=device, progress=self.progress)
+
+    def device(self) -> Any:
+        """--device as a torch device; CUDA without a GPU is a usage error, before anything loads."""
+        from sleepwake.errors import InvalidRequestError
+        from sleepwake.models import resolve_device
+
+        try:
+            return resolve_device(self.args.device or "auto")
+        except InvalidRequestError as exc:
+            raise UsageError(f"--device {self.args.device}: {exc}") from None
 
     def store(self) -> Any:
         """The memory ledger alone, read-only, without loading the model's weights (fast):
@@ -649,6 +660,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--raw-only", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="edit facts written now for raw completions only, not chat questions: about "
                              "twice the capacity (BENCHMARKS.md); chat questions see them after a nap")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default,
+                        help="where the model runs: auto (the default: a CUDA GPU if PyTorch sees one, else "
+                             "the CPU), cpu or cuda")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")

@@ -23,7 +23,7 @@ from filelock import FileLock
 from torch import nn
 
 from sleepwake.config import default_cache_dir
-from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
+from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_model
 
 # Edited layers chosen by a sweep with benchmarks/probe.py (30 facts; 4–11 beat 2–7 and 8–15, BENCHMARKS.md).
@@ -192,6 +192,24 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         raise
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Where the model runs. "auto" is a CUDA GPU if PyTorch sees one, else the CPU;
+    None leaves the model where it loads (the CPU). CUDA without a GPU is refused, so
+    the caller can stop before anything is loaded or written."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("no CUDA GPU is available to PyTorch here (torch.cuda.is_available() is False); "
+                                  "use the CPU, or 'auto'")
+    return device
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -200,7 +218,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> LoadedModel:
-    """Load a base model for editing: frozen, in eval mode, float32 by default."""
+    """Load a base model for editing: frozen, in eval mode, float32 by default, on
+    `device` (see `resolve_device`; checked before anything loads)."""
+    device = resolve_device(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
