@@ -266,6 +266,21 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     assert "new facts: edited for raw prompts only (MEMIT is past 2 facts)" in proc.stdout, proc.stdout
     assert_clean_error(run_cli("--chat-edit-limit", "-1", "facts", home=home), 2, "-1")
 
+    # export: a PEFT adapter whose base model is a local directory; --max-rank bounds its rank.
+    proc = run_cli("export", "--adapter", str(tmp_path / "full"), home=home)
+    assert proc.returncode == 0, proc.stderr
+    base = Path(json.loads((tmp_path / "full" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert (base / "config.json").is_file() and (base / "model.safetensors").is_file()
+    proc = run_cli("export", "--adapter", str(tmp_path / "small"), "--max-rank", "2", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2
+    tensors = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert tensors and all(t.shape[0 if ".lora_A." in k else 1] == 2 for k, t in tensors.items())
+    for bad in ("0", "-3", "two"):
+        assert_clean_error(run_cli("export", "--adapter", str(tmp_path / "bad"), "--max-rank", bad, home=home),
+                           2, "--max-rank")
+    assert not (tmp_path / "bad").exists()
+
 
 @pytest.mark.slow
 def test_eval_without_injection(cache_dir: Path, tmp_path: Path) -> None:

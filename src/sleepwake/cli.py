@@ -599,7 +599,7 @@ def cmd_chat(ctx: Context) -> int:
 
 def cmd_export(ctx: Context) -> int:
     with ctx.memory() as mem:
-        path = mem.export_adapter(ctx.args.adapter)
+        path = mem.export_adapter(ctx.args.adapter, max_rank=ctx.args.max_rank)
     ctx.say(f"exported the learned memory as a PEFT LoRA adapter: {path}")
     return 0
 
@@ -742,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = add("export", cmd_export, "write all learned memory as one PEFT LoRA adapter")
     p.add_argument("--adapter", metavar="DIR", required=True, help="directory to write (new, or an earlier export)")
+    p.add_argument("--max-rank", type=_int_between(1), metavar="N",
+                   help="cut each module's delta to rank N at most (truncated SVD, the largest singular values "
+                        "kept): a smaller adapter that answers approximately")
     p = add("chat", cmd_chat, "chat with the model; it learns the facts you tell it (/help inside)",
             "An interactive chat. Facts stated in your messages are written into the weights at once; "
             "naps and deep sleeps run in the background when the sleep pressure calls for them (or on "

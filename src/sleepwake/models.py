@@ -48,6 +48,9 @@ class LoadedModel:
     """A name for the hooks installed now that change the model's outputs (`keyed`)."""
     hooks: list = field(default_factory=list, repr=False)  # their handles
     keyed: Any = field(default=None, repr=False)  # the `keyed.KeyedMemory` they read
+    path: Path | None = None
+    """The Hugging Face directory the weights were loaded from (for GGUF, the converted copy
+    in the cache): what an exported adapter names as its base model."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -247,7 +250,7 @@ def load_model(
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model))
+    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model), path=Path(path).resolve())
 
 
 def default_layers(name: str, n_layers: int) -> tuple[int, ...]:
