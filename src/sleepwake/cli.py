@@ -755,9 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     _extractor_option(p)
     p = add("serve", cmd_serve, "serve the chat (OpenAI-compatible), the memory API and a web page over HTTP",
             "An HTTP server: a web page at /, OpenAI's chat completions at /v1/chat/completions (it learns "
-            "from the user's messages, as 'chat' does), the memory at /v1/memory/..., the API's description "
-            "at /openapi.json. It listens on 127.0.0.1 unless told otherwise; any other address needs a "
-            "token, which every request but the page must then send as 'Authorization: Bearer TOKEN'.")
+            "from the user's messages, as 'chat' does) and legacy completions at /v1/completions, the memory "
+            "at /v1/memory/..., a health check at /health, the API's description at /openapi.json. It listens "
+            "on 127.0.0.1 unless told otherwise; any other address needs a token, which every request but "
+            "the page and /health must then send as 'Authorization: Bearer TOKEN'.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--token", metavar="T", help="require this bearer token (default: $SLEEPWAKE_TOKEN)")
