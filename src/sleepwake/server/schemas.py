@@ -46,6 +46,7 @@ class StreamOptions(BaseModel):
 
 
 Penalty = Annotated[float | None, Field(description="not supported: only 0 is accepted")]
+StopText = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class Generation(BaseModel):
@@ -59,9 +60,8 @@ class Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="at most the server's --max-new-tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 (the default) is greedy decoding")
     top_p: float | None = Field(None, gt=0, le=1)
-    stop: Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)] | Annotated[
-        list[Annotated[Text, Field(min_length=1, max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None = \
-        Field(None, description="the text ends before the first of these")
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = Field(
+        None, description="the text ends before the first of these")
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1],
                              description="makes sampling reproducible (on the same server)")
     stream: bool = False
