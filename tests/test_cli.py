@@ -99,6 +99,12 @@ def test_usage_errors_exit_2(cache_dir: Path, tmp_path: Path) -> None:
     assert_clean_error(run_cli("complete", "x", "--max-new-tokens", "0", home=home), 2, "--max-new-tokens")
     assert_clean_error(run_cli("inject", home=home), 2, "--facts")
     assert_clean_error(run_cli("eval", home=home), 2, "--facts")
+    assert_clean_error(run_cli("--device", "tpu", "complete", "x", home=home), 2, "--device", "tpu")
+    import torch
+
+    if not torch.cuda.is_available():  # refused before the model loads or the home is made
+        assert_clean_error(run_cli("--device", "cuda", "complete", "x", home=home), 2, "--device cuda", "no CUDA GPU")
+        assert_clean_error(run_cli("serve", "--device", "cuda", "--port", "8765", home=home), 2, "no CUDA GPU")
     assert not home.exists()
 
 
@@ -189,11 +195,11 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     assert proc.stdout.splitlines()[0].split() == ["ID", "SUBJECT", "RELATION", "OBJECT", "WHERE"]
     assert "Wróblewska" in proc.stdout and "Kraków" in proc.stdout
 
-    proc = run_cli("complete", "Zofia Wróblewska lives in", home=home)
+    proc = run_cli("--device", "auto", "complete", "Zofia Wróblewska lives in", home=home)
     assert proc.returncode == 0, proc.stderr
     assert mentions(proc.stdout, "Kraków"), proc.stdout
 
-    proc = run_cli("ask", "Where does Anselm Kreutzer live?", "--json", home=home)
+    proc = run_cli("ask", "Where does Anselm Kreutzer live?", "--json", "--device", "cpu", home=home)
     assert proc.returncode == 0, proc.stderr
     answer = json.loads(proc.stdout)
     assert answer["question"] == "Where does Anselm Kreutzer live?"
@@ -259,6 +265,21 @@ def test_inject_facts_complete_ask_forget(cache_dir: Path, tmp_path: Path) -> No
     assert proc.returncode == 0, proc.stderr
     assert "new facts: edited for raw prompts only (MEMIT is past 2 facts)" in proc.stdout, proc.stdout
     assert_clean_error(run_cli("--chat-edit-limit", "-1", "facts", home=home), 2, "-1")
+
+    # export: a PEFT adapter whose base model is a local directory; --max-rank bounds its rank.
+    proc = run_cli("export", "--adapter", str(tmp_path / "full"), home=home)
+    assert proc.returncode == 0, proc.stderr
+    base = Path(json.loads((tmp_path / "full" / "adapter_config.json").read_text())["base_model_name_or_path"])
+    assert (base / "config.json").is_file() and (base / "model.safetensors").is_file()
+    proc = run_cli("export", "--adapter", str(tmp_path / "small"), "--max-rank", "2", home=home)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "small" / "adapter_config.json").read_text())["r"] == 2
+    tensors = load_file(tmp_path / "small" / "adapter_model.safetensors")
+    assert tensors and all(t.shape[0 if ".lora_A." in k else 1] == 2 for k, t in tensors.items())
+    for bad in ("0", "-3", "two"):
+        assert_clean_error(run_cli("export", "--adapter", str(tmp_path / "bad"), "--max-rank", bad, home=home),
+                           2, "--max-rank")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

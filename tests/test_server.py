@@ -179,6 +179,21 @@ def test_every_request_but_the_page_needs_the_token(server):
 
 
 @pytest.mark.slow
+def test_health_needs_no_token_and_openapi_declares_the_bearer_scheme(server, client):
+    health = httpx.get(server.url + "/health")  # no token: for probes that hold no secret
+    assert health.status_code == 200, health.text
+    assert health.json()["status"] == "ok" and health.json()["sleeping"] is None
+    schema = client.get("/openapi.json").json()
+    (name, scheme), = schema["components"]["securitySchemes"].items()
+    assert scheme["type"] == "http" and scheme["scheme"] == "bearer"
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            expected = [] if path == "/health" else [{name: []}]
+            assert operation.get("security", []) == expected, (method, path)
+    assert "/v1/completions" in schema["paths"]
+
+
+@pytest.mark.slow
 def test_chat_learns_from_the_message_and_answers_from_the_weights(client):
     told = ask(client, "Remember this: Anselm Kreutzer lives in Lisbon.")
     assert told["object"] == "chat.completion" and told["choices"][0]["message"]["role"] == "assistant"
@@ -242,6 +257,117 @@ def test_the_openai_client_works_unchanged(server):
         api.chat.completions.create(model=model.id, messages=[{"role": "assistant", "content": "Hi."}])
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def chat_text(client: httpx.Client, **body) -> tuple[str, str]:
+    """(content, finish_reason) of a reply to QUESTION."""
+    choice = ask(client, QUESTION, **body)["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"]
+
+
+def streamed(client: httpx.Client, path: str, body: dict) -> tuple[str, str, list]:
+    """(text, finish_reason, events) of a streamed reply."""
+    with client.stream("POST", path, json={**body, "stream": True}) as response:
+        assert response.status_code == 200, response.read()
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    choices = [e["choices"][0] for e in events[:-1] if e["choices"]]
+    text = "".join(c["delta"].get("content", "") if "delta" in c else c["text"] for c in choices)
+    return text, choices[-1]["finish_reason"], events
+
+
+@pytest.mark.slow
+def test_sampling_temperature_top_p_seed_stop_and_max_tokens(server, client):
+    greedy, finish = chat_text(client)
+    assert finish == "stop" and chat_text(client, temperature=0) == (greedy, finish)  # greedy by default
+    sampled = {seed: chat_text(client, temperature=1.8, top_p=0.95, seed=seed)[0] for seed in range(4)}
+    assert chat_text(client, temperature=1.8, top_p=0.95, seed=2)[0] == sampled[2]  # a seed reproduces it
+    assert len(set(sampled.values()) | {greedy}) > 2
+    assert streamed(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}],
+                                                      "temperature": 1.8, "top_p": 0.95, "seed": 2})[0] == sampled[2]
+
+    word = greedy.strip()[1:4]  # the reply ends before a stop string, which it does not include
+    cut = greedy[:greedy.index(word)]
+    assert chat_text(client, stop=word) == (cut, "stop")
+    assert chat_text(client, stop=["\u2603", word]) == (cut, "stop")
+    text, finish, _ = streamed(client, "/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": QUESTION}], "stop": [word]})
+    assert (text, finish) == (cut, "stop")
+    short = ask(client, QUESTION, max_tokens=1)
+    assert short["choices"][0]["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 1
+
+    import openai
+
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+    reply = api.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
+                                        temperature=1.8, top_p=0.95, seed=2, user="ana",
+                                        presence_penalty=0, frequency_penalty=0, n=1)
+    assert reply.choices[0].message.content == sampled[2]
+    for field, value in [("temperature", 2.5), ("temperature", -1), ("top_p", 0), ("top_p", 1.5),
+                         ("stop", ["a", "b", "c", "d", "e"]), ("stop", ""), ("seed", 2**64), ("max_tokens", 0)]:
+        error = assert_error(client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTION}], field: value}), 422)
+        assert field in error["message"], error
+
+
+@pytest.mark.slow
+def test_unimplemented_fields_are_refused_by_name_and_unknown_ones_too(server, client):
+    messages = [{"role": "user", "content": QUESTION}]
+    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+                         ("response_format", {"type": "json_object"}), ("n", 2), ("logprobs", True),
+                         ("top_logprobs", 2), ("functions", [{"name": "f"}]), ("function_call", "auto"),
+                         ("logit_bias", {"50256": -100}), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+                         ("parallel_tool_calls", True)]:
+        error = assert_error(client.post("/v1/chat/completions", json={"messages": messages, field: value}),
+                             400, "unsupported_parameter")
+        assert error["message"].startswith(f"{field} is not supported"), error
+    # At values that change nothing they are accepted, as clients send them; `user` is accepted.
+    neutral = {"n": 1, "logprobs": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {},
+               "tools": [], "tool_choice": "none", "response_format": {"type": "text"}, "user": "ana"}
+    assert ask(client, QUESTION, **neutral)["choices"][0]["message"]["content"]
+    error = assert_error(client.post("/v1/chat/completions", json={"messages": messages, "temprature": 1}), 422)
+    assert "temprature" in error["message"], error
+    for field, value in [("echo", True), ("best_of", 2), ("suffix", "."), ("logprobs", 1), ("n", 3)]:
+        error = assert_error(client.post("/v1/completions", json={"prompt": "Hi", field: value}),
+                             400, "unsupported_parameter")
+        assert field in error["message"], error
+
+    import openai
+
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+    with pytest.raises(openai.BadRequestError, match="tools is not supported"):
+        api.chat.completions.create(model="m", messages=messages,
+                                    tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+
+
+@pytest.mark.slow
+def test_legacy_completions_continue_the_prompt_with_the_edited_weights(server, client):
+    prompt = "Anselm Kreutzer lives in"
+    response = client.post("/v1/completions", json={"prompt": prompt})
+    assert response.status_code == 200, response.text
+    done = response.json()
+    assert done["object"] == "text_completion" and done["id"].startswith("cmpl-")
+    (choice,) = done["choices"]
+    assert mentions(choice["text"], "Lisbon"), choice  # the fact told in the first chat test
+    assert choice["finish_reason"] in ("stop", "length") and done["usage"]["completion_tokens"] <= 16
+    assert done["usage"]["total_tokens"] == done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"]
+
+    text, finish, events = streamed(client, "/v1/completions",
+                                    {"prompt": prompt, "stream_options": {"include_usage": True}})
+    assert (text, finish) == (choice["text"], choice["finish_reason"])
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == done["usage"]
+    stopped = client.post("/v1/completions", json={"prompt": prompt, "stop": "isbon", "max_tokens": 8}).json()
+    assert stopped["choices"][0]["text"] == choice["text"][:choice["text"].index("isbon")]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+
+    import openai
+
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0, timeout=300)
+    reply = api.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0)
+    assert reply.choices[0].text == choice["text"][:len(reply.choices[0].text)] and reply.usage.completion_tokens <= 4
+    assert_error(client.post("/v1/completions", json={"prompt": ["a", "b"]}), 422)
+    assert_error(client.post("/v1/completions", json={"prompt": "   "}), 400)
 
 
 @pytest.mark.slow
@@ -333,6 +459,9 @@ def test_chat_is_answered_during_a_nap_and_the_memory_waits_for_it(client):
     with ThreadPoolExecutor(max_workers=2) as pool:  # answered from the weights before the nap
         replies = list(pool.map(lambda _: ask(client, QUESTION)["choices"][0]["message"]["content"], range(2)))
     assert all(mentions(r, "Lisbon") for r in replies), replies
+    completed = client.post("/v1/completions", json={"prompt": "Anselm Kreutzer lives in", "max_tokens": 4})
+    assert completed.status_code == 200 and mentions(completed.json()["choices"][0]["text"], "Lisbon")
+    assert httpx.get(client.base_url.join("/health")).json()["sleeping"] == "nap"
     assert client.get("/v1/memory/status").json()["sleeping"] is not None, "the nap ended before the test could chat"
 
     deadline = time.monotonic() + 600
@@ -381,7 +510,11 @@ def test_fuzzed_requests_get_no_server_error_and_lose_no_facts(server, client):
         def check(case) -> None:
             nonlocal tried
             tried += 1
-            response = case.call(base_url=server.url, headers=auth, timeout=300)
+            # /openapi.json declares the token, so a negative case may leave it out or get it
+            # wrong (with a valid body): then it is sent as generated, and must be refused.
+            header = case.meta.components.get("header")
+            headers = {} if header is not None and header.mode == GenerationMode.NEGATIVE else auth
+            response = case.call(base_url=server.url, headers=headers, timeout=300)
             where = f"{case.method} {case.formatted_path} {mode.value} -> {response.status_code}"
             if response.status_code >= 500:
                 problems.append(f"{where}: {response.text[:300]}")

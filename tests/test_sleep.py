@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from sleepwake.config import MemoryConfig, PressureConfig, SleepConfig
+from sleepwake.errors import InvalidRequestError
 from sleepwake.facts import Fact, mentions
 from sleepwake.sleep.pressure import pressure
 
@@ -344,25 +345,42 @@ def test_a_training_that_breaks_facts_is_dropped_and_the_take_over_alone_kept(in
 
 
 @pytest.mark.parametrize("which", ["napped", "injected"])
-def test_exported_adapter_loads_in_plain_peft_with_the_same_answers(which, napped, injected, make_memory,
-                                                                   cache_dir, tmp_path):
-    from peft import PeftModel
+def test_exported_adapter_loads_in_plain_peft_with_the_same_answers(which, request, make_memory, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    from safetensors.torch import load_file
 
     from sleepwake.inference import chat_text, encode, generate
-    from sleepwake.models import load_model
 
-    mem = make_memory(copy_of(napped[0] if which == "napped" else injected, tmp_path))
+    home = request.getfixturevalue(which)
+    mem = make_memory(copy_of(home[0] if which == "napped" else home, tmp_path))
     facts = ALL if which == "napped" else FACTS
     ours = [mem.ask(f.chat_question()) for f in facts]
     path = mem.export_adapter(tmp_path / "export")
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and all("down_proj" in m for m in config["target_modules"])
-    plain = load_model(cache_dir=cache_dir, progress=False)  # a fresh, unedited base model
-    model = PeftModel.from_pretrained(plain.model, str(path))
-    prompts = [encode(plain.tokenizer, chat_text(plain.tokenizer, f.chat_question()), chat=True) for f in facts]
-    theirs = [generate(model, plain.tokenizer, [p], max_new_tokens=24)[0].strip() for p in prompts]  # as `ask` does
+    assert config["base_model_name_or_path"] == str(mem.lm.path)  # the converted model, a local directory
+    model = AutoPeftModelForCausalLM.from_pretrained(str(path))  # base and adapter from the directory alone
+    tok = mem.tokenizer
+    prompts = [encode(tok, chat_text(tok, f.chat_question()), chat=True) for f in facts]
+    theirs = [generate(model, tok, [p], max_new_tokens=24)[0].strip() for p in prompts]  # as `ask` does
     assert theirs == ours
     assert sum(mentions(a, f.object) for a, f in zip(theirs, facts)) >= len(facts) - 1
+
+    # max_rank: each module's delta cut to its best approximation of that rank (Eckart–Young).
+    small = mem.export_adapter(tmp_path / "small", max_rank=3)
+    assert json.loads((small / "adapter_config.json").read_text())["r"] == 3 < config["r"]
+    full, cut = load_file(path / "adapter_model.safetensors"), load_file(small / "adapter_model.safetensors")
+    for key in (k for k in cut if k.endswith("lora_A.weight")):
+        b_key = key.replace("lora_A", "lora_B")
+        assert cut[key].shape[0] == cut[b_key].shape[1] == 3
+        delta = (full[b_key].double() @ full[key].double()) * config["lora_alpha"] / config["r"]
+        approx = cut[b_key].double() @ cut[key].double()
+        s = torch.linalg.svdvals(delta)
+        assert torch.allclose(torch.linalg.svdvals(approx)[:3], s[:3], rtol=1e-4, atol=1e-7)
+        assert torch.allclose(torch.linalg.matrix_norm(delta - approx), s[3:].norm(), rtol=1e-3, atol=1e-7)
+    with pytest.raises(InvalidRequestError, match="max_rank"):
+        mem.export_adapter(tmp_path / "bad", max_rank=0)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_budget_gate_judges_against_the_base_model_and_refuses_to_ratchet():

@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import threading
+import warnings
 from dataclasses import replace
 
 import pytest
+import torch
 
 from sleepwake.config import MemoryConfig, PressureConfig, SleepConfig
 from sleepwake.errors import InvalidFactError, SleepRunningError
@@ -68,6 +70,57 @@ def test_bad_messages_are_refused_and_change_nothing(bot):
     with pytest.raises(InvalidFactError, match="conversation"):
         bot.turn("I live in Oslo.", conversation=999)
     assert bot.facts() == [] and bot.memory.store.unlearned() == []
+
+
+def test_no_dependency_warning_reaches_the_user(bot):
+    """An injection (v*'s prefix caches, the guard's check) and a streamed reply use
+    transformers' current cache API: nothing warns about deprecated names."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        turn = bot.say("Hi! My name is Ilse Brandvold and I live in Tromsø.")
+        bot.complete("Ilse Brandvold lives in", max_new_tokens=4).text()
+    assert turn.learned and turn.reply
+    deprecated = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught
+                  if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecated == []
+
+
+def test_sampling_temperature_top_p_seed_and_stop(bot):
+    from sleepwake.decoding import Sampling
+    from sleepwake.errors import InvalidRequestError
+
+    prompt = "Once upon a time, in a small village,"
+    greedy = bot.complete(prompt, max_new_tokens=16)
+    assert greedy.text().strip() and greedy.finish_reason == "length" and greedy.completion_tokens == 16
+    assert greedy.reply == bot.memory.complete(prompt, max_new_tokens=16)  # greedy: the tokens `complete` gives
+
+    def sampled(seed: int | None, **more) -> str:
+        return bot.complete(prompt, max_new_tokens=16, sampling=Sampling(temperature=1.5, seed=seed, **more)).text()
+
+    assert sampled(7) == sampled(7)  # a seed makes it reproducible
+    assert len({sampled(seed) for seed in range(4)} | {greedy.reply}) > 2
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert sampled(None) != sampled(None)
+    assert torch.equal(torch.get_rng_state(), before)  # the global random state is left alone
+    # top_p this small leaves the most likely token only: greedy again.
+    assert sampled(3, top_p=1e-6) == greedy.reply
+
+    cut = greedy.reply[len(greedy.reply) // 2:].split()[0]  # a word from the greedy text
+    stopped = bot.complete(prompt, max_new_tokens=16, sampling=Sampling(stop=["\u2603", cut]))
+    pieces = list(stopped.stream())
+    assert stopped.reply == greedy.reply[:greedy.reply.index(cut)] == "".join(pieces)
+    assert stopped.finish_reason == "stop"
+
+    turn = bot.turn("Say something.", sampling=Sampling(temperature=0.9, seed=1))
+    assert turn.text() == bot.turn("Say something.", sampling=Sampling(temperature=0.9, seed=1)).text()
+    for bad, why in [({"temperature": 2.5}, "temperature"), ({"temperature": -0.1}, "temperature"),
+                     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"stop": [""]}, "stop"),
+                     ({"stop": ["a"] * 5}, "stop"), ({"seed": 2**64}, "seed"), ({"seed": "1"}, "seed")]:
+        with pytest.raises(InvalidRequestError, match=why):
+            Sampling(**bad)
+    with pytest.raises(InvalidRequestError, match="max_new_tokens"):
+        bot.complete(prompt, max_new_tokens=0)
 
 
 def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):

@@ -236,6 +236,7 @@ class Context:
         from sleepwake.sources import resolve_model
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
+        device = self.device()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.config import MemoryConfig
@@ -244,7 +245,17 @@ class Context:
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
-        return Memory(self.args.model, home=self.home, config=config, progress=self.progress)
+        return Memory(self.args.model, home=self.home, config=config, device=device, progress=self.progress)
+
+    def device(self) -> Any:
+        """--device as a torch device; CUDA without a GPU is a usage error, before anything loads."""
+        from sleepwake.errors import InvalidRequestError
+        from sleepwake.models import resolve_device
+
+        try:
+            return resolve_device(self.args.device or "auto")
+        except InvalidRequestError as exc:
+            raise UsageError(f"--device {self.args.device}: {exc}") from None
 
     def store(self) -> Any:
         """The memory ledger alone, read-only, without loading the model's weights (fast):
@@ -588,7 +599,7 @@ def cmd_chat(ctx: Context) -> int:
 
 def cmd_export(ctx: Context) -> int:
     with ctx.memory() as mem:
-        path = mem.export_adapter(ctx.args.adapter)
+        path = mem.export_adapter(ctx.args.adapter, max_rank=ctx.args.max_rank)
     ctx.say(f"exported the learned memory as a PEFT LoRA adapter: {path}")
     return 0
 
@@ -649,6 +660,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--raw-only", action="store_true", default=argparse.SUPPRESS if suppress else False,
                         help="edit facts written now for raw completions only, not chat questions: about "
                              "twice the capacity (BENCHMARKS.md); chat questions see them after a nap")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default,
+                        help="where the model runs: auto (the default: a CUDA GPU if PyTorch sees one, else "
+                             "the CPU), cpu or cuda")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")
@@ -728,6 +742,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p = add("export", cmd_export, "write all learned memory as one PEFT LoRA adapter")
     p.add_argument("--adapter", metavar="DIR", required=True, help="directory to write (new, or an earlier export)")
+    p.add_argument("--max-rank", type=_int_between(1), metavar="N",
+                   help="cut each module's delta to rank N at most (truncated SVD, the largest singular values "
+                        "kept): a smaller adapter that answers approximately")
     p = add("chat", cmd_chat, "chat with the model; it learns the facts you tell it (/help inside)",
             "An interactive chat. Facts stated in your messages are written into the weights at once; "
             "naps and deep sleeps run in the background when the sleep pressure calls for them (or on "
@@ -738,9 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
     _extractor_option(p)
     p = add("serve", cmd_serve, "serve the chat (OpenAI-compatible), the memory API and a web page over HTTP",
             "An HTTP server: a web page at /, OpenAI's chat completions at /v1/chat/completions (it learns "
-            "from the user's messages, as 'chat' does), the memory at /v1/memory/..., the API's description "
-            "at /openapi.json. It listens on 127.0.0.1 unless told otherwise; any other address needs a "
-            "token, which every request but the page must then send as 'Authorization: Bearer TOKEN'.")
+            "from the user's messages, as 'chat' does) and legacy completions at /v1/completions, the memory "
+            "at /v1/memory/..., a health check at /health, the API's description at /openapi.json. It listens "
+            "on 127.0.0.1 unless told otherwise; any other address needs a token, which every request but "
+            "the page and /health must then send as 'Authorization: Bearer TOKEN'.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--token", metavar="T", help="require this bearer token (default: $SLEEPWAKE_TOKEN)")

@@ -9,6 +9,14 @@ class InvalidFactError(SleepwakeError, ValueError):
     """A fact field is empty, too long, or of the wrong type."""
 
 
+class InvalidRequestError(SleepwakeError, ValueError):
+    """An option is out of its range or of the wrong type (sampling, export rank, ...)."""
+
+
+class UnsupportedError(InvalidRequestError):
+    """A request asks for something this server does not implement (tools, logprobs, n > 1, ...)."""
+
+
 class FactFileError(SleepwakeError, ValueError):
     """A JSONL facts file is malformed; the message names the line."""
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, encode_target, generate, head_logits, pad_right
+from sleepwake.inference import CACHE, chat_text, encode, encode_target, generate, head_logits, pad_right
 from sleepwake.models import LoadedModel
 from sleepwake.store import write_atomic
 
@@ -110,9 +110,9 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
     decoder = model.get_decoder()
     extra: dict[str, Any] = {}
     if shared >= 8:
-        cache = decoder(input_ids=torch.tensor([first[:shared]], device=device), use_cache=True).past_key_values
+        cache = getattr(decoder(input_ids=torch.tensor([first[:shared]], device=device), use_cache=True), CACHE)
         cache.batch_repeat_interleave(len(seqs))
-        extra = {"past_key_values": cache}
+        extra = {CACHE: cache}
     else:
         shared = 0
     batch = pad_right([ids[shared:] for ids, _ in seqs], pad, device)["input_ids"]

@@ -7,13 +7,20 @@ must be byte-for-byte the one `ask` sends: both come from `chat_text` here.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from sleepwake.facts import mentions_for_good
+
+
+CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
+"""The name of a forward pass's KV cache, as argument and output field: transformers
+renamed `past_key_values` to `cache`, and warns on every call that uses the old name."""
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

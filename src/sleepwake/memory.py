@@ -26,6 +26,7 @@ from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import locality_facts, perplexity_text, world_facts
 from sleepwake.errors import (
     InvalidFactError,
+    InvalidRequestError,
     StoreError,
     UnknownCycleError,
     UnknownFactError,
@@ -80,7 +81,7 @@ def _per_layer(edits: Sequence[FactEdit]) -> dict[int, Factor]:
     return out
 
 
-def _check_text(text: Any, what: str) -> str:
+def check_text(text: Any, what: str) -> str:
     if not isinstance(text, str):
         raise InvalidFactError(f"{what} must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -471,9 +472,14 @@ class Memory:
         self._rebuild()
         return undone
 
-    def export_adapter(self, path: str | os.PathLike[str]) -> Path:
+    def export_adapter(self, path: str | os.PathLike[str], max_rank: int | None = None) -> Path:
         """Write the whole learned memory — consolidated adapters and active MEMIT edits —
-        as one PEFT LoRA adapter directory that plain transformers + PEFT load on the base."""
+        as one PEFT LoRA adapter directory. Its base model is the local directory the
+        weights were loaded from, so `peft.AutoPeftModelForCausalLM.from_pretrained(path)`
+        loads it as is. With `max_rank`, each module's delta is cut to its best
+        approximation of at most that rank (truncated SVD): smaller, and approximate."""
+        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+            raise InvalidRequestError(f"max_rank must be a positive integer, got {max_rank!r}")
         path = Path(path).expanduser()
         if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / CONFIG_FILE).exists())):
             raise StoreError(f"{path} exists and is not an adapter directory; choose a new one")
@@ -482,8 +488,11 @@ class Memory:
         parts = [*self._adapters, *([keyed] if keyed else []), *([memit] if memit else [])]
         if not parts:
             raise StoreError("nothing to export: the memory is empty")
+        adapter = combine(parts)
+        if max_rank is not None:
+            adapter = adapter.truncated(max_rank)
         try:
-            combine(parts).save(path, self.lm.name)
+            adapter.save(path, str(self.lm.path or self.lm.name))
         except OSError as exc:  # the save is atomic: nothing was written
             raise StoreError(f"cannot write the adapter to {path}: {exc.strerror or exc}") from exc
         return path
@@ -594,13 +603,13 @@ class Memory:
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Greedy raw continuation of `prompt` (the MEMIT pathway)."""
-        prompt = _check_text(prompt, "prompt")
+        prompt = check_text(prompt, "prompt")
         n = max_new_tokens or self.config.generation.max_new_tokens
         return generate(self.model, self.tokenizer, [encode(self.tokenizer, prompt)], max_new_tokens=n)[0]
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> str:
         """Greedy answer to `question` through the model's chat template."""
-        question = _check_text(question, "question")
+        question = check_text(question, "question")
         n = max_new_tokens or self.config.generation.max_new_tokens
         ids = encode(self.tokenizer, chat_text(self.tokenizer, question), chat=True)
         return generate(self.model, self.tokenizer, [ids], max_new_tokens=n)[0].strip()

@@ -23,7 +23,7 @@ from filelock import FileLock
 from torch import nn
 
 from sleepwake.config import default_cache_dir
-from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
+from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_model
 
 # Edited layers chosen by a sweep with benchmarks/probe.py (30 facts; 4–11 beat 2–7 and 8–15, BENCHMARKS.md).
@@ -48,6 +48,9 @@ class LoadedModel:
     """A name for the hooks installed now that change the model's outputs (`keyed`)."""
     hooks: list = field(default_factory=list, repr=False)  # their handles
     keyed: Any = field(default=None, repr=False)  # the `keyed.KeyedMemory` they read
+    path: Path | None = None
+    """The Hugging Face directory the weights were loaded from (for GGUF, the converted copy
+    in the cache): what an exported adapter names as its base model."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -192,6 +195,24 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
         raise
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Where the model runs. "auto" is a CUDA GPU if PyTorch sees one, else the CPU;
+    None leaves the model where it loads (the CPU). CUDA without a GPU is refused, so
+    the caller can stop before anything is loaded or written."""
+    if device is None:
+        return None
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidRequestError(f"unknown device {device!r}: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError("no CUDA GPU is available to PyTorch here (torch.cuda.is_available() is False); "
+                                  "use the CPU, or 'auto'")
+    return device
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -200,7 +221,9 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
 ) -> LoadedModel:
-    """Load a base model for editing: frozen, in eval mode, float32 by default."""
+    """Load a base model for editing: frozen, in eval mode, float32 by default, on
+    `device` (see `resolve_device`; checked before anything loads)."""
+    device = resolve_device(device)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -227,7 +250,7 @@ def load_model(
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model))
+    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model), path=Path(path).resolve())
 
 
 def default_layers(name: str, n_layers: int) -> tuple[int, ...]:

@@ -24,15 +24,15 @@ import copy
 import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
 from jinja2 import TemplateError
 from torch import nn
 
-from sleepwake.errors import InvalidFactError, SleepRunningError, SleepwakeError
+from sleepwake.decoding import GREEDY, Decoding, Sampling
+from sleepwake.errors import InvalidFactError, InvalidRequestError, SleepRunningError, SleepwakeError
 from sleepwake.extract import (
     ConversationState,
     Extractor,
@@ -43,41 +43,14 @@ from sleepwake.extract import (
     split_items,
 )
 from sleepwake.facts import MAX_FIELD_CHARS, Fact
-from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory
+from sleepwake.inference import encode
+from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory, check_text
 from sleepwake.sleep.cycle import CycleReport
 from sleepwake.store import FactRecord
 
 MAX_HISTORY_TOKENS = 1024
 """Earlier turns beyond this many prompt tokens are left out (the newest message always stays)."""
 _ROLES = ("system", "user", "assistant")
-
-
-@torch.no_grad()
-def stream_greedy(model: nn.Module, tokenizer: Any, ids: Sequence[int], max_new_tokens: int) -> Iterator[str]:
-    """Greedy decoding with a KV cache, yielding text as it becomes printable.
-
-    The same tokens as `inference.generate` (greedy, same stop tokens), one at a
-    time; a piece that ends inside a multi-byte character waits for the next token."""
-    device = next(model.parameters()).device
-    stop = model.generation_config.eos_token_id
-    stop = set(stop if isinstance(stop, list) else [stop]) | {tokenizer.eos_token_id}
-    stop.discard(None)
-    x = torch.tensor([list(ids)], device=device)
-    past, out_ids, shown = None, [], ""
-    for _ in range(max_new_tokens):
-        out = model(input_ids=x, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        nxt = int(out.logits[0, -1].argmax())
-        if nxt in stop:
-            break
-        out_ids.append(nxt)
-        text = tokenizer.decode(out_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(shown):
-            yield text[len(shown):]
-        shown = text
-        x = torch.tensor([[nxt]], device=device)
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -105,43 +78,59 @@ def check_messages(messages: Any) -> list[dict[str, str]]:
     return out
 
 
-@dataclass
-class Turn:
-    """One exchange: what was learned from the user's message, then the reply as a stream."""
+@dataclass(kw_only=True)
+class Reply:
+    """Generated text, read as a stream. It holds the model (or, during a sleep, the
+    frozen copy) until it has been read or closed."""
 
-    conversation: int
-    learned: list[FactRecord]  # injected from the message, before the reply
-    pending: list[Fact]  # extracted during a sleep: injected when it ends
     prompt_tokens: int
-    _pieces: Iterator[str] = field(repr=False)
-    _finish: Any = field(repr=False)
+    _decoding: Decoding = field(repr=False)
+    _finish: Callable[[Any, bool], None] = field(repr=False)
     reply: str = ""
-    completion_tokens: int = 0
     done: bool = False
 
+    @property
+    def completion_tokens(self) -> int:
+        return self._decoding.tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        """"stop" (the end of the turn, or a stop string) or "length"; None until read whole."""
+        return self._decoding.finish_reason if self.done else None
+
     def stream(self) -> Iterator[str]:
-        """The reply, piece by piece; it is stored in the conversation when complete."""
+        """The text, piece by piece."""
         if self.done:
-            raise RuntimeError("this turn's reply was already read")
+            raise RuntimeError("this reply was already read")
         try:
-            for piece in self._pieces:
+            for piece in self._decoding:
                 self.reply += piece
                 yield piece
         finally:
             self.done = True
-            self._finish(self, read=True)
+            self._finish(self, True)
 
     def text(self) -> str:
-        """The whole reply."""
+        """The whole text."""
         for _ in self.stream():
             pass
         return self.reply
 
     def close(self) -> None:
-        """Give the model back without reading the reply (a turn holds it until then)."""
+        """Give the model back without reading the text."""
         if not self.done:
             self.done = True
-            self._finish(self, read=False)
+            self._finish(self, False)
+
+
+@dataclass(kw_only=True)
+class Turn(Reply):
+    """One exchange: what was learned from the user's message, then the reply as a
+    stream, which is stored in the conversation when read."""
+
+    conversation: int
+    learned: list[FactRecord]  # injected from the message, before the reply
+    pending: list[Fact]  # extracted during a sleep: injected when it ends
 
 
 class Assistant:
@@ -177,13 +166,14 @@ class Assistant:
     # --- conversation --------------------------------------------------------------
 
     def turn(self, messages: str | list[dict[str, str]], *, conversation: int | None = None,
-             max_new_tokens: int | None = None, learn: bool | None = None) -> Turn:
+             max_new_tokens: int | None = None, learn: bool | None = None,
+             sampling: Sampling = GREEDY) -> Turn:
         """Learn from the last user message, then prepare the reply (read it with
-        `Turn.stream()` or `Turn.text()`). `conversation` continues a stored one."""
+        `Turn.stream()` or `Turn.text()`). `conversation` continues a stored one;
+        `sampling` chooses the reply's tokens (greedy by default)."""
         msgs = check_messages(messages)
-        n = max_new_tokens or self.max_new_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidFactError(f"max_new_tokens must be a positive integer, got {n!r}")
+        n = self._length(max_new_tokens)
+        _check_sampling(sampling)
         store = self.memory.store
         if conversation is None:
             conversation = store.new_conversation()
@@ -194,24 +184,37 @@ class Assistant:
         facts = extract_turn("user", text, self.conversation, self.extractor) if (
             self.learn if learn is None else learn) else []
         learned, pending = self._remember(conversation, text, facts)
+        ids = self._prompt(msgs)
         model, release = self._model()
-        try:
-            ids = self._prompt(msgs)
-            pieces = stream_greedy(model, self.memory.tokenizer, ids, n)
-        except BaseException:
-            release()
-            raise
 
-        def finish(t: Turn, read: bool) -> None:
+        def finish(t: Reply, read: bool) -> None:
             release()
             if not read:
                 return
-            t.completion_tokens = len(self.memory.tokenizer(t.reply, add_special_tokens=False)["input_ids"])
             store.add_message(conversation, "assistant", t.reply)
             if learned and self.auto_sleep:
                 self._sleep_if_due()
 
-        return Turn(conversation, learned, pending, len(ids), pieces, finish)
+        return Turn(conversation=conversation, learned=learned, pending=pending, prompt_tokens=len(ids),
+                    _decoding=Decoding(model, self.memory.tokenizer, ids, n, sampling), _finish=finish)
+
+    def complete(self, prompt: str, *, max_new_tokens: int | None = None, sampling: Sampling = GREEDY) -> Reply:
+        """A raw continuation of `prompt` by the edited model (the MEMIT pathway, as
+        `Memory.complete`, and the same tokens when greedy), read like a turn's reply.
+        Nothing is learned or stored; during a sleep it reads the weights before it."""
+        prompt = check_text(prompt, "prompt")
+        n = self._length(max_new_tokens)
+        _check_sampling(sampling)
+        ids = encode(self.memory.tokenizer, prompt)
+        model, release = self._model()
+        return Reply(prompt_tokens=len(ids), _decoding=Decoding(model, self.memory.tokenizer, ids, n, sampling),
+                     _finish=lambda _reply, _read: release())
+
+    def _length(self, max_new_tokens: int | None) -> int:
+        n = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {n!r}")
+        return n
 
     def say(self, message: str, **kwargs: Any) -> Turn:
         """One user message, its reply read whole."""
@@ -430,6 +433,11 @@ class Assistant:
         if thread is not None:
             thread.join()
         self.memory.close()
+
+
+def _check_sampling(sampling: Any) -> None:
+    if not isinstance(sampling, Sampling):
+        raise InvalidRequestError(f"sampling must be a Sampling, got {type(sampling).__name__}")
 
 
 def _fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:

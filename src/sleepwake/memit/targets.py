@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sleepwake.config import MemitConfig
-from sleepwake.inference import head_logits, pad_right
+from sleepwake.inference import CACHE, head_logits, pad_right
 from sleepwake.memit.requests import EditRequest, slot_positions
 from sleepwake.memit.trace import (
     add_to_residual,
@@ -75,7 +75,7 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
 
 def hidden_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The last hidden states (before the LM head) at chosen positions."""
-    return model.get_decoder()(**inputs, use_cache="past_key_values" in inputs).last_hidden_state[rows, cols]
+    return model.get_decoder()(**inputs, use_cache=CACHE in inputs).last_hidden_state[rows, cols]
 
 
 def bf16_phase_applies(model: nn.Module, device: torch.device, cfg: MemitConfig) -> bool:
@@ -192,7 +192,7 @@ class _Group:
         """Model inputs for one forward pass (a fresh copy of the prefix cache each time)."""
         if self.prefix_cache is None:
             return dict(self.batch)
-        return {**self.batch, "past_key_values": _fresh_copy(self.prefix_cache)}
+        return {**self.batch, CACHE: _fresh_copy(self.prefix_cache)}
 
     def without(self, drop: torch.Tensor) -> _Group | None:
         """This group without the rows where `drop` (one bool per row) is set; None if none is left."""
@@ -293,7 +293,7 @@ def _groups(
                 ids = pad_right([[t for i in row for t in seqs[i][:pre[i]]] for row in bucket], pad,
                                 device)["input_ids"]
                 prefix_in = {"input_ids": ids} | (extra[0] if extra is not None else {})
-                prefix_cache = model.get_decoder()(**prefix_in, use_cache=True).past_key_values
+                prefix_cache = getattr(model.get_decoder()(**prefix_in, use_cache=True), CACHE)
         dr, dc, ds, dsl, orow, ocol, otok, oreq = [], [], [], [], [], [], [], []
         for row_i, row in enumerate(bucket):
             offset = 0  # where the sequence's suffix starts in the row

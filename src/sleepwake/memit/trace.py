@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
+from sleepwake.inference import CACHE
 from sleepwake.models import Architecture
 
 
@@ -147,7 +148,7 @@ def layer_output(model: nn.Module, arch: Architecture, batch: dict[str, object],
     handle = arch.layers[layer].register_forward_hook(post)
     try:
         with torch.no_grad():
-            model(**batch, use_cache="past_key_values" in batch)
+            model(**batch, use_cache=CACHE in batch)
     except StopForward:
         pass
     finally:

@@ -1,5 +1,5 @@
-"""`create_app`: the HTTP face of an `Assistant` — OpenAI's chat-completions API, a
-memory API and a web page.
+"""`create_app`: the HTTP face of an `Assistant` — OpenAI's chat-completions and legacy
+completions API, a memory API and a web page.
 
 Each endpoint is one `Assistant` call; the Assistant serialises the model and answers
 from a frozen copy of the weights while a sleep runs. Blocking work runs in the
@@ -15,14 +15,15 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Header, Request
+from fastapi import APIRouter, Body, Depends, FastAPI, Header, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,16 +32,19 @@ from sleepwake import __version__
 from sleepwake.errors import (
     FactFileError,
     InvalidFactError,
+    InvalidRequestError,
     SleepRunningError,
     SleepwakeError,
     UnknownCycleError,
     UnknownFactError,
+    UnsupportedError,
 )
 from sleepwake.jsonsafe import json_safe
 from sleepwake.server.guard import Guard, error_response
 from sleepwake.server.schemas import (
     ID_MAX,
     ChatRequest,
+    CompletionRequest,
     ErrorBody,
     FactIn,
     FactOut,
@@ -50,7 +54,7 @@ from sleepwake.server.schemas import (
     SleepRequest,
     SleepStarted,
 )
-from sleepwake.talk import Assistant, Turn
+from sleepwake.talk import Assistant, Reply
 
 MAX_BODY = 64 * 1024
 STATIC = Path(__file__).with_name("static")
@@ -60,6 +64,7 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 _END = object()  # a streamed reply's last queue item
+COMPLETION_TOKENS = 16  # OpenAI's default max_tokens of a legacy completion
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -74,19 +79,23 @@ _ERRORS: list[tuple[type[Exception] | tuple[type[Exception], ...], int, str]] = 
     (SleepRunningError, 409, "sleep_running"),
     (UnknownFactError, 404, "unknown_fact"),
     (UnknownCycleError, 404, "unknown_cycle"),
-    ((InvalidFactError, FactFileError), 400, "invalid_request"),
+    (UnsupportedError, 400, "unsupported_parameter"),
+    ((InvalidFactError, InvalidRequestError, FactFileError), 400, "invalid_request"),
 ]
 
 
 def create_app(assistant: Assistant, token: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
-    """The app for `assistant`. With `token`, every request but the page needs
-    ``Authorization: Bearer TOKEN``; without one, only loopback host names are served."""
+    """The app for `assistant`. With `token`, every request but the page and /health
+    needs ``Authorization: Bearer TOKEN``; without one, only loopback host names are served."""
     app = FastAPI(title="sleepwake", version=__version__, docs_url=None, redoc_url=None,
                   responses=_errors(400, 401, 403, 413, 415, 422),
                   description="A language model whose memory lives in its weights. "
                               "OpenAI-compatible chat completions, and its memory.")
     model_id = assistant.memory.lm.name
     _add_error_handlers(app)
+    # The Guard checks the token; the dependency declares it in /openapi.json.
+    bearer = HTTPBearer(auto_error=False, description="the server's --token (or $SLEEPWAKE_TOKEN)")
+    api = APIRouter(dependencies=[Depends(bearer)] if token else [])
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -94,42 +103,73 @@ def create_app(assistant: Assistant, token: str | None = None, max_body: int = M
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/v1/models", tags=["chat"])
+    @app.get("/health", tags=["server"])
+    def health() -> dict:
+        """Whether the server is up, without the token: for load balancers and container
+        probes. It tells nothing about the memory but whether a sleep runs."""
+        return {"status": "ok", "version": __version__, "model": model_id, "sleeping": assistant.sleeping()}
+
+    @api.get("/v1/models", tags=["chat"])
     def models() -> dict:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0,
                                             "owned_by": "sleepwake"}]}
 
-    @app.post("/v1/chat/completions", tags=["chat"],
+    @api.post("/v1/chat/completions", tags=["chat"],
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "a chat.completion, or its chunks as server-sent events"}})
     def chat(req: ChatRequest, x_sleepwake_conversation: Annotated[
             int | None, Header(ge=1, le=ID_MAX, description="continue this stored conversation")] = None) -> Any:
         """Learn from the last user message, then reply. The non-standard field
-        `sleepwake` says what was learned (or will be, after a running sleep)."""
+        `sleepwake` says what was learned (or will be, after a running sleep).
+        Greedy unless a temperature above 0 is given."""
+        _refuse_unsupported(req)
         n = min(req.max_completion_tokens or req.max_tokens or assistant.max_new_tokens, assistant.max_new_tokens)
-        turn = assistant.turn([m.plain() for m in req.messages], max_new_tokens=n,
+        turn = assistant.turn([m.plain() for m in req.messages], max_new_tokens=n, sampling=req.sampling(),
                               conversation=req.conversation or x_sleepwake_conversation)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id,
                 "system_fingerprint": None}
         extra = {"conversation": turn.conversation, "learned": [r.to_dict() for r in turn.learned],
                  "pending": [f.to_dict() for f in turn.pending]}
         if req.stream:
-            usage = req.stream_options is not None and req.stream_options.include_usage
-            events = _events(turn, _Reader(turn), n, head, extra, usage)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+            def chunk(delta: dict, finish: str | None = None) -> dict:
+                return {**head, "object": "chat.completion.chunk",
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+            first = {**chunk({"role": "assistant", "content": ""}), "sleepwake": extra}
+            return _stream(turn, lambda piece, finish: chunk({} if piece is None else {"content": piece}, finish),
+                           {**head, "object": "chat.completion.chunk"} if _include_usage(req) else None, first)
         text = turn.text()
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": _finish_reason(turn, n), "logprobs": None}],
+                             "finish_reason": turn.finish_reason, "logprobs": None}],
                 "usage": _usage(turn), "sleepwake": extra}
 
-    @app.get("/v1/memory/facts", tags=["memory"])
+    @api.post("/v1/completions", tags=["completions"],
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "a text_completion, or its chunks as server-sent events"}})
+    def complete(req: CompletionRequest) -> Any:
+        """OpenAI's legacy completion: a raw continuation of the prompt by the edited model
+        (the pathway MEMIT edits for "subject relation"). Nothing is learned or stored."""
+        _refuse_unsupported(req)
+        n = min(req.max_tokens or COMPLETION_TOKENS, assistant.max_new_tokens)
+        reply = assistant.complete(req.prompt, max_new_tokens=n, sampling=req.sampling())
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": model_id, "system_fingerprint": None}
+
+        def choice(text: str, finish: str | None) -> dict:
+            return {**head, "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+        if req.stream:
+            return _stream(reply, lambda piece, finish: choice(piece or "", finish),
+                           head if _include_usage(req) else None)
+        return {**choice(reply.text(), reply.finish_reason), "usage": _usage(reply)}
+
+    @api.get("/v1/memory/facts", tags=["memory"])
     def facts() -> list[FactOut]:
         """The active facts, oldest first, with where each lives."""
         return [FactOut(**r.to_dict()) for r in assistant.facts()]
 
-    @app.post("/v1/memory/facts", status_code=201, tags=["memory"], responses=_errors(409))
+    @api.post("/v1/memory/facts", status_code=201, tags=["memory"], responses=_errors(409))
     def add_facts(body: Annotated[FactIn | FactsIn, Body()]) -> Injected:
         """Write facts into the weights now (MEMIT). One with the subject and relation of
         a stored fact replaces it. 409 while a sleep runs."""
@@ -138,53 +178,67 @@ def create_app(assistant: Assistant, token: str | None = None, max_body: int = M
         return Injected(injected=[FactOut(**r.to_dict()) for r in result.records],
                         skipped=[FactIn(**f.to_dict()) for f in result.skipped])
 
-    @app.delete("/v1/memory/facts/{fact_id}", tags=["memory"], responses=_errors(404, 409))
+    @api.delete("/v1/memory/facts/{fact_id}", tags=["memory"], responses=_errors(404, 409))
     def forget(fact_id: Annotated[int, PathParam(ge=1, le=ID_MAX)]) -> FactOut:
         """Remove a fact from the weights. 409 while a sleep runs."""
         return FactOut(**assistant.forget(fact_id).to_dict())
 
-    @app.post("/v1/memory/nap", status_code=202, tags=["memory"], responses=_errors(409))
+    @api.post("/v1/memory/nap", status_code=202, tags=["memory"], responses=_errors(409))
     def nap(body: NapRequest | None = None) -> SleepStarted:
         """Start a nap in the background (facts held by MEMIT -> a LoRA adapter); 409 if a sleep runs.
         The body, if any, must be {}: anything else is refused, and nothing starts."""
         assistant.start_sleep("nap")
         return SleepStarted(started="nap")
 
-    @app.post("/v1/memory/sleep", status_code=202, tags=["memory"], responses=_errors(409))
+    @api.post("/v1/memory/sleep", status_code=202, tags=["memory"], responses=_errors(409))
     def sleep(body: SleepRequest | None = None) -> SleepStarted:
         """Start a deep sleep (or with {"deep": false} a nap) in the background; 409 if a sleep runs."""
         kind = "deep" if body is None or body.deep else "nap"
         assistant.start_sleep(kind)
         return SleepStarted(started=kind)
 
-    @app.get("/v1/memory/status", tags=["memory"])
+    @api.get("/v1/memory/status", tags=["memory"])
     def status() -> dict:
         """Sleep pressure and its parts, facts by where they live, the running sleep, the last cycle."""
         return json_safe(assistant.status())
 
-    @app.get("/v1/memory/history", tags=["memory"])
+    @api.get("/v1/memory/history", tags=["memory"])
     def history() -> list[dict]:
         """Every nap and sleep with its measured results, oldest first."""
         return json_safe(assistant.history())
 
+    app.include_router(api)
     app.add_middleware(Guard, token=token, max_body=max_body)  # runs before routing and parsing
     return app
+
+
+def _refuse_unsupported(req: Any) -> None:
+    """A field this server does not implement, set to a value that would matter: 400,
+    rather than a reply that silently ignores it."""
+    name = req.unsupported()
+    if name is not None:
+        raise UnsupportedError(f"{name} is not supported by this server (got {json.dumps(getattr(req, name))[:60]}); "
+                               "leave it out")
+
+
+def _include_usage(req: Any) -> bool:
+    return req.stream_options is not None and req.stream_options.include_usage
 
 
 # --- streaming ------------------------------------------------------------------------
 
 
 class _Reader:
-    """Reads a turn's reply into a queue, in a thread started at once: the stream then
+    """Reads a reply into a queue, in a thread started at once: the stream then
     always starts, and its end (which releases the model) always runs."""
 
-    def __init__(self, turn: Turn) -> None:
+    def __init__(self, reply: Reply) -> None:
         self.pieces: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        threading.Thread(target=self._read, args=(turn,), name="sleepwake-reply", daemon=True).start()
+        threading.Thread(target=self._read, args=(reply,), name="sleepwake-reply", daemon=True).start()
 
-    def _read(self, turn: Turn) -> None:
-        pieces = turn.stream()
+    def _read(self, reply: Reply) -> None:
+        pieces = reply.stream()
         try:
             for piece in pieces:  # the first piece is always read
                 self.pieces.put(piece)
@@ -197,40 +251,45 @@ class _Reader:
             self.pieces.put(_END)
 
 
-async def _events(turn: Turn, reader: _Reader, n: int, head: dict, extra: dict, usage: bool) -> AsyncIterator[str]:
-    """The reply as OpenAI's chunks: the role first (with `sleepwake`), then the text,
-    then the finish reason, the usage when asked for, and ``[DONE]``."""
+Chunk = Callable[[str | None, str | None], dict]
+"""(a piece of text, or None for the last chunk; the finish reason there) -> the chunk."""
 
-    def chunk(delta: dict, finish: str | None = None, **more: Any) -> str:
-        body = {**head, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **more}
+
+def _stream(reply: Reply, chunk: Chunk, usage_head: dict | None, first: dict | None = None) -> StreamingResponse:
+    events = _events(reply, _Reader(reply), chunk, usage_head, first)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _events(reply: Reply, reader: _Reader, chunk: Chunk, usage_head: dict | None,
+                  first: dict | None) -> AsyncIterator[str]:
+    """The reply as OpenAI's chunks: `first` if any (chat: the role, with `sleepwake`),
+    then the text, then the finish reason, the usage when asked for, and ``[DONE]``."""
+
+    def event(body: dict) -> str:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
-        yield chunk({"role": "assistant", "content": ""}, sleepwake=extra)
+        if first is not None:
+            yield event(first)
         while (item := await run_in_threadpool(reader.pieces.get)) is not _END:
             if isinstance(item, Exception):
                 error = {"message": f"the reply failed: {type(item).__name__}", "type": "server_error",
                          "code": "internal_error"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
+                yield event({"error": error})
                 return
-            yield chunk({"content": item})
-        yield chunk({}, _finish_reason(turn, n))
-        if usage:
-            body = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(turn)}
-            yield f"data: {json.dumps(body)}\n\n"
+            yield event(chunk(item, None))
+        yield event(chunk(None, reply.finish_reason))
+        if usage_head is not None:
+            yield event({**usage_head, "choices": [], "usage": _usage(reply)})
         yield "data: [DONE]\n\n"
     finally:
         reader.stop.set()  # the client left (or the reply ended): stop generating
 
 
-def _finish_reason(turn: Turn, n: int) -> str:
-    return "length" if turn.completion_tokens >= n else "stop"
-
-
-def _usage(turn: Turn) -> dict[str, int]:
-    return {"prompt_tokens": turn.prompt_tokens, "completion_tokens": turn.completion_tokens,
-            "total_tokens": turn.prompt_tokens + turn.completion_tokens}
+def _usage(reply: Reply) -> dict[str, int]:
+    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.completion_tokens,
+            "total_tokens": reply.prompt_tokens + reply.completion_tokens}
 
 
 # --- errors ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A pure ASGI middleware, so that nothing is parsed before it has run:
 
-- with a token, every request but the page itself (`GET /`, `/static/...`) must carry
+- with a token, every request but the page itself (`GET /`, `/static/...`) and the
+  health check (`GET /health`, for probes that hold no secret) must carry
   ``Authorization: Bearer TOKEN``;
 - without one (the server then listens on a loopback address only), the ``Host`` must
   be a loopback name, so that a web page on another site that rebinds its DNS name to
@@ -24,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_OPEN_PATHS = ("/", "/health")  # GET without the token; also everything under /static/
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 409: "conflict_error", 500: "server_error"}
 
@@ -85,7 +87,7 @@ class Guard:
                 return error_response(400, "this server answers only to a loopback host name "
                                            "(start it with a token to serve other names)", "invalid_host")
             return None
-        if method in ("GET", "HEAD") and (path == "/" or path.startswith("/static/")):
+        if method in ("GET", "HEAD") and (path in _OPEN_PATHS or path.startswith("/static/")):
             return None  # the page asks for the token itself
         scheme, _, given = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):

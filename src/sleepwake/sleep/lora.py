@@ -55,6 +55,25 @@ class Adapter:
     def factors(self) -> dict[str, Factor]:
         return {n: (self.b[n] * self.scale, self.a[n]) for n in self.a}
 
+    def truncated(self, max_rank: int) -> Adapter:
+        """Each module's delta cut to its best approximation of rank at most `max_rank`
+        (the largest singular values kept), as an adapter of that rank and scale 1.
+
+        The SVD is of the small core of scale·B·A = Q_b (R_b R_aᵀ) Q_aᵀ (QR of B and Aᵀ),
+        so no d_out × d_in matrix is formed."""
+        r = min(max_rank, self.r)
+        a, b = {}, {}
+        for n in self.a:
+            qb, rb = torch.linalg.qr(self.b[n].double() * self.scale)
+            qa, ra = torch.linalg.qr(self.a[n].double().t())
+            u, s, vh = torch.linalg.svd(rb @ ra.t())
+            k = min(r, len(s))  # a module of lower rank than `r` gets zero rows
+            b[n] = self.b[n].new_zeros(self.b[n].shape[0], r)
+            a[n] = self.a[n].new_zeros(r, self.a[n].shape[1])
+            b[n][:, :k] = qb @ u[:, :k] * s[:k]
+            a[n][:k] = vh[:k] @ qa.t()
+        return Adapter(a, b, r, float(r), self.conv1d)
+
     def save(self, path: str | os.PathLike[str], base_model: str) -> None:
         """Write a PEFT LoRA directory atomically (a new directory, renamed into place)."""
         path = Path(path)
