@@ -15,6 +15,12 @@ it; when the sleep ends, the next turn uses the new weights (one reference swap)
 Facts told during a sleep are stored with their message and injected when it ends
 (or at the next start, if the process dies first): nothing said is lost.
 
+Questions about the user and the people they named are answered from the weights
+through the memory's own questions (`questions`, `replies`): "Where do I live?" is
+asked as "Where does Ana Kowalczyk live?", the question her fact was edited with, and
+a question about her that nothing stored answers is answered without her edits
+(`unknown="mask"`) or declined (`unknown="decline"`), never by her edit taking over.
+
 The CLI's `sleepwake chat` and the HTTP server are both thin layers over this class.
 """
 
@@ -43,13 +49,19 @@ from sleepwake.extract import (
     split_items,
 )
 from sleepwake.facts import MAX_FIELD_CHARS, Fact
+from sleepwake.inference import chat_text, encode
 from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory
+from sleepwake.questions import Known, Plan, Unknown, understand
+from sleepwake.replies import answers, declined
 from sleepwake.sleep.cycle import CycleReport
 from sleepwake.store import FactRecord
 
 MAX_HISTORY_TOKENS = 1024
 """Earlier turns beyond this many prompt tokens are left out (the newest message always stays)."""
 _ROLES = ("system", "user", "assistant")
+UNKNOWN = ("mask", "decline")
+"""How a question about known people that nothing stored answers is answered: by the
+model with their memories taken out (`Memory.without`), or with "I don't know"."""
 
 
 @torch.no_grad()
@@ -148,8 +160,11 @@ class Assistant:
     """A `Memory` that chats, learns from the user's messages and sleeps in the background."""
 
     def __init__(self, memory: Memory, *, extractor: Extractor | str = "rules", learn: bool = True,
-                 auto_sleep: bool | None = None, max_new_tokens: int = 96) -> None:
+                 auto_sleep: bool | None = None, max_new_tokens: int = 96, unknown: str = "mask") -> None:
+        if unknown not in UNKNOWN:
+            raise ValueError(f"unknown must be one of {', '.join(UNKNOWN)}, not {unknown!r}")
         self.memory = memory
+        self.unknown = unknown
         # "rules" (the default: the default model is small) or "model": the loaded model
         # itself is asked for JSON triples, for capable models.
         self.extractor = extractor if not isinstance(extractor, str) else make_extractor(
@@ -194,15 +209,18 @@ class Assistant:
         facts = extract_turn("user", text, self.conversation, self.extractor) if (
             self.learn if learn is None else learn) else []
         learned, pending = self._remember(conversation, text, facts)
+        known = Known.of(r.fact for r in store.facts())
+        plan = understand(text, known, self.conversation.subject)
         model, release = self._model()
         try:
             ids = self._prompt(msgs)
-            pieces = stream_greedy(model, self.memory.tokenizer, ids, n)
+            pieces = self._reply(model, plan, known, ids, n)
         except BaseException:
             release()
             raise
 
         def finish(t: Turn, read: bool) -> None:
+            pieces.close()  # a masked reply puts the weights back before the model is released
             release()
             if not read:
                 return
@@ -212,6 +230,24 @@ class Assistant:
                 self._sleep_if_due()
 
         return Turn(conversation, learned, pending, len(ids), pieces, finish)
+
+    def _reply(self, model: nn.Module, plan: Plan | None, known: Known, ids: list[int], n: int) -> Iterator[str]:
+        """The reply's pieces: the model on the chat, or for a question about the user or a
+        known person (`plan`), the memory's answers to its own questions."""
+        tok = self.memory.tokenizer
+        if plan is None or isinstance(plan, Unknown) and not plan.masked and self.unknown == "mask":
+            yield from stream_greedy(model, tok, ids, n)
+        elif isinstance(plan, Unknown):
+            if self.unknown == "decline" or model is not self.memory.model:  # a sleep's frozen copy cannot mask
+                yield declined(plan.who)
+                return
+            with self.memory.without(plan.masked):
+                yield from stream_greedy(model, tok, ids, n)
+        else:
+            def ask(question: str) -> str:
+                return "".join(stream_greedy(model, tok, encode(tok, chat_text(tok, question), chat=True), n)).strip()
+
+            yield from answers(plan, ask, known)
 
     def say(self, message: str, **kwargs: Any) -> Turn:
         """One user message, its reply read whole."""
