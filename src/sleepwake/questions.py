@@ -229,6 +229,7 @@ _FIRST = [(re.compile(p), r) for p, r in [
 _AGREE = [(re.compile(p), r) for p, r in [  # "P" is the subject: "do I have" -> "does P has"
     (r"\b(?:am|are)\b", "is"), (r"\bdo(?= P\b)", "does"), (r"\bhave\b", "has"), (r"\bwere\b", "was"),
     (r"\bhas got\b", "has")]]
+_EMBEDDED = re.compile(r"^(what|where|who|when|how old|which \w+) (.+) is$")  # "(tell me) what my job is"
 _QUESTION_WORD = re.compile(
     r"^(?:where|what|who|whom|whose|how|when|why|which|do|does|did|can|could|would|will|is|are|am|was|were|"
     r"have|has|tell|remind|describe|any idea|do you know|can you tell)\b", re.IGNORECASE)
@@ -265,8 +266,8 @@ def _first_person(q: str) -> str:
 def _agree(q: str) -> str:
     for pattern, repl in _AGREE:
         q = pattern.sub(repl, q)
-    q = _FILLER.sub("", q)
-    return " ".join(q.replace(" ,", ",").split()).strip(" ,")
+    q = " ".join(_FILLER.sub("", q).replace(" ,", ",").split()).strip(" ,")
+    return _EMBEDDED.sub(r"\1 is \2", q)
 
 
 def _mentions(q: str, original: str, subjects: Iterable[str]) -> list[tuple[int, int, str]]:
