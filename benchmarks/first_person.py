@@ -44,6 +44,7 @@ from sleepwake.talk import Assistant
 
 CORPUS = Path(__file__).resolve().parent / "data" / "first_person.json"
 MAX_NEW_TOKENS = 32
+ABOUT_TOKENS = 96  # a sentence per fact: the Assistant's default reply length
 MODES = ("mask", "decline")
 
 
@@ -90,7 +91,7 @@ def measure(bot: Assistant, user: dict, facts: list[Fact], me: tuple[str, ...], 
         out["unknown"].append(row)
     for q, who in user["about"]:
         objects = objects_of(facts, who, me) + [f.object for f in facts if who == "me" and f.relation == "is named"]
-        reply = bot.say(q).reply
+        reply = bot.say(q, max_new_tokens=ABOUT_TOKENS).reply
         named = [o for o in objects if mentions(reply, o)]
         out["about"].append({"q": q, "reply": reply, "share": len(named) / len(objects), "missing":
                              [o for o in objects if o not in named]})

@@ -181,6 +181,6 @@ def test_first_person_through_the_assistant_before_and_after_the_name_and_a_rest
     bot.memory.close()  # a restart: the weights and who "I" is come back from the home
     again = Assistant(make_memory(home), max_new_tokens=24)
     assert again.say("What's my job?").reply == "You work as a cartographer."
-    about = again.say("What do you know about me?").reply
+    about = again.say("What do you know about me?", max_new_tokens=64).reply  # a sentence per fact
     for obj in ("Trondheim", "cartographer", "Lukas", ME):
         assert mentions(about, obj), about

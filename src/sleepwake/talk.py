@@ -239,7 +239,7 @@ class Assistant:
             yield from stream_greedy(model, tok, ids, n)
         elif isinstance(plan, Unknown):
             if self.unknown == "decline" or model is not self.memory.model:  # a sleep's frozen copy cannot mask
-                yield declined(plan.who)
+                yield from _capped(iter([declined(plan.who)]), tok, n)
                 return
             with self.memory.without(plan.masked):
                 yield from stream_greedy(model, tok, ids, n)
@@ -247,7 +247,7 @@ class Assistant:
             def ask(question: str) -> str:
                 return "".join(stream_greedy(model, tok, encode(tok, chat_text(tok, question), chat=True), n)).strip()
 
-            yield from answers(plan, ask, known)
+            yield from _capped(answers(plan, ask, known), tok, n)
 
     def say(self, message: str, **kwargs: Any) -> Turn:
         """One user message, its reply read whole."""
@@ -466,6 +466,19 @@ class Assistant:
         if thread is not None:
             thread.join()
         self.memory.close()
+
+
+def _capped(pieces: Iterator[str], tokenizer: Any, n: int) -> Iterator[str]:
+    """`pieces` up to `n` tokens in all: a reply made of several answers keeps to the
+    turn's `max_new_tokens` as one generation does."""
+    text = ""
+    for piece in pieces:
+        ids = tokenizer(text + piece, add_special_tokens=False)["input_ids"]
+        if len(ids) > n:
+            yield tokenizer.decode(ids[:n])[len(text):]
+            return
+        text += piece
+        yield piece
 
 
 def _fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
