@@ -102,13 +102,17 @@ _FAMILIES = {
     "parents": ("mother", "father"),
     "family": ("mother", "father", "brother", "sister", "child", "son", "daughter"),
 }
+
+
+def _has_named(kind: str) -> str:
+    return f"has {'an' if kind[0] in 'aeiou' else 'a'} {kind} named"
+
+
 _SPOUSE = ("is married to", "has a partner named", "has a boyfriend named", "has a girlfriend named",
            "has a wife named", "has a husband named")
-_PET_RELATIONS = ("has a pet", *(f"has {'an' if p[0] in 'aeiou' else 'a'} {p} named" for p in sorted(_PETS)))
-_JOB = ("works as", "works at")
-_HOME = ("lives in",)
+_PET_RELATIONS = ("has a pet", *(_has_named(p) for p in sorted(_PETS)))
 
-W = r"(?:what|which)"
+_W = r"(?:what|which)"
 _P = "P"
 
 
@@ -121,13 +125,13 @@ def _kind(word: str) -> str:
 def _named(kind: str) -> tuple[str, ...]:
     """Relations that name a person or pet of this kind ("mom" -> "has a mother named")."""
     if kind in _FAMILIES:
-        return tuple(f"has {'an' if k[0] in 'aeiou' else 'a'} {k} named" for k in _FAMILIES[kind])
+        return tuple(_has_named(k) for k in _FAMILIES[kind])
     kind = _kind(kind)
     if kind in ("wife", "husband", "spouse", "partner"):
         return _SPOUSE
     if kind in ("pet", "pets", "animal", "animals"):
         return _PET_RELATIONS
-    return (f"has {'an' if kind[0] in 'aeiou' else 'a'} {kind} named",)
+    return (_has_named(kind),)
 
 
 _K = rf"(?P<kind>{_KINDS}|{'|'.join(_PLURAL_KINDS)}|{'|'.join(_FAMILIES)}|pets?|animals?)"
@@ -138,54 +142,54 @@ _ASKS: list[tuple[tuple[str, ...] | None, list[str]]] = [
     (None, [rf"what is P's {_K}(?:'s|') names?", rf"what is the names? of P's {_K}", rf"what is P's {_K} (?:called|named)",
             rf"who is P's {_K}", rf"what is P's {_K}",
             rf"does P has (?:an? |any |one )?{_K}", rf"how many {_K} does P has",
-            rf"{W} (?:kind of |sort of |type of )?{_K} does P has"]),
+            rf"{_W} (?:kind of |sort of |type of )?{_K} does P has"]),
     (("is married to",), [r"who is P married to", r"is P married", r"who did P marry"]),
     (("lives in",), [r"where does P (?:live|stay|reside)", r"where is P (?:based|living|staying|located|residing)",
                      r"where is P's (?:home|place|house|flat|apartment)", r"where is home for P",
-                     rf"{W} (?:city|town|country|place) does P live in", rf"in {W} (?:city|town|country) does P live",
-                     rf"{W} (?:city|town|country) is P (?:living|based|staying) in",
+                     rf"{_W} (?:city|town|country|place) does P live in", rf"in {_W} (?:city|town|country) does P live",
+                     rf"{_W} (?:city|town|country) is P (?:living|based|staying) in",
                      r"where (?:did|has) P (?:move|moved|relocate|relocated)(?: to)?",
                      rf"what is P's (?:city|address|location)", r"where P (?:lives?|is based)"]),
     (("lived in",), [r"where did P (?:use to |used to )?live(?: before| previously| earlier| in the past)?",
                      r"where P used to live", r"where was P living before", r"where did P move from",
-                     rf"{W} (?:city|town|country) did P (?:use to )?live in(?: before)?"]),
-    (("was born in the year",), [rf"(?:in )?{W} year was P born(?: in)?", r"what is P's (?:birth year|year of birth)"]),
+                     rf"{_W} (?:city|town|country) did P (?:use to )?live in(?: before)?"]),
+    (("was born in the year",), [rf"(?:in )?{_W} year was P born(?: in)?", r"what is P's (?:birth year|year of birth)"]),
     (("was born in",), [r"where was P born", r"what is P's (?:birthplace|place of birth)",
-                        rf"(?:in )?{W} (?:city|town|country|place) was P born(?: in)?"]),
+                        rf"(?:in )?{_W} (?:city|town|country|place) was P born(?: in)?"]),
     (("was born on",), [r"when was P born", r"(?:what|when) is P's (?:birthday|date of birth|birth date)"]),
     (("is from", "was born in"), [r"where is P (?:originally )?from", r"where does P (?:originally )?come from",
-                                  rf"{W} country is P from", r"what is P's (?:nationality|home country|hometown)"]),
+                                  rf"{_W} country is P from", r"what is P's (?:nationality|home country|hometown)"]),
     (("is aged",), [r"how old is P", r"what is P's age", r"what age is P"]),
     (("is named",), [r"what is P's (?:full |first )?name", r"what is P called", r"what does P call P"]),
-    (_JOB, [r"what does P do(?: for (?:a living|work|a job|money)| professionally)?",
+    (("works as", "works at"), [r"what does P do(?: for (?:a living|work|a job|money)| professionally)?",
             r"what is P's (?:job|occupation|profession|line of work|work|career|trade|role|job title)",
             r"what (?:kind of |sort of |type of )?(?:work|job) does P (?:do|has)", r"what does P work as",
             r"how does P (?:earn|make) (?:a living|money)", r"what P do for (?:a living|work)"]),
-    (("works at", "works as"), [r"where does P work", r"who does P work for", rf"{W} company does P work (?:for|at)",
+    (("works at", "works as"), [r"where does P work", r"who does P work for", rf"{_W} company does P work (?:for|at)",
                                 r"who employs P", r"where is P employed", r"what is P's (?:employer|company|workplace)"]),
     (("studies", "studies at", "studied"), [r"what does P study", r"what is P (?:studying|learning)",
-                                            rf"{W} (?:language|subject)s? is P (?:studying|learning)",
+                                            rf"{_W} (?:language|subject)s? is P (?:studying|learning)",
                                             r"what is P's (?:major|subject)"]),
-    (("studies at", "studied at"), [r"where does P study", rf"{W} (?:school|university|college) does P (?:go to|attend)"]),
+    (("studies at", "studied at"), [r"where does P study", rf"{_W} (?:school|university|college) does P (?:go to|attend)"]),
     (("studied", "studied at"), [r"what did P study", r"where did P study"]),
-    (("speaks",), [rf"{W} languages? does P speak", rf"{W} languages? can P speak",
+    (("speaks",), [rf"{_W} languages? does P speak", rf"{_W} languages? can P speak",
                    r"does P speak any (?:other |foreign )?languages?", r"how many languages does P speak",
                    r"what is P's (?:native|first|mother) (?:language|tongue)"]),
-    (("is allergic to",), [r"what is P allergic to", r"is P allergic to (?:anything|any\b.*|.*)",
+    (("is allergic to",), [r"what is P allergic to", r"is P allergic to .+",
                            r"does P has (?:any |an )?allerg(?:y|ies)(?: to .*)?", r"what is P's allergies",
-                           rf"{W} allergies does P has", r"what allergies does P has"]),
+                           rf"{_W} allergies does P has", r"what allergies does P has"]),
     (("drives", "owns"), [r"what (?:kind of |sort of |type of )?car does P (?:drive|has|own)", r"what does P drive",
                           r"what is P's car", r"does P has a car", r"does P drive"]),
     (("owns",), [r"what does P own"]),
-    (("plays the", "plays"), [rf"{W} (?:musical )?instruments? does P play", r"does P play (?:any |an )?(?:musical )?"
+    (("plays the", "plays"), [rf"{_W} (?:musical )?instruments? does P play", r"does P play (?:any |an )?(?:musical )?"
                               r"instruments?", r"what does P play"]),
-    (("plays",), [rf"{W} (?:sports?|games?) does P play", r"does P play any (?:sports?|games?)"]),
+    (("plays",), [rf"{_W} (?:sports?|games?) does P play", r"does P play any (?:sports?|games?)"]),
     (("likes", "loves"), [r"what does P (?:like|enjoy|love)", r"what is P into", r"what is P's hobbies",
                           r"what is P's hobby"]),
     (("dislikes", "hates"), [r"what does P (?:dislike|hate)", r"what does P not like"]),
 ]
 _FAVORITE = [r"what is P's favorite (?P<thing>[a-z]+(?: [a-z]+)?)", r"what is P's fave (?P<thing>[a-z]+)",
-             rf"{W} (?P<thing>[a-z]+) does P like (?:the )?(?:best|most)", r"does P has a favorite (?P<thing>[a-z]+)"]
+             rf"{_W} (?P<thing>[a-z]+) does P like (?:the )?(?:best|most)", r"does P has a favorite (?P<thing>[a-z]+)"]
 _ABOUT = [r"(?:everything|anything|all|what)(?: else)?(?: do| does| can)? you (?:know|remember|tell P|has(?: stored| noted)?)"
           r" about P", r"(?:everything|anything|all) (?:about P|you know about P)", r"about P", r"who is P",
           r"describe P", r"what has P told you(?: about P)?", r"what did P tell you(?: about P)?"]
@@ -232,7 +236,7 @@ _AGREE = [(re.compile(p), r) for p, r in [  # "P" is the subject: "do I have" ->
 _EMBEDDED = re.compile(r"^(what|where|who|when|how old|which \w+) (.+) is$")  # "(tell me) what my job is"
 _QUESTION_WORD = re.compile(
     r"^(?:where|what|who|whom|whose|how|when|why|which|do|does|did|can|could|would|will|is|are|am|was|were|"
-    r"have|has|tell|remind|describe|any idea|do you know|can you tell)\b", re.IGNORECASE)
+    r"have|has|tell|remind|describe|any idea)\b", re.IGNORECASE)
 _SENTENCES = re.compile(r"(?<=[.!?])\s+")
 _RELATIVE_BEFORE = re.compile(rf"P's\s+(?:(?:older|younger|elder|big|little|best|twin)\s+)?(?:{_KINDS})"
                               r",?\s+$")
