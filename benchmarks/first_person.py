@@ -8,7 +8,8 @@ new conversations (no history in the prompt, so only the weights can answer):
 
 - recall: the reply to each first-person question names all its expected objects;
   against it, the same question asked as it is (`Memory.ask`, the path before issue 26)
-  and the canonical questions of the stored facts (what the weights hold: a ceiling);
+  and the canonical questions of the stored facts (what the weights hold: a ceiling),
+  and recall over the questions whose facts the weights hold (the rewriting alone);
 - leak: a question about a known person that nothing stored answers gets a reply that
   names one of that person's stored objects (`unknown="mask"` and `"decline"`, and as it is);
 - about: the share of a person's stored objects that "Who is X?" / "What do you know
@@ -77,6 +78,7 @@ def measure(bot: Assistant, user: dict, facts: list[Fact], me: tuple[str, ...], 
         out["questions"].append(row)
     canonical = [bot.memory.ask(f.chat_question(), max_new_tokens=MAX_NEW_TOKENS) for f in facts]
     out["canonical"] = [{"q": f.chat_question(), "reply": a, "ok": mentions(a, f.object)} for f, a in zip(facts, canonical)]
+    mark_held(out["questions"], facts, out["canonical"])
     for q, who in user["unknown"]:
         objects = objects_of(facts, who, me)
         row = {"q": q, "who": who}
@@ -96,6 +98,15 @@ def measure(bot: Assistant, user: dict, facts: list[Fact], me: tuple[str, ...], 
         out["about"].append({"q": q, "reply": reply, "share": len(named) / len(objects), "missing":
                              [o for o in objects if o not in named]})
     return out
+
+
+def mark_held(questions: list[dict], facts: list[Fact], canonical: list[dict]) -> None:
+    """Whether the weights hold what each question asks: every expected object is in a
+    fact whose canonical question they answer. Recall where held measures the rewriting
+    alone; the rest of the gap to 1 is the memory's."""
+    held = [f.object for f, c in zip(facts, canonical) if c["ok"]]
+    for row in questions:
+        row["held"] = all(any(mentions(o, e) for o in held) for e in row["expected"])
 
 
 @torch.no_grad()
@@ -134,7 +145,9 @@ def summary(phase: list[dict]) -> dict:
     un = [r for p in phase for r in p["unknown"]]
     ab = [r for p in phase for r in p["about"]]
     can = [r for p in phase for r in p["canonical"]]
+    held = [r for r in qs if r["held"]]
     out = {"questions": len(qs), "recall": rate(qs, "ok"), "canonical_recall": rate(can, "ok"),
+           "held": len(held), "recall_where_held": rate(held, "ok"),
            "unknown": len(un), **{f"leak_{m}": rate(un, f"{m}_leak") for m in MODES},
            "about_share": statistics.fmean(r["share"] for r in ab) if ab else float("nan")}
     if qs and "as_is_ok" in qs[0]:
