@@ -12,6 +12,7 @@ from test_sleep import kill_after_first_step
 from sleepwake.config import MemoryConfig
 from sleepwake.evaluate import held
 from sleepwake.facts import Fact
+from sleepwake.inference import CACHE
 from sleepwake.keyed import Entry, KeyedMemory, install
 from sleepwake.memit.editor import ReadKeys
 from sleepwake.memit.trace import run_capture
@@ -108,11 +109,11 @@ def test_decoding_with_a_kv_cache_reads_the_entry_as_one_pass_does(base_lm):
         with torch.no_grad():
             whole = lm.model(input_ids=ids, use_cache=False).logits[0]
             out = lm.model(input_ids=ids[:, :2], use_cache=True)
-            steps, cache = [out.logits[0]], out.past_key_values
+            steps, cache = [out.logits[0]], getattr(out, CACHE)
             for t in range(2, ids.shape[1]):
-                out = lm.model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                out = lm.model(input_ids=ids[:, t:t + 1], use_cache=True, **{CACHE: cache})
                 steps.append(out.logits[0])
-                cache = out.past_key_values
+                cache = getattr(out, CACHE)
     finally:
         install(lm, None)
     with torch.no_grad():

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Sequence
@@ -209,6 +211,22 @@ class Memory:
             edits = [self._edits[i] for i in sorted(self._edits)]
         self.weights.rebuild(self._factors(edits, self._adapters if adapters is None else adapters))
         install(self.lm, self.keyed_live() if keyed == "live" else keyed, _per_layer(edits))
+
+    @contextmanager
+    def without(self, subjects: Iterable[str]) -> Iterator[None]:
+        """The live model with these subjects' memories taken out (their MEMIT edits and
+        keyed entries), then the committed weights back. For a reply about them that no
+        stored fact answers: with their edit in, it takes over every prompt that names
+        them ("Gyrk", or one of their stored objects). LoRA adapters stay in."""
+        keys = {s.casefold() for s in subjects}
+        out = {r.id for r in self.store.facts(where="memit") if r.fact.subject_key in keys}
+        live = self.keyed_live()
+        self._rebuild([self._edits[i] for i in sorted(self._edits) if i not in out],
+                      keyed=live.without(sorted(keys)) if live is not None else None)
+        try:
+            yield
+        finally:
+            self._rebuild()
 
     def keyed_live(self) -> KeyedMemory | None:
         """The keyed entries the model reads now: every subject's but those with facts in

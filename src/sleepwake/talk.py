@@ -15,6 +15,12 @@ it; when the sleep ends, the next turn uses the new weights (one reference swap)
 Facts told during a sleep are stored with their message and injected when it ends
 (or at the next start, if the process dies first): nothing said is lost.
 
+Questions about the user and the people they named are answered from the weights
+through the memory's own questions (`questions`, `replies`): "Where do I live?" is
+asked as "Where does Ana Kowalczyk live?", the question her fact was edited with, and
+a question about her that nothing stored answers is answered without her edits
+(`unknown="mask"`) or declined (`unknown="decline"`), never by her edit taking over.
+
 The CLI's `sleepwake chat` and the HTTP server are both thin layers over this class.
 """
 
@@ -43,14 +49,19 @@ from sleepwake.extract import (
     split_items,
 )
 from sleepwake.facts import MAX_FIELD_CHARS, Fact
-from sleepwake.inference import encode
+from sleepwake.inference import chat_text, encode
 from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory, check_text
+from sleepwake.questions import Known, Plan, Unknown, understand
+from sleepwake.replies import answers, declined
 from sleepwake.sleep.cycle import CycleReport
 from sleepwake.store import FactRecord
 
 MAX_HISTORY_TOKENS = 1024
 """Earlier turns beyond this many prompt tokens are left out (the newest message always stays)."""
 _ROLES = ("system", "user", "assistant")
+UNKNOWN = ("mask", "decline")
+"""How a question about known people that nothing stored answers is answered: by the
+model with their memories taken out (`Memory.without`), or with "I don't know"."""
 
 
 def check_messages(messages: Any) -> list[dict[str, str]]:
@@ -137,8 +148,11 @@ class Assistant:
     """A `Memory` that chats, learns from the user's messages and sleeps in the background."""
 
     def __init__(self, memory: Memory, *, extractor: Extractor | str = "rules", learn: bool = True,
-                 auto_sleep: bool | None = None, max_new_tokens: int = 96) -> None:
+                 auto_sleep: bool | None = None, max_new_tokens: int = 96, unknown: str = "mask") -> None:
+        if unknown not in UNKNOWN:
+            raise ValueError(f"unknown must be one of {', '.join(UNKNOWN)}, not {unknown!r}")
         self.memory = memory
+        self.unknown = unknown
         # "rules" (the default: the default model is small) or "model": the loaded model
         # itself is asked for JSON triples, for capable models.
         self.extractor = extractor if not isinstance(extractor, str) else make_extractor(
@@ -184,10 +198,15 @@ class Assistant:
         facts = extract_turn("user", text, self.conversation, self.extractor) if (
             self.learn if learn is None else learn) else []
         learned, pending = self._remember(conversation, text, facts)
+        known = Known.of(r.fact for r in store.facts())
+        plan = understand(text, known, self.conversation.subject)
         ids = self._prompt(msgs)
         model, release = self._model()
+        decoding = self._reply(model, plan, known, ids, n, sampling)
 
         def finish(t: Reply, read: bool) -> None:
+            if isinstance(decoding, _Composed):
+                decoding.close()  # a masked reply puts the weights back before the model is released
             release()
             if not read:
                 return
@@ -196,7 +215,7 @@ class Assistant:
                 self._sleep_if_due()
 
         return Turn(conversation=conversation, learned=learned, pending=pending, prompt_tokens=len(ids),
-                    _decoding=Decoding(model, self.memory.tokenizer, ids, n, sampling), _finish=finish)
+                    _decoding=decoding, _finish=finish)
 
     def complete(self, prompt: str, *, max_new_tokens: int | None = None, sampling: Sampling = GREEDY) -> Reply:
         """A raw continuation of `prompt` by the edited model (the MEMIT pathway, as
@@ -215,6 +234,28 @@ class Assistant:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {n!r}")
         return n
+
+    def _reply(self, model: nn.Module, plan: Plan | None, known: Known, ids: list[int], n: int,
+               sampling: Sampling) -> Decoding | _Composed:
+        """The reply: the model on the chat, or for a question about the user or a known
+        person (`plan`), the memory's answers to its own questions (greedy)."""
+        tok = self.memory.tokenizer
+        if plan is None or isinstance(plan, Unknown) and not plan.masked and self.unknown == "mask":
+            return Decoding(model, tok, ids, n, sampling)
+        if isinstance(plan, Unknown):
+            if self.unknown == "decline" or model is not self.memory.model:  # a sleep's frozen copy cannot mask
+                return _Composed(iter([declined(plan.who)]), tok, n)
+
+            def masked() -> Iterator[str]:
+                with self.memory.without(plan.masked):
+                    yield from Decoding(model, tok, ids, n, sampling)
+
+            return _Composed(masked(), tok, n)
+
+        def ask(question: str) -> str:
+            return "".join(Decoding(model, tok, encode(tok, chat_text(tok, question), chat=True), n)).strip()
+
+        return _Composed(answers(plan, ask, known), tok, n)
 
     def say(self, message: str, **kwargs: Any) -> Turn:
         """One user message, its reply read whole."""
@@ -438,6 +479,36 @@ class Assistant:
 def _check_sampling(sampling: Any) -> None:
     if not isinstance(sampling, Sampling):
         raise InvalidRequestError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+
+
+class _Composed:
+    """A reply put together from `pieces` (several answers, a masked generation, a
+    sentence of our own), read like a `Decoding`: at most `n` tokens in all, as one
+    generation keeps to the turn's `max_new_tokens`; `close` ends `pieces` (a masked
+    generation then puts the weights back)."""
+
+    def __init__(self, pieces: Iterator[str], tokenizer: Any, n: int) -> None:
+        self.pieces, self.tokenizer, self.n = pieces, tokenizer, n
+        self.tokens = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        text = ""
+        self.finish_reason = "stop"
+        for piece in self.pieces:
+            ids = self.tokenizer(text + piece, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.n:
+                self.tokens, self.finish_reason = self.n, "length"
+                yield self.tokenizer.decode(ids[: self.n])[len(text):]
+                return
+            text += piece
+            self.tokens = len(ids)
+            yield piece
+
+    def close(self) -> None:
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()
 
 
 def _fold_system(msgs: list[dict[str, str]]) -> list[dict[str, str]]:
