@@ -57,3 +57,7 @@ class UnknownCycleError(SleepwakeError, KeyError):
 
 class SleepRunningError(SleepwakeError):
     """A nap or deep sleep is running: the memory cannot change until it ends."""
+
+
+class InvalidUserError(InvalidRequestError):
+    """A user name that is not a safe directory name."""
