@@ -61,3 +61,7 @@ class SleepRunningError(SleepwakeError):
 
 class InvalidUserError(InvalidRequestError):
     """A user name that is not a safe directory name."""
+
+
+class WrongUserError(SleepwakeError):
+    """A request names a user its API key does not reach."""

@@ -122,7 +122,7 @@ class Memory:
         user: str | None = None,
     ) -> None:
         self.user = check_user(user)  # before anything loads or changes
-        root = Path(home).expanduser() if home is not None else default_home()
+        self.root = root = Path(home).expanduser() if home is not None else default_home()  # all users' home
         self.config = config or MemoryConfig()
         self.progress = self.config.progress if progress is None else progress
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()

@@ -141,6 +141,8 @@ class Assistant:
     def __init__(self, memory: Memory, *, extractor: Extractor | str = "rules", learn: bool = True,
                  auto_sleep: bool | None = None, max_new_tokens: int = 96) -> None:
         self.memory = memory
+        self._settings = {"extractor": extractor, "learn": learn, "auto_sleep": auto_sleep,
+                          "max_new_tokens": max_new_tokens}  # for `for_user`
         # "rules" (the default: the default model is small) or "model": the loaded model
         # itself is asked for JSON triples, for capable models.
         self.extractor = extractor if not isinstance(extractor, str) else make_extractor(
@@ -165,6 +167,18 @@ class Assistant:
         self.conversation = ConversationState(user_name=memory.store.meta("user_name"))
         with self._lock:
             self._learn_unlearned()
+
+    def for_user(self, user: str) -> "Assistant":
+        """An assistant like this one for another user of the same home, on the same
+        loaded model (see `sleepwake.users`): that user's memory is opened, or made."""
+        mem = self.memory
+        other = Memory(self.lm, home=mem.root, user=user, config=replace(mem.config, auto_sleep=False),
+                       cache_dir=mem.cache_dir, progress=mem.progress)
+        try:
+            return Assistant(other, **{**self._settings, "auto_sleep": self.auto_sleep})
+        except BaseException:
+            other.close()
+            raise
 
     # --- conversation --------------------------------------------------------------
 
