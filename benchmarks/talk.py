@@ -139,7 +139,7 @@ def switch(lm, home: Path, n_facts: int, nap: bool, rounds: int = 12) -> dict:
                        "facts": mem.status(measure_perplexity=False)["facts"]}
         print(json.dumps({user: built[user]}), flush=True)
         bots[user] = bot
-    question = {u: f"Where does {facts[i * n_facts].subject} live?" for i, u in enumerate(bots)}
+    question = {u: facts[i * n_facts].question for i, u in enumerate(bots)}
 
     def turn(user: str) -> float:
         t0 = time.perf_counter()

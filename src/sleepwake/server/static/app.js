@@ -248,11 +248,13 @@ async function showModel() {
 function useToken(event) {
   event.preventDefault();
   const value = $("#token").value.trim();
-  if (value) sessionStorage.setItem(TOKEN_KEY, value);
-  else sessionStorage.removeItem(TOKEN_KEY);
-  $("#token").value = "";
-  $("#token").placeholder = value ? "token in use (this tab only)" : "paste the server's token";
   const user = $("#user").value.trim();
+  if (value || user === currentUser()) {  // an empty token field drops the token, unless the user changes
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    $("#token").value = "";
+    $("#token").placeholder = value ? "token in use (this tab only)" : "paste the server's token";
+  }
   if (user !== currentUser()) {  // another user's memory: a new conversation
     if (user) sessionStorage.setItem(USER_KEY, user);
     else sessionStorage.removeItem(USER_KEY);
