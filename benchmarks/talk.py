@@ -135,6 +135,7 @@ def switch(lm, home: Path, n_facts: int, nap: bool, rounds: int = 12) -> dict:
         mem = bot.memory
         built[user] = {"build_s": round(time.perf_counter() - t0, 1), "rss_added_mb": round(_rss_mb() - before, 1),
                        "delta_sums_mb": round(_mb(mem.weights.sum.values()), 1),
+                       "editor_mb": round(_mb([*mem.editor().cov_inv.values(), *mem.covariances().values()]), 1),
                        "memit_factors_mb": round(_mb([t for e in mem._edits.values() for t in (*e.a.values(), *e.b.values())]), 2),
                        "facts": mem.status(measure_perplexity=False)["facts"]}
         print(json.dumps({user: built[user]}), flush=True)
@@ -169,7 +170,9 @@ def switch(lm, home: Path, n_facts: int, nap: bool, rounds: int = 12) -> dict:
     correct = {u: mentions(bots[u].say(question[u], learn=False).reply, facts[i * n_facts].object)
                for i, u in enumerate(bots)}
     med = statistics.median
-    out = {"facts_per_user": n_facts, "napped": nap, "users": built,
+    a, b = (bots[u].memory for u in ("alice", "bob"))
+    shared_editor = a.editor().cov_inv is b.editor().cov_inv and a.covariances() is b.covariances()
+    out = {"facts_per_user": n_facts, "editor_shared_by_users": shared_editor, "napped": nap, "users": built,
            "turn_same_user_ms": round(med(same), 1), "turn_switching_ms": round(med(alternating), 1),
            "switch_cost_ms": round(med(alternating) - med(same), 1),
            "activate_ms": {"median": round(med(activate), 1), "max": round(max(activate), 1)},

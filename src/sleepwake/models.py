@@ -107,6 +107,8 @@ class LoadedModel:
     in the cache): what an exported adapter names as its base model."""
     lock: ModelLock = field(default_factory=ModelLock, repr=False, compare=False)
     """Held by whoever uses the model: the memories (users) that share it take turns."""
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
+    """What the memories of this model compute once for all of them (Ĉ and its inverse)."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -173,7 +175,7 @@ class LoadedModel:
         for n in own - set(pristine):  # down-projections no memory wrote yet: base now
             pristine[n] = arch.weight(n).clone()
         return _PrivateModel(model, self.tokenizer, self.name, self.fingerprint, arch, pristine,
-                             weights_version=self.weights_version + 1, path=self.path)
+                             weights_version=self.weights_version + 1, path=self.path, shared=self.shared)
 
     @property
     def device(self) -> torch.device:
