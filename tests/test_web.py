@@ -86,3 +86,34 @@ def test_the_page_chats_streams_learns_and_shows_the_memory(server, page, tmp_pa
         assert image.size == (VIEWPORT["width"], VIEWPORT["height"])
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
         assert colours is None or len(colours) > 50, "the screenshot is (nearly) blank"
+
+
+def test_the_page_chooses_a_user(server, page):
+    """The user field: another user's memory and conversation, the default user's back
+    when it is emptied; the choice lasts for the tab. The default user's nap from the
+    test before may still run: it blocks no other user."""
+    from playwright.sync_api import expect
+
+    page.goto(server.url + "/")
+    page.fill("#token", TOKEN)
+    page.fill("#user", "carol")
+    page.click("#save-token")
+    assert page.evaluate("sessionStorage.getItem('sleepwake-user')") == "carol"
+    expect(page.locator("#sleep-state")).to_have_text("awake")  # Carol's own sleep state
+    page.fill("#message", "Remember this: Orla Quennell lives in Kraków.")
+    page.press("#message", "Enter")
+    expect(page.locator("#chat li.user .learned")).to_have_text("learned: Orla Quennell · lives in · Kraków",
+                                                                 timeout=REPLY_MS)
+    expect(page.locator("#chat li.assistant").last).not_to_have_class(re.compile("streaming"), timeout=REPLY_MS)
+    expect(page.locator("#facts tr", has_text="Orla Quennell")).to_be_visible()
+    expect(page.locator("#facts tr", has_text="Anselm Kreutzer")).to_have_count(0)
+
+    page.reload()
+    expect(page.locator("#user")).to_have_value("carol")
+    page.fill("#user", "")
+    page.click("#save-token")
+    expect(page.locator("#facts tr", has_text="Anselm Kreutzer")).to_be_visible()
+    expect(page.locator("#facts tr", has_text="Orla Quennell")).to_have_count(0)
+    page.fill("#user", "../x")  # refused by the field itself
+    page.click("#save-token")
+    assert page.evaluate("sessionStorage.getItem('sleepwake-user')") is None

@@ -106,6 +106,16 @@ def _whole_number(what: str) -> Callable[[str], int]:
 _fact_id = _whole_number("fact")
 
 
+def _user_name(text: str) -> str:
+    from sleepwake.errors import InvalidUserError
+    from sleepwake.users import check_user
+
+    try:
+        return check_user(text)
+    except InvalidUserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _short(text: str, limit: int = 60) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -174,6 +184,14 @@ class Context:
 
     @property
     def home(self) -> Path:
+        """The --user's memory: the home itself for the default user, else home/users/NAME."""
+        from sleepwake.users import user_home
+
+        return user_home(self.root, getattr(self.args, "user", None))
+
+    @property
+    def root(self) -> Path:
+        """The memory home (--home): every user's, under one lock."""
         if self.args.home:
             home = Path(self.args.home).expanduser()
         else:
@@ -189,25 +207,25 @@ class Context:
         process holds it. Held by another process that serves no API: `HomeBusyError`."""
         from sleepwake.homelock import holder
 
-        held = holder(self.home)
+        held = holder(self.root)
         if held is None or held.pid == os.getpid():
             return None
         if not held.url:
-            raise HomeBusyError(f"memory home {self.home} is in use by {held.describe()}; wait for it to end "
+            raise HomeBusyError(f"memory home {self.root} is in use by {held.describe()}; wait for it to end "
                                 "or stop it, then try again", held)
         from sleepwake.remote import Remote
 
-        return Remote(held)
+        return Remote(held, user=getattr(self.args, "user", None))
 
     def _check_free(self) -> None:
         """Before the model loads (seconds): the home must not be another live process's."""
         from sleepwake.homelock import holder
 
-        held = holder(self.home)
+        held = holder(self.root)
         if held is not None and held.pid != os.getpid():
             hint = ("; 'inject', 'forget', 'nap', 'sleep' and 'status' work through it, other commands "
                     "need it stopped" if held.url else "; wait for it to end or stop it, then try again")
-            raise HomeBusyError(f"memory home {self.home} is in use by {held.describe()}{hint}", held)
+            raise HomeBusyError(f"memory home {self.root} is in use by {held.describe()}{hint}", held)
 
     def say(self, text: str) -> None:
         """A result line on stdout."""
@@ -245,7 +263,8 @@ class Context:
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
-        return Memory(self.args.model, home=self.home, config=config, device=device, progress=self.progress)
+        return Memory(self.args.model, home=self.root, config=config, device=device, progress=self.progress,
+                      user=getattr(self.args, "user", None))
 
     def device(self) -> Any:
         """--device as a torch device; CUDA without a GPU is a usage error, before anything loads."""
@@ -608,18 +627,33 @@ def cmd_serve(ctx: Context) -> int:
     args = ctx.args
     from sleepwake.server.guard import is_loopback
 
-    token = args.token or os.environ.get("SLEEPWAKE_TOKEN") or None
+    from sleepwake.server.guard import read_keys
+
+    if getattr(args, "user", None) not in (None, "default"):
+        raise UsageError("serve serves every user of the home: leave --user out (a request names its user, "
+                         "or its API key does: --keys)")
+    keys = None
+    if args.keys is not None:
+        if args.token:
+            raise UsageError("give --token (one user) or --keys (a key per user), not both")
+        try:
+            keys = read_keys(args.keys)
+        except ValueError as exc:
+            raise UsageError(f"--keys {args.keys}: {exc}") from None
+    token = None if keys else args.token or os.environ.get("SLEEPWAKE_TOKEN") or None
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
-    if token is None and not is_loopback(args.host):
+    if token is None and keys is None and not is_loopback(args.host):
         raise UsageError(f"refusing to serve on {args.host} without a token: anyone who can reach it could read "
-                         "and change the memory. Give --token (or set SLEEPWAKE_TOKEN), or serve on 127.0.0.1")
+                         "and change the memory. Give --token (or set SLEEPWAKE_TOKEN) or --keys, or serve on "
+                         "127.0.0.1")
     from dataclasses import replace
 
     import uvicorn
 
     from sleepwake.server import create_app
     from sleepwake.talk import Assistant
+    from sleepwake.users import Users
 
     mem = ctx.memory()
     if args.sleep_epochs:  # read by each sleep when it starts
@@ -632,16 +666,17 @@ def cmd_serve(ctx: Context) -> int:
     # Other processes on this machine reach the memory here (`sleepwake inject` beside the server).
     near = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
     mem.store.lock.set_url(f"http://{f'[{near}]' if ':' in near else near}:{args.port}")
-    ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){', token required' if token else ''}; "
-               "Ctrl-C stops")
+    users = Users(bot, bot.for_user)
+    auth = f", token required" if token else f", API keys of {len(set(keys.values()))} user(s)" if keys else ""
+    ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){auth}; Ctrl-C stops")
     try:
-        uvicorn.run(create_app(bot, token=token), host=args.host, port=args.port,
+        uvicorn.run(create_app(users, token=token, keys=keys), host=args.host, port=args.port,
                     log_level="warning" if ctx.quiet else "info", timeout_graceful_shutdown=3)
     finally:
-        if bot.sleeping():
-            ctx.status(f"sleepwake: waiting for the {bot.sleeping()} to end (Ctrl-C stops it; the next start "
+        if users.sleeping():
+            ctx.status(f"sleepwake: waiting for the {users.sleeping()} to end (Ctrl-C stops it; the next start "
                        "restores the last good state)")
-        bot.close()
+        users.close()
     return 0
 
 
@@ -652,6 +687,9 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--home", metavar="DIR", default=default,
                         help="memory home (default: $SLEEPWAKE_HOME or ~/.sleepwake)")
+    parser.add_argument("--user", metavar="NAME", type=_user_name, default=default,
+                        help="whose memory in the home (default: 'default', the home's own; another user's lives "
+                             "in HOME/users/NAME): 1-64 letters, digits, '_', '.', '-'")
     parser.add_argument("--model", metavar="M", default=default,
                         help="base model: a .gguf file, a local Hugging Face directory, or a hub id in the "
                              "local cache (default: SmolLM2-135M-Instruct)")
@@ -762,6 +800,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--token", metavar="T", help="require this bearer token (default: $SLEEPWAKE_TOKEN)")
+    p.add_argument("--keys", metavar="FILE",
+                   help='API keys per user: a JSON object {"KEY": "USER", ...} or lines "KEY USER"; a request '
+                        "with a key reaches only its user's memory (instead of --token)")
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=256,
                    help="longest reply in tokens; a request may ask for fewer (default: 256)")
     p.add_argument("--no-auto-sleep", action="store_true",

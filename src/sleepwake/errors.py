@@ -57,3 +57,11 @@ class UnknownCycleError(SleepwakeError, KeyError):
 
 class SleepRunningError(SleepwakeError):
     """A nap or deep sleep is running: the memory cannot change until it ends."""
+
+
+class InvalidUserError(InvalidRequestError):
+    """A user name that is not a safe directory name."""
+
+
+class WrongUserError(SleepwakeError):
+    """A request names a user its API key does not reach."""

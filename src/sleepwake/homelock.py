@@ -9,7 +9,9 @@ stale lock) and says who it is in ``home/owner.json``: its pid, its command and,
 for a server, the URL through which other processes reach the memory.
 
 Inside one process several `Memory` objects may share a home (the lock is counted);
-only the first to take it may clean up after a dead process (`HomeLock.first`).
+only the first to take it may clean up after a dead process (`HomeLock.first`). The
+users of a home (``home/users/NAME``) are all written under the home's one lock, and
+each user's ledger has its own first claim (`HomeLock(home, part=...)`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class _Held:
 
     def __init__(self, lock: FileLock, holder: Holder) -> None:
         self.lock, self.holder, self.count = lock, holder, 0
+        self.parts: set[str] = set()  # the parts (users' ledgers) claimed since the lock was taken
 
 
 _HELD: dict[str, _Held] = {}
@@ -108,9 +111,10 @@ def holder(home: str | os.PathLike[str]) -> Holder | None:
 class HomeLock:
     """This process's claim to write `home`; `acquire` raises `HomeBusyError` naming the holder."""
 
-    def __init__(self, home: str | os.PathLike[str]) -> None:
+    def __init__(self, home: str | os.PathLike[str], part: str = "") -> None:
         self.home = Path(home).expanduser()
-        self.first = False  # this claim took the lock for the process (no other claim here before it)
+        self.part = part  # which ledger under the home this claim is for ("" the home's own)
+        self.first = False  # the first claim on `part` since this process took the lock
         self._held: _Held | None = None
 
     def acquire(self) -> "HomeLock":
@@ -138,7 +142,8 @@ class HomeLock:
                     lock.release()
                     raise StoreError(f"cannot write {self.home / OWNER_FILE}: {exc.strerror or exc}") from exc
                 _HELD[key] = held
-                self.first = True
+            self.first = self.part not in held.parts
+            held.parts.add(self.part)
             held.count += 1
             self._held = held
         return self

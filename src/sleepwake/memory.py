@@ -12,11 +12,12 @@ home on start-up, so a new process answers exactly as the old one did.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AbstractSet, Any, Iterable, Sequence
@@ -46,6 +47,7 @@ from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
 from sleepwake.sleep.pressure import pressure
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
+from sleepwake.users import check_user, user_home
 from sleepwake.weights import Factor, LiveWeights
 
 MAX_PROMPT_CHARS = 4000
@@ -102,7 +104,11 @@ class InjectResult:
 
 
 class Memory:
-    """A language model with a memory in its weights, persisted under `home`."""
+    """A language model with a memory in its weights, persisted under `home`.
+
+    `user` names whose memory of the home this is (see `sleepwake.users`): memories of
+    several users may share one `LoadedModel`, each making its own weights live before
+    it uses the model (`activate`)."""
 
     def __init__(
         self,
@@ -113,7 +119,10 @@ class Memory:
         cache_dir: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
         progress: bool | None = None,
+        user: str | None = None,
     ) -> None:
+        self.user = check_user(user)  # before anything loads or changes
+        self.root = root = Path(home).expanduser() if home is not None else default_home()  # all users' home
         self.config = config or MemoryConfig()
         self.progress = self.config.progress if progress is None else progress
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -121,7 +130,10 @@ class Memory:
             model, cache_dir=self.cache_dir, device=device, progress=self.progress
         )
         # Taking the home's lock: `HomeBusyError` names the live process that writes it.
-        self.store = Store(home if home is not None else default_home(), self.lm.fingerprint, self.lm.name)
+        self.store = Store(user_home(root, self.user), self.lm.fingerprint, self.lm.name, lock_home=root)
+        self._live_at: int | None = None  # `lm.weights_version` when this memory last wrote the model
+        self._installed: tuple[Any, dict[int, Factor]] = (None, {})  # what `_rebuild` gave `keyed.install`
+        self._depth = 0  # calls of this memory under way (`_live`): only the outermost activates
         try:
             self.layers = tuple(self.config.memit.layers or self.lm.default_layers())
             bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
@@ -134,8 +146,9 @@ class Memory:
             self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
             self._load_consolidated()
             edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
-            self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
-            self._rebuild()
+            with self.lm.lock:  # other users of a shared model may be using it
+                self.weights = LiveWeights(self.lm, [self.lm.arch.down_name(l) for l in sorted(edited)])
+                self._rebuild()
         except BaseException:
             self.store.close()
             raise
@@ -161,8 +174,11 @@ class Memory:
 
     def covariances(self) -> dict[int, torch.Tensor]:
         """Ĉ per edited layer (computed once per model, then cached on disk)."""
+        key = ("covariances", self.layers, self.config.memit.cov_texts, self.config.memit.cov_max_tokens)
+        if self._covariances is None and key in self.lm.shared:  # another user's memory loaded them
+            self._covariances = self.lm.shared[key]
         if self._covariances is None:
-            self._covariances = load_or_compute(
+            self._covariances = self.lm.shared[key] = load_or_compute(
                 self.model, self.lm.arch, self.tokenizer, self.layers,
                 fingerprint=self.lm.fingerprint, cache_dir=self.cache_dir,
                 n_texts=self.config.memit.cov_texts, max_tokens=self.config.memit.cov_max_tokens,
@@ -175,6 +191,9 @@ class Memory:
         if self._editor is None:
             self._editor = MemitEditor(self.model, self.lm.arch, self.tokenizer, self.layers, self.covariances(),
                                        self.config.memit, weights=self.weights)
+            # One inverse per model for all its users' editors (150 MB on SmolLM2-135M with Ĉ).
+            self._editor.cov_inv = self.lm.shared.setdefault(("cov_inv", self.layers, id(self._covariances)),
+                                                             self._editor.cov_inv)
         return self._editor
 
     # --- memory ---------------------------------------------------------------
@@ -210,9 +229,61 @@ class Memory:
         if edits is None:
             edits = [self._edits[i] for i in sorted(self._edits)]
         self.weights.rebuild(self._factors(edits, self._adapters if adapters is None else adapters))
-        install(self.lm, self.keyed_live() if keyed == "live" else keyed, _per_layer(edits))
+        self._installed = (self.keyed_live() if keyed == "live" else keyed, _per_layer(edits))
+        install(self.lm, *self._installed)
+        self._live_at = self.lm.weights_version
 
-    @contextmanager
+    # --- users sharing one model ---------------------------------------------------
+
+    def activate(self) -> None:
+        """Make this memory's weights the live ones of its model, if they are not: another
+        memory (another user) on the same model may have written its own since. Cheap when
+        they are live (a counter); else the edited modules are written back from their
+        delta sums and the keyed hooks put back. Call it holding `lm.lock`; every method
+        that uses the model does so itself."""
+        if self._live_at == self.lm.weights_version:
+            return
+        if self._live_at is None:  # unknown state (a failed call, a sleep apart): rebuild whole
+            self._rebuild()
+            return
+        _put_back(self.lm, self.weights, self._installed)
+        self._live_at = self.lm.weights_version
+
+    def snapshot(self) -> Callable[[], None]:
+        """A function that makes the weights live now live again on this model, called
+        holding `lm.lock`: what this user's replies read while a sleep runs `apart`."""
+        self.activate()
+        lm, weights, installed, at = self.lm, self.weights, self._installed, [self.lm.weights_version]
+
+        def put_back() -> None:
+            if lm.weights_version != at[0]:
+                _put_back(lm, weights, installed)
+                at[0] = lm.weights_version
+
+        return put_back
+
+    @contextlib.contextmanager
+    def apart(self) -> Iterator[None]:
+        """Within the block this memory works on a private copy of its model
+        (`LoadedModel.private_copy`), so a sleep changes no weights that other users of
+        the model read; after it, its new weights go live on the shared model at its next
+        use. Only this memory's own calls may run within the block (it is its sleep's)."""
+        shared, names = self.lm, self.weights.names
+        with shared.lock:
+            self.activate()
+            private = shared.private_copy()
+        self.lm, self.weights, self._editor, self._ppl, self._answered = (
+            private, LiveWeights(private, names), None, None, None)
+        try:
+            with private.lock:
+                self._rebuild()
+            yield
+        finally:
+            self.lm, self._editor, self._ppl, self._answered = shared, None, None, None
+            self.weights = LiveWeights(shared, self.weights.names)  # a snapshot may still read the old one
+            self._live_at = None
+
+    @contextlib.contextmanager
     def without(self, subjects: Iterable[str]) -> Iterator[None]:
         """The live model with these subjects' memories taken out (their MEMIT edits and
         keyed entries), then the committed weights back. For a reply about them that no
@@ -655,3 +726,38 @@ class Memory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _put_back(lm: LoadedModel, weights: LiveWeights, installed: tuple[Any, dict[int, Factor]]) -> None:
+    """Write `weights` (base + their delta sums) and `installed` keyed hooks into `lm`;
+    modules that other memories wrote and these do not carry go back to base."""
+    weights.track(lm.written())
+    weights.restore()
+    install(lm, *installed)
+
+
+def _live(method: Callable) -> Callable:
+    """`method` holding the model's lock, with this memory's weights live (`activate`)."""
+
+    @functools.wraps(method)
+    def call(self: Memory, *args: Any, **kwargs: Any) -> Any:
+        with self.lm.lock:
+            if self._depth == 0:
+                self.activate()
+            self._depth += 1
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException:
+                self._live_at = None  # whatever the model holds now, the next call rebuilds
+                raise
+            finally:
+                self._depth -= 1
+
+    return call
+
+
+# Every method that reads or writes the model (`status` reads it through `perplexity`).
+for _name in ("covariances", "editor", "edit_among", "inject", "forget", "nap", "sleep", "rollback",
+              "export_adapter", "base_perplexity", "gate_facts", "locality", "sleep_if_due", "complete", "ask",
+              "evaluate", "perplexity"):
+    setattr(Memory, _name, _live(getattr(Memory, _name)))

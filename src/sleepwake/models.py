@@ -7,12 +7,14 @@ once and cached as safetensors, so later loads are fast.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,58 @@ from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_m
 _DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
     DEFAULT_MODEL: tuple(range(4, 12)),
 }
+
+
+class ModelLock:
+    """The lock on a loaded model that several memories (users) share.
+
+    Reentrant for the thread that holds it, and a hold can be handed over (`detach`):
+    a streamed reply takes the model in the request's thread and gives it back in
+    whichever thread finishes reading it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: object = None
+        self._depth = 0
+
+    def acquire(self) -> bool:
+        me = threading.get_ident()
+        with self._cond:
+            if self._depth and self._owner == me:
+                self._depth += 1
+                return True
+            self._cond.wait_for(lambda: self._depth == 0)
+            self._owner, self._depth = me, 1
+        return True
+
+    def release(self) -> None:
+        with self._cond:
+            if self._depth == 0:
+                raise RuntimeError("release of a model lock that is not held")
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify()
+
+    def detach(self) -> None:
+        """The hold (taken once) no longer belongs to this thread: any thread releases it,
+        and this one waits for it like any other."""
+        with self._cond:
+            if self._depth != 1 or self._owner != threading.get_ident():
+                raise RuntimeError("detach needs a single hold by this thread")
+            self._owner = object()
+
+    def held(self) -> bool:
+        """Whether this thread holds the lock."""
+        with self._cond:
+            return bool(self._depth) and self._owner == threading.get_ident()
+
+    def __enter__(self) -> "ModelLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -51,6 +105,10 @@ class LoadedModel:
     path: Path | None = None
     """The Hugging Face directory the weights were loaded from (for GGUF, the converted copy
     in the cache): what an exported adapter names as its base model."""
+    lock: ModelLock = field(default_factory=ModelLock, repr=False, compare=False)
+    """Held by whoever uses the model: the memories (users) that share it take turns."""
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
+    """What the memories of this model compute once for all of them (Ĉ and its inverse)."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -90,12 +148,52 @@ class LoadedModel:
         self.hooks, self.hooks_digest, self.keyed = [], "", None
         self.weights_version += 1
 
+    def written(self) -> tuple[str, ...]:
+        """The modules a `Memory` has written to (or is about to): those with a base copy."""
+        return tuple(self._pristine)
+
+    def private_copy(self) -> "LoadedModel":
+        """A copy of this model to change apart from it (a user's sleep, while the other
+        users keep answering from this one), without the hooks installed here. It has its
+        own module tree and its own copy of every down-projection and of every weight a
+        `Memory` has written; the other parameters and buffers are this model's (read
+        only), so it costs the down-projections (SmolLM2-135M: 106 MB of 540 MB). A weight
+        that no memory had written is made its own when a memory first writes it there
+        (`base_weight`); one that a memory of this model first writes after the copy was
+        made (only a LoRA adapter does: `consolidation="lora"`) is seen by the copy."""
+        own = {*self._pristine, *(self.arch.down_name(l) for l in range(self.arch.n_layers))}
+        mine = {id(self.model.get_submodule(n).weight) for n in own}
+        memo: dict[int, Any] = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())
+                                if id(t) not in mine}
+        model = copy.deepcopy(self.model, memo)
+        for m in model.modules():  # the keyed hooks of this model read its own memory
+            for hooks in (m._forward_hooks, m._forward_pre_hooks, m._forward_hooks_with_kwargs,
+                          m._forward_pre_hooks_with_kwargs, m._forward_hooks_always_called):
+                hooks.clear()
+        arch = Architecture(model)
+        pristine = dict(self._pristine)
+        for n in own - set(pristine):  # down-projections no memory wrote yet: base now
+            pristine[n] = arch.weight(n).clone()
+        return _PrivateModel(model, self.tokenizer, self.name, self.fingerprint, arch, pristine,
+                             weights_version=self.weights_version + 1, path=self.path, shared=self.shared)
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def default_layers(self) -> tuple[int, ...]:
         return default_layers(self.name, self.arch.n_layers)
+
+
+class _PrivateModel(LoadedModel):
+    """`LoadedModel.private_copy`: a module is made its own before it is first written."""
+
+    def base_weight(self, key: int | str) -> torch.Tensor:
+        name = self.arch.down_name(key) if isinstance(key, int) else key
+        if name not in self._pristine:
+            mod = self.model.get_submodule(name)
+            mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+        return super().base_weight(name)
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -43,13 +44,15 @@ class Remote:
     """Calls on the server that holds a home. Errors come back as the `SleepwakeError`
     the server raised (its message, plus which server said it)."""
 
-    def __init__(self, holder: Holder, token: str | None = None, timeout: float = 600.0) -> None:
+    def __init__(self, holder: Holder, token: str | None = None, timeout: float = 600.0,
+                 user: str | None = None) -> None:
         if not holder.url:
             raise StoreError(f"{holder.describe()} serves no HTTP API")
         self.holder = holder
         self.url = holder.url.rstrip("/")
         self.token = token if token is not None else os.environ.get("SLEEPWAKE_TOKEN") or None
         self.timeout = timeout
+        self.user = user  # whose memory (None: the default user's, or the token's key's)
 
     @property
     def who(self) -> str:
@@ -57,6 +60,8 @@ class Remote:
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode("utf-8")
+        if self.user is not None:
+            path += f"?user={urllib.parse.quote(self.user)}"
         req = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")

@@ -168,10 +168,11 @@ class Store:
     """Ledger and edit files for one model's memory."""
 
     def __init__(self, home: str | os.PathLike[str], model_fingerprint: str, model_name: str, *,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, lock_home: str | os.PathLike[str] | None = None) -> None:
         """Open the home for writing (taking its lock: `HomeBusyError` while another live
         process holds it), or with `read_only` to look without changing anything,
-        beside a writer if there is one."""
+        beside a writer if there is one. `lock_home`: the home whose lock covers this
+        ledger (a user's ledger under ``home/users/``), if not `home` itself."""
         self.home = Path(home).expanduser()
         self.read_only = read_only
         if self.home.exists() and not self.home.is_dir():
@@ -188,7 +189,8 @@ class Store:
             self.edits_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot create memory home {self.home}: {exc.strerror or exc}") from exc
-        self.lock = HomeLock(self.home).acquire()
+        root = self.home if lock_home is None else Path(lock_home).expanduser()
+        self.lock = HomeLock(root, "" if lock_home is None else os.path.realpath(self.home)).acquire()
         try:
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")

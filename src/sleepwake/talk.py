@@ -9,9 +9,12 @@ sleeps in the background.
         print(piece, end="")
 
 Non-blocking sleep (the paper's sleep stops the model, §7). A nap or deep sleep
-changes the live weights many times while it trains and validates, so while one
-runs the assistant answers from a frozen copy of the weights as they were before
-it; when the sleep ends, the next turn uses the new weights (one reference swap).
+changes the weights many times while it trains and validates, so it runs on a private
+copy of the model (`Memory.apart`) while the assistant answers from the loaded one,
+with the weights as they were before it (`Memory.snapshot`); when the sleep ends, the
+next turn uses the new weights. Other users' assistants on the same loaded model
+(`sleepwake.users`) go on meanwhile: each takes the model's lock in turn
+(`LoadedModel.lock`) and makes its own weights live (`Memory.activate`).
 Facts told during a sleep are stored with their message and injected when it ends
 (or at the next start, if the process dies first): nothing said is lost.
 
@@ -26,7 +29,6 @@ The CLI's `sleepwake chat` and the HTTP server are both thin layers over this cl
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import unicodedata
@@ -153,6 +155,8 @@ class Assistant:
             raise ValueError(f"unknown must be one of {', '.join(UNKNOWN)}, not {unknown!r}")
         self.memory = memory
         self.unknown = unknown
+        self._settings = {"extractor": extractor, "learn": learn, "auto_sleep": auto_sleep,
+                          "max_new_tokens": max_new_tokens, "unknown": unknown}  # for `for_user`
         # "rules" (the default: the default model is small) or "model": the loaded model
         # itself is asked for JSON triples, for capable models.
         self.extractor = extractor if not isinstance(extractor, str) else make_extractor(
@@ -162,11 +166,12 @@ class Assistant:
         if memory.config.auto_sleep:  # the assistant sleeps in the background, not inside `inject`
             memory.config = replace(memory.config, auto_sleep=False)
         self.max_new_tokens = max_new_tokens
-        # The live model and the store. Not an RLock: it is released by another thread than
+        self.lm = memory.lm  # the loaded model, which other users' assistants may share
+        # This user's memory and store. Not an RLock: it is released by another thread than
         # took it (the sleep thread, or whichever thread finishes reading a streamed reply).
+        # The model itself is `lm.lock`'s, taken after this one.
         self._lock = threading.Lock()
-        self._serving: nn.Module | None = None  # frozen copy of the weights while a sleep runs
-        self._serving_lock = threading.Lock()
+        self._serving: Callable[[], None] | None = None  # while a sleep runs: puts the weights before it back
         self._state = threading.Lock()  # guards the fields below
         self._sleep: threading.Thread | None = None
         self._sleep_kind: str | None = None
@@ -176,6 +181,18 @@ class Assistant:
         self.conversation = ConversationState(user_name=memory.store.meta("user_name"))
         with self._lock:
             self._learn_unlearned()
+
+    def for_user(self, user: str) -> "Assistant":
+        """An assistant like this one for another user of the same home, on the same
+        loaded model (see `sleepwake.users`): that user's memory is opened, or made."""
+        mem = self.memory
+        other = Memory(self.lm, home=mem.root, user=user, config=replace(mem.config, auto_sleep=False),
+                       cache_dir=mem.cache_dir, progress=mem.progress)
+        try:
+            return Assistant(other, **{**self._settings, "auto_sleep": self.auto_sleep})
+        except BaseException:
+            other.close()
+            raise
 
     # --- conversation --------------------------------------------------------------
 
@@ -291,17 +308,35 @@ class Assistant:
         return list(tok(text)["input_ids"])
 
     def _model(self) -> tuple[nn.Module, Any]:
-        """The model a reply is generated with, and how to release it: the live model
-        (under the lock), or during a sleep the frozen copy from before it."""
+        """The model a reply is generated with, and how to release it: the loaded model
+        under its lock, with this user's weights live — during a sleep, those before it."""
         while True:
             with self._state:
                 serving = self._serving
             if serving is not None:
-                self._serving_lock.acquire()
-                return serving, self._serving_lock.release
+                return self._hold(serving, self.lm.lock.release)
             if self._acquire_live():
-                return self.memory.model, self._lock.release
-            time.sleep(0.01)  # a sleep is starting: its frozen copy is on the way
+                def release() -> None:
+                    self.lm.lock.release()
+                    self._lock.release()
+
+                try:
+                    return self._hold(self.memory.activate, release)
+                except BaseException:
+                    self._lock.release()
+                    raise
+            time.sleep(0.01)  # a sleep is starting: its snapshot is on the way
+
+    def _hold(self, activate: Callable[[], None], release: Callable[[], None]) -> tuple[nn.Module, Any]:
+        """Take the model's lock, `activate` weights, and hand the hold to the reply."""
+        self.lm.lock.acquire()
+        try:
+            activate()
+        except BaseException:
+            self.lm.lock.release()
+            raise
+        self.lm.lock.detach()  # released by whichever thread ends the reply
+        return self.lm.model, release
 
     def _acquire_live(self) -> bool:
         """Take the lock on the live model, unless a sleep holds it: then False at once
@@ -415,30 +450,30 @@ class Assistant:
             self._sleep_kind, self._sleep_started = kind, time.time()
         self._lock.acquire()  # waits for the reply or injection in progress
         try:
-            frozen = copy.deepcopy(self.memory.model).eval()
-            for p in frozen.parameters():
-                p.requires_grad_(False)
+            with self.lm.lock:
+                snapshot = self.memory.snapshot()
         except BaseException:
             self._lock.release()
             with self._state:
                 self._sleep_kind = None
             raise
         with self._state:
-            self._serving = frozen
+            self._serving = snapshot
         self._sleep = threading.Thread(target=self._run_sleep, args=(kind,), name=f"sleepwake-{kind}", daemon=True)
         self._sleep.start()
 
     def _run_sleep(self, kind: str) -> None:
         """The sleep thread: holds the lock from `start_sleep` until the new weights are live."""
         try:
-            self.last_cycle = self.memory.sleep(deep=kind == "deep")
+            with self.memory.apart():  # on a private copy: others answer from the loaded model
+                self.last_cycle = self.memory.sleep(deep=kind == "deep")
             self.last_error = None
             self._learn_unlearned()
         except Exception as exc:  # noqa: BLE001 - a thread's end: the cycle restored the last good state
             # and recorded the failure; `wait` and `status` report it
             self.last_error = f"{type(exc).__name__}: {exc}"
         finally:
-            with self._serving_lock, self._state:  # no reply is reading the copy now
+            with self._state:
                 self._serving = None
                 self._sleep_kind = self._sleep_started = None
             self._lock.release()

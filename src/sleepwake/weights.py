@@ -55,6 +55,12 @@ class LiveWeights:
             self.sum[name].add_(left @ right)
         self._write(name)
 
+    def restore(self) -> None:
+        """Write every tracked module again as base + its delta sum (after another
+        memory sharing the model wrote its own)."""
+        for n in self.base:
+            self._write(n)
+
     def rebuild(self, factors: Mapping[str, Sequence[Factor]]) -> None:
         """Set every tracked module to base + its `factors` (in the given order)."""
         self.track(factors)

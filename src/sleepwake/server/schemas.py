@@ -66,7 +66,9 @@ class Generation(BaseModel):
                              description="makes sampling reproducible (on the same server)")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Annotated[Text, Field(max_length=256)] | None = Field(None, description="accepted and ignored for now")
+    user: Annotated[Text, Field(max_length=256)] | None = Field(
+        None, description="whose memory answers (and learns): a user name, default 'default'; with API keys "
+                          "(--keys), the key's user, and no other")
     n: int | None = Field(None, description="not supported: only 1 is accepted")
     presence_penalty: Penalty = None
     frequency_penalty: Penalty = None

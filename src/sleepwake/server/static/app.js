@@ -4,6 +4,7 @@
 
 const $ = (selector) => document.querySelector(selector);
 const TOKEN_KEY = "sleepwake-token";
+const USER_KEY = "sleepwake-user";
 const POLL_MS = 2000;
 const state = { history: [], conversation: null, busy: false, factsShown: "" };
 
@@ -36,7 +37,14 @@ async function apiError(res) {
   return err;
 }
 
+// The user whose memory this tab shows ("" for the default user, or the API key's).
+function currentUser() {
+  return sessionStorage.getItem(USER_KEY) || "";
+}
+
 async function api(method, path, body) {
+  const user = currentUser();
+  if (user && path.startsWith("/v1/memory/")) path += `?user=${encodeURIComponent(user)}`;
   const res = await fetch(path, {
     method,
     headers: authHeaders(body !== undefined),
@@ -108,7 +116,8 @@ async function send(event) {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: authHeaders(true),
-      body: JSON.stringify({ messages, stream: true, conversation: state.conversation ?? undefined }),
+      body: JSON.stringify({ messages, stream: true, conversation: state.conversation ?? undefined,
+                             user: currentUser() || undefined }),
     });
     if (!res.ok) throw await apiError(res);
     await readEvents(res, (chunk) => {
@@ -239,10 +248,20 @@ async function showModel() {
 function useToken(event) {
   event.preventDefault();
   const value = $("#token").value.trim();
-  if (value) sessionStorage.setItem(TOKEN_KEY, value);
-  else sessionStorage.removeItem(TOKEN_KEY);
-  $("#token").value = "";
-  $("#token").placeholder = value ? "token in use (this tab only)" : "paste the server's token";
+  const user = $("#user").value.trim();
+  if (value || user === currentUser()) {  // an empty token field drops the token, unless the user changes
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    $("#token").value = "";
+    $("#token").placeholder = value ? "token in use (this tab only)" : "paste the server's token";
+  }
+  if (user !== currentUser()) {  // another user's memory: a new conversation
+    if (user) sessionStorage.setItem(USER_KEY, user);
+    else sessionStorage.removeItem(USER_KEY);
+    state.history = [];
+    state.conversation = null;
+    $("#chat").replaceChildren();
+  }
   notice("");
   state.factsShown = "";
   showModel();
@@ -261,6 +280,7 @@ function start() {
   $("#nap").addEventListener("click", () => startSleep("/v1/memory/nap"));
   $("#deep-sleep").addEventListener("click", () => startSleep("/v1/memory/sleep", { deep: true }));
   if (sessionStorage.getItem(TOKEN_KEY)) $("#token").placeholder = "token in use (this tab only)";
+  $("#user").value = currentUser();
   showModel();
   poll();
 }
