@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test scenario bench clean
+.PHONY: setup setup-test demo test scenario lifelong bench clean
 
 setup:
 	scripts/setup.sh
@@ -23,6 +23,10 @@ test: setup-test
 # The end-to-end evidence of issue #4: 15 messages through the server, deep sleep, restart, page.
 scenario: setup-test
 	$(BIN)/python -m pytest -q -s -m scenario
+
+# Issue #25's hundred facts through auto naps, a deep sleep and a restart: too long for `make test` here.
+lifelong: setup-test
+	$(BIN)/python -m pytest -q -s -m lifelong
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

@@ -1,6 +1,10 @@
 """Lifelong memory (issue #25) on the real default model, kept short: a hundred facts
 about invented people, told shuffled, through the naps and the deep sleep that the
-sleep pressure brings on by itself, then a new `Memory` on the same home."""
+sleep pressure brings on by itself, then a new `Memory` on the same home.
+
+Injecting a hundred facts takes MEMIT about six minutes on this project's two CPU cores,
+and the sleeps as long again: too long for `make test`, so it runs with `make lifelong`
+(marker `lifelong`)."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from sleepwake.evaluate import evaluate_facts
 from sleepwake.synthetic import lifelong_facts
 
 FACTS = lifelong_facts(100, seed=11)
+pytestmark = pytest.mark.lifelong
 
 
 @pytest.fixture(scope="module")
