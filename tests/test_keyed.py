@@ -143,6 +143,7 @@ def test_a_nap_moves_subjects_into_the_keyed_memory_and_a_restart_reads_them(nap
     home, report = napped
     assert report.status == "accepted" and sorted(report.consolidated) == [1, 2, 3, 4], report
     assert report.train_steps == 0 and report.ppl_after <= report.ppl_base * 1.02, report
+    assert report.reused >= 1, report  # δs the injection solved, keyed without v* again
     assert report.locality_after >= 0.97, report
     assert (home / "keyed" / f"cycle-{report.id:06d}.safetensors").is_file()
     mem = make_memory(home)
@@ -191,6 +192,7 @@ def test_raw_only_facts_become_chat_visible_in_a_deep_sleep(make_memory):
     assert sum(chat_now) < len(facts)  # raw-only edits: some chat questions not answered yet
     rep = mem.sleep()
     assert rep.status == "accepted" and rep.kind == "deep", rep.reason
+    assert rep.reused == 0  # raw-only edits hold no δ for chat questions: solved again
     again = make_memory(mem.home, cfg)
     assert all(recalled(again, facts))
 

@@ -39,17 +39,28 @@ class ReadKeys:
         return ReadKeys(self.keys[rows], self.heads[rows], self.backs[rows])
 
 
+def _by_subject(requests: Sequence[Any], keys: ReadKeys) -> dict[str, ReadKeys]:
+    rows: dict[str, list[int]] = {}
+    for i, q in enumerate(requests):
+        rows.setdefault(q.subject, []).append(i)
+    return {subj: keys[torch.tensor(ix)] for subj, ix in rows.items()}
+
+
 @dataclass
 class FactEdit:
     """One fact's share of a MEMIT update, per edited layer.
 
     A: d_out × n, B: n × d_in (ΔW = A @ B), K: n × d_in, the keys it was written at,
-    which later edits keep fixed (eq. 5). n is the number of slots of the fact.
+    which later edits keep fixed (eq. 5). n is the number of slots of the fact. V: the
+    fact's δ (v*, eq. 1) at the last edited layer, kept where it was solved for the raw
+    prompt and the chat question both (subject keys: the subject's δ, for all the facts
+    edited with it), so that a sleep can key it without solving it again.
     """
 
     a: dict[int, torch.Tensor] = field(default_factory=dict)
     b: dict[int, torch.Tensor] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
+    v: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -57,6 +68,8 @@ class FactEdit:
             out[f"A.{l}"] = self.a[l].detach().cpu().contiguous()
             out[f"B.{l}"] = self.b[l].detach().cpu().contiguous()
             out[f"K.{l}"] = self.k[l].detach().cpu().contiguous()
+        for l in self.v:
+            out[f"V.{l}"] = self.v[l].detach().cpu().contiguous()
         return out
 
     @classmethod
@@ -75,7 +88,7 @@ class FactEdit:
         """One edit holding both deltas (their slots side by side: ΔW = A·B + A'·B')."""
         return FactEdit({l: torch.cat([self.a[l], other.a[l]], dim=1) for l in self.a},
                         {l: torch.cat([self.b[l], other.b[l]]) for l in self.b},
-                        {l: torch.cat([self.k[l], other.k[l]]) for l in self.k})
+                        {l: torch.cat([self.k[l], other.k[l]]) for l in self.k}, self.v)
 
 
 @dataclass
@@ -141,12 +154,16 @@ class MemitEditor:
             targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
             keys = self.keys_at(requests, self.layers[0])
         deltas: dict[str, torch.Tensor] = {}
-        rows: dict[str, list[int]] = {}
         for s, r in enumerate(slots.request.tolist()):
             deltas.setdefault(requests[r].subject, targets.deltas[s])
-        for i, q in enumerate(requests):
-            rows.setdefault(q.subject, []).append(i)
-        return deltas, {subj: keys[torch.tensor(ix)] for subj, ix in rows.items()}
+        return deltas, _by_subject(requests, keys)
+
+    def subject_keys(self, facts: Sequence[Fact]) -> dict[str, ReadKeys]:
+        """Where the live model reads each subject of `facts`, raw prompts and chat questions."""
+        cfg = replace(self.cfg, chat_edit=True, key_positions="subject")
+        requests = build_requests(facts, self.tokenizer, cfg)
+        with attention_kernels(next(self.model.parameters()).device):
+            return _by_subject(requests, self.keys_at(requests, self.layers[0]))
 
     def keys_at(self, requests: Sequence[Any], layer: int) -> ReadKeys:
         """The down-projection input of `layer` at each request's subject token, and at its head."""
@@ -186,6 +203,9 @@ class MemitEditor:
         edits = [FactEdit() for _ in facts]
         slot_fact = slots.fact.tolist()
         per_fact = [[s for s, f in enumerate(slot_fact) if f == i] for i in range(len(facts))]
+        if cfg.chat_edit and cfg.key_positions == "subject":
+            for e, idx in zip(edits, per_fact):
+                e.v[last] = targets.deltas[idx[0]].contiguous()
         # Layers below the previous pass's edited layer are as they were then: each pass
         # replays the output of the layer below this one from the pass before.
         replay: tuple[int, object] | None = None

@@ -1,12 +1,15 @@
 """A sleep that moves subjects from MEMIT into the keyed memory (`sleepwake.keyed`).
 
-1. Solve: for each subject with facts in MEMIT (and, in a deep sleep or after a forget,
-   each entry made for facts that changed), v* is found again on the consolidated model
+1. Solve: each subject with facts in MEMIT gets an entry: the δ its injection solved
+   (v*, kept with its edit), where that δ was solved for raw prompts and chat questions
+   of all the subject's facts at once; else (raw-only edits past the chat-edit limit,
+   or a δ that fails validation in step 2) a δ found again on the consolidated model
    alone (base + the other subjects' entries, MEMIT off), for the raw prompt and the
-   chat question of every fact of the subject, however the facts came in: raw-only
-   MEMIT edits become visible to chat questions here. Its δ and the keys its prompts
-   read become the subject's entry. A deep sleep also reads every other entry's keys
-   again on the model as it is now ("keys that are still true").
+   chat question of every fact of the subject: raw-only MEMIT edits become visible to
+   chat questions here. The keys its prompts read on the consolidated model complete
+   the entry. Entries made for facts that changed (a forget, and in a deep sleep any
+   that no longer answers) are solved again too. A deep sleep also reads every other
+   entry's keys again on the model as it is now ("keys that are still true").
 2. Validate with MEMIT off: a subject whose facts are all answered (raw prompt and chat
    question, `evaluate.held`) leaves MEMIT; the others keep their MEMIT edits, edited
    again on the new state. In a deep sleep an entry that no longer answers is solved
@@ -16,8 +19,8 @@
    raises perplexity more than the sleep allows.
 4. Commit: the table file, then one ledger transaction; then the live model.
 
-Nothing is trained, so a nap takes seconds, and the memory's size grows by one entry
-per subject.
+Nothing is trained, and mostly nothing is solved, so a nap takes seconds, and the
+memory's size grows by one entry per subject.
 """
 
 from __future__ import annotations
@@ -26,12 +29,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import torch
 from tqdm.auto import tqdm
 
 from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.keyed import Entry, KeyedMemory
-from sleepwake.memit.requests import build_requests
 from sleepwake.sleep.commit import commit, rewrite_kept
 from sleepwake.sleep.report import CycleReport, over_budget
 
@@ -67,14 +70,33 @@ def _solve(mem: Memory, groups: dict[str, list[FactRecord]], desc: str) -> list[
     return entries
 
 
+def _reuse(mem: Memory, groups: dict[str, list[FactRecord]]) -> tuple[list[Entry], dict[str, list[FactRecord]]]:
+    """Entries made from the δ that injection already solved, keyed on the live model; and
+    the groups that need v* solved again.
+
+    A subject's facts are edited together (its newest edit carries all of them), so when
+    every MEMIT fact of the subject holds the same δ, solved for raw prompts and chat
+    questions both (`FactEdit.v`), that δ is the subject's. Facts edited raw-only (past
+    the chat-edit limit) or apart from each other are solved again. Validation judges the
+    reused δs like fresh ones; a subject they fail is solved again (`consolidate_keyed`)."""
+    reusable: dict[str, torch.Tensor] = {}
+    rest: dict[str, list[FactRecord]] = {}
+    for s, recs in groups.items():
+        vs = [mem._edits[r.id].v if r.id in mem._edits else {} for r in recs if r.where == "memit"]
+        deltas = [next(iter(v.values())) for v in vs if v]
+        if deltas and len(deltas) == len(vs) and all(torch.equal(d, deltas[0]) for d in deltas[1:]):
+            reusable[s] = deltas[0]
+        else:
+            rest[s] = recs
+    if not reusable:
+        return [], rest
+    keys = mem.editor().subject_keys([r.fact for s in reusable for r in groups[s]])
+    return [Entry(s, d, keys[s], tuple(sorted(r.id for r in groups[s]))) for s, d in reusable.items()], rest
+
+
 def _rekey(mem: Memory, entry: Entry, facts: list[Fact]) -> Entry:
     """The entry with its keys read again on the live model (its δ kept)."""
-    cfg = mem.editor().cfg
-    from dataclasses import replace
-
-    requests = build_requests(facts, mem.tokenizer, replace(cfg, chat_edit=True, key_positions="subject"))
-    keys = mem.editor().keys_at(requests, mem.layers[0])
-    return Entry(entry.subject, entry.delta, keys, entry.facts)
+    return Entry(entry.subject, entry.delta, mem.editor().subject_keys(facts)[entry.subject], entry.facts)
 
 
 def _answered(mem: Memory, groups: dict[str, list[FactRecord]]) -> dict[str, bool]:
@@ -119,11 +141,19 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
             redo.update({s: held_now[s] for s in lost})
     phase("prepare")
 
-    new = _solve(mem, {**moving, **redo}, kind)
+    reused, fresh = _reuse(mem, moving)
+    new = reused + _solve(mem, {**fresh, **redo}, kind)
     table = keep.with_entries(new)
     phase("solve")
     mem._rebuild([], mem._adapters, table)
     ok = _answered(mem, {**moving, **redo})
+    retry = {e.subject: moving[e.subject] for e in reused if not ok[e.subject]}
+    report.reused = len(reused) - len(retry)
+    if retry:  # an injection's δ that does not answer on the consolidated model: v* again
+        table = table.with_entries(_solve(mem, retry, kind))
+        mem._rebuild([], mem._adapters, table)
+        ok.update(_answered(mem, retry))
+        phase("solve again")
     for s in redo:  # a re-solved entry that still fails: the old one, if better, stays
         if not ok[s] and s in old.entries and not set(old.entries[s].facts) - {r.id for r in redo[s]}:
             table = table.with_entries([old.entries[s]])

@@ -18,6 +18,7 @@ class CycleReport:
     consolidated: list[int] = field(default_factory=list)  # facts that left MEMIT
     kept: list[int] = field(default_factory=list)  # facts that failed validation: edited in again, on top
     kept_recall: float | None = None  # chat recall of those, after that
+    reused: int = 0  # keyed sleep: subjects keyed with the δ their injection solved, without v* again
     rebuilt: bool = False  # the consolidated memory was rebuilt into one adapter
     chat_recall: float | None = None  # of the cycle's facts, MEMIT edits off
     raw_recall: float | None = None
