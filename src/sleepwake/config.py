@@ -243,7 +243,14 @@ class MemoryConfig:
     """Cosine similarity from which a position's key reads a keyed entry (`sleepwake.keyed`):
     at the first MEMIT layer a subject's own keys in other sentences sit at ≥ 0.86, other
     subjects' at ≤ 0.61 and other text at ≤ 0.44 (100 facts, `benchmarks/keyed_probe.py`).
-    A stranger with a held subject's surname reads it too (0.96–0.99)."""
+    A stranger with a held subject's surname reads it alike (0.68–0.99): the first-name
+    key (`keyed.HEAD_THRESHOLD`) tells them apart."""
+    keyed_clamp_norm_factor: float = 3.0
+    """‖δ‖ ≤ factor·‖h‖ for a δ a sleep solves for the keyed memory. MEMIT's own bound
+    (`MemitConfig.clamp_norm_factor`, 0.75) keeps a weight edit from disturbing other
+    text; a keyed δ acts only where its subject is read, and one δ carries all of a
+    subject's facts. One user's six facts (CPU): 0/6 answered at 0.75, 6/6 at 1.5 and
+    at 3.0, perplexity equal to the base model's each time."""
     guard: bool = True
     """Check after each MEMIT batch whether it knocked out earlier facts, and if so try
     again with their subjects in the same solve (``Memory._edit_guarded``)."""
@@ -253,6 +260,8 @@ class MemoryConfig:
             raise ValueError(f"consolidation must be 'keyed' or 'lora', not {self.consolidation!r}")
         if not 0 < self.keyed_threshold < 1:
             raise ValueError("keyed_threshold must be in (0, 1)")
+        if self.keyed_clamp_norm_factor <= 0:
+            raise ValueError("keyed_clamp_norm_factor must be > 0")
 
     def with_memit(self, **changes: Any) -> MemoryConfig:
         return replace(self, memit=replace(self.memit, **changes))

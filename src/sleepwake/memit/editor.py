@@ -140,12 +140,15 @@ class MemitEditor:
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg)
 
-    def subject_deltas(self, facts: Sequence[Fact]) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
+    def subject_deltas(self, facts: Sequence[Fact], clamp_norm_factor: float | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
         """v* for `facts` on the live model, raw prompts and chat questions both, without
-        writing anything: per subject key, δ at the last edited layer, and the keys the
-        first edited layer's down-projection reads at the subject's last token in each
-        prompt (for the keyed memory, `sleepwake.keyed`)."""
-        cfg = replace(self.cfg, chat_edit=True, key_positions="subject")
+        writing anything: per subject key, δ at the last edited layer (bounded by
+        `clamp_norm_factor`, default the config's), and the keys the first edited layer's
+        down-projection reads at the subject's last token in each prompt (for the keyed
+        memory, `sleepwake.keyed`)."""
+        cfg = replace(self.cfg, chat_edit=True, key_positions="subject",
+                      clamp_norm_factor=clamp_norm_factor or self.cfg.clamp_norm_factor)
         device = next(self.model.parameters()).device
         last = self.layers[-1]
         with attention_kernels(device):

@@ -61,7 +61,7 @@ def _solve(mem: Memory, groups: dict[str, list[FactRecord]], desc: str) -> list[
         n += len(groups[subject])
         if n >= mem.config.batch_size or i == len(names) - 1:
             facts = [r.fact for s in batch for r in groups[s]]
-            deltas, keys = editor.subject_deltas(facts)
+            deltas, keys = editor.subject_deltas(facts, mem.config.keyed_clamp_norm_factor)
             for s in batch:
                 entries.append(Entry(s, deltas[s], keys[s], tuple(sorted(r.id for r in groups[s]))))
             bar.update(len(batch))
