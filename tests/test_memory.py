@@ -12,6 +12,7 @@ import torch
 
 from sleepwake.errors import InvalidFactError, StoreError, UnknownFactError
 from sleepwake.facts import Fact, mentions
+from sleepwake.inference import encode, generate
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +70,9 @@ def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
     assert after.ppl < before.ppl * 1.01
     mem.lm.reset_weights()  # a shared model back to its base, for its next user
     assert all(torch.equal(mem.lm.arch.weight(n), mem.lm.base_weight(n)) for n in mem.weights.names)
-    assert not mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
+    base = generate(mem.model, mem.tokenizer, [encode(mem.tokenizer, "Anselm Kreutzer lives in")], max_new_tokens=16)[0]
+    assert not mentions(base, "Lisbon")
+    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")  # its next use puts its weights back
 
 
 _CHILD = """

@@ -53,7 +53,7 @@ from sleepwake.extract import (
 from sleepwake.facts import MAX_FIELD_CHARS, Fact
 from sleepwake.inference import chat_text, encode
 from sleepwake.memory import MAX_PROMPT_CHARS, FactLike, InjectResult, Memory, check_text
-from sleepwake.questions import Known, Plan, Unknown, understand
+from sleepwake.questions import Known, Lookup, Plan, Unknown, understand
 from sleepwake.replies import answers, declined
 from sleepwake.sleep.cycle import CycleReport
 from sleepwake.store import FactRecord
@@ -255,7 +255,7 @@ class Assistant:
     def _reply(self, model: nn.Module, plan: Plan | None, known: Known, ids: list[int], n: int,
                sampling: Sampling) -> Decoding | _Composed:
         """The reply: the model on the chat, or for a question about the user or a known
-        person (`plan`), the memory's answers to its own questions (greedy)."""
+        person (`plan`), the memory's answers to its own questions."""
         tok = self.memory.tokenizer
         if plan is None or isinstance(plan, Unknown) and not plan.masked and self.unknown == "mask":
             return Decoding(model, tok, ids, n, sampling)
@@ -269,8 +269,15 @@ class Assistant:
 
             return _Composed(masked(), tok, n)
 
+        def prompt(question: str) -> list[int]:
+            return encode(tok, chat_text(tok, question), chat=True)
+
+        if isinstance(plan, Lookup) and not plan.who.me and not plan.who.kind and len(plan.asks) == 1:
+            subject, relation = plan.asks[0]  # someone named, one relation: the model's answer as it is, streamed
+            return Decoding(model, tok, prompt(known.questions[subject][relation]), n, sampling)
+
         def ask(question: str) -> str:
-            return "".join(Decoding(model, tok, encode(tok, chat_text(tok, question), chat=True), n)).strip()
+            return "".join(Decoding(model, tok, prompt(question), n, sampling)).strip()
 
         return _Composed(answers(plan, ask, known), tok, n)
 
