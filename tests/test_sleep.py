@@ -20,7 +20,7 @@ import torch
 from sleepwake.config import MemoryConfig, PressureConfig, SleepConfig
 from sleepwake.errors import InvalidRequestError
 from sleepwake.facts import Fact, mentions
-from sleepwake.sleep.pressure import pressure
+from sleepwake.sleep.pressure import pressure, since_deep
 
 FACTS = [
     Fact("Anselm Kreutzer", "lives in", "Lisbon"),
@@ -270,6 +270,15 @@ def test_pressure_formula_and_triggers():
         PressureConfig(nap_at=0.9, deep_at=0.5)
     with pytest.raises(ValueError):
         PressureConfig(naps_per_deep=-1)
+
+    def c(kind: str, status: str) -> dict:
+        return {"kind": kind, "status": status}
+
+    assert since_deep([]) == (0, False)
+    assert since_deep([c("nap", "accepted"), c("deep", "accepted"), c("nap", "accepted"), c("nap", "failed"),
+                       c("nap", "accepted")]) == (2, False)  # counted from the last deep sleep; failed ones skipped
+    assert since_deep([c("nap", "accepted"), c("nap", "rejected")]) == (1, True)
+    assert since_deep([c("deep", "rejected"), c("nap", "accepted")]) == (1, False)
 
 
 def run_cli(*args: str, home) -> subprocess.CompletedProcess:

@@ -44,7 +44,7 @@ from sleepwake.memit.solve import inverse_covariance, solve_update, through_post
 from sleepwake.models import LoadedModel, load_model
 from sleepwake.sleep.cycle import run_cycle, takeover
 from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
-from sleepwake.sleep.pressure import pressure
+from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
 from sleepwake.users import check_user, user_home
@@ -654,7 +654,7 @@ class Memory:
         elapsed = time.time() - start if memit else 0.0
         ppl = self.perplexity() if measure_perplexity else None
         ppl0 = self.base_perplexity() if measure_perplexity else None
-        naps, last_rejected = self._sleeps_since_deep()
+        naps, last_rejected = since_deep(self.store.cycles())
         p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected)
         return {
             "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
@@ -670,17 +670,6 @@ class Memory:
             "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts
                            if self.config.memit.chat_edit else 0},
         }
-
-    def _sleeps_since_deep(self) -> tuple[int, bool]:
-        """Naps accepted since the last accepted deep sleep, and whether the last sleep was rejected."""
-        cycles = [c for c in self.store.cycles() if c["status"] in ("accepted", "rejected")]
-        naps = 0
-        for c in reversed(cycles):
-            if c["status"] == "accepted":
-                if c["kind"] == "deep":
-                    break
-                naps += 1
-        return naps, bool(cycles) and cycles[-1]["status"] == "rejected"
 
     def sleep_if_due(self) -> CycleReport | None:
         """Nap or deep sleep when the pressure calls for it (called after `inject`

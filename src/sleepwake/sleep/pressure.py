@@ -40,3 +40,16 @@ def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | No
     if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep or last_rejected):
         due = "deep"
     return Pressure(e, t, p, total, due)
+
+
+def since_deep(cycles: list[dict]) -> tuple[int, bool]:
+    """From the ledger's cycles (oldest first): naps accepted since the last accepted deep
+    sleep, and whether the last sleep that ended was rejected (failed ones do not count)."""
+    ended = [c for c in cycles if c["status"] in ("accepted", "rejected")]
+    naps = 0
+    for c in reversed(ended):
+        if c["status"] == "accepted":
+            if c["kind"] == "deep":
+                break
+            naps += 1
+    return naps, bool(ended) and ended[-1]["status"] == "rejected"
