@@ -405,12 +405,12 @@ def goal_line(g: dict[str, Any]) -> str:
 def publish(name: str, result: dict[str, Any]) -> None:
     """Write results/<name>.json and .png; print the table and how the goals fared."""
     save(name, result)
-    plot(result, RESULTS / f"{name}.png")
     print(table(result))
     for g in result["goals"]:
         print(goal_line(g))
     if not result["goals"]:
         print("no goal checkpoint (200, 1000 facts) was reached")
+    plot(result, RESULTS / f"{name}.png")  # last: a machine without matplotlib still has the table
     print(f"wrote {RESULTS / name}.json and .png", flush=True)
 
 
