@@ -17,6 +17,9 @@ new conversations (no history in the prompt, so only the weights can answer):
 - fluency: the mean per-token NLL, under the base model, of the replies to the unknown
   questions, against the base model's own greedy answers to them (goal: within +20%).
 
+Users tell their messages with auto sleep on, as `sleepwake chat` and `serve` do; a nap
+that the telling set off (a fact MEMIT did not hold) ends before the questions.
+
 Then a deep sleep, a restart (a new `Memory` on the same home), and recall, leak and
 about again. Results go to results/first-person.json.
 """
@@ -61,8 +64,9 @@ def objects_of(facts: list[Fact], who: str, me: tuple[str, ...]) -> list[str]:
 
 
 def start(lm, home: Path) -> Assistant:
+    """An assistant as `sleepwake chat` and `serve` make it: auto sleep on, in the background."""
     return Assistant(Memory(lm, home=home, config=MemoryConfig(progress=False), progress=False),
-                     max_new_tokens=MAX_NEW_TOKENS)
+                     auto_sleep=True, max_new_tokens=MAX_NEW_TOKENS)
 
 
 def measure(bot: Assistant, user: dict, facts: list[Fact], me: tuple[str, ...], *, before: bool) -> dict:
@@ -171,11 +175,14 @@ def main() -> None:
             t0 = time.perf_counter()
             for message in user["messages"]:
                 bot.say(message, max_new_tokens=4)  # the reply does not matter here
+            bot.wait()  # a nap the telling set off (a fact MEMIT did not hold) ends first
+            naps = [c for c in bot.history() if c["kind"] == "nap"]
             stored = {(r.fact.subject, r.fact.relation, r.fact.object) for r in bot.facts()}
             extraction.append(sum((f.subject, f.relation, f.object) in stored for f in facts) / len(facts))
             told.append(measure(bot, user, facts, me, before=True))
+            told[-1]["naps"] = [{k: c.get(k) for k in ("status", "id")} for c in naps]
             log(user=i, step="told", told_s=round(time.perf_counter() - t0, 1), extracted=extraction[-1],
-                **summary([told[-1]]))
+                naps=len(naps), **summary([told[-1]]))
             report = bot.sleep("deep")
             sleeps.append({k: report.to_dict()[k] for k in ("status", "consolidated", "kept", "seconds")})
             bot.close()

@@ -197,6 +197,25 @@ def test_raw_only_facts_become_chat_visible_in_a_deep_sleep(make_memory):
     assert all(recalled(again, facts))
 
 
+def test_facts_memit_does_not_hold_make_a_nap_due_that_keys_them(make_memory):
+    """Five facts of one subject in one δ: MEMIT's norm bound leaves them unanswered right
+    after the injection; that makes a nap due at once, and the nap's keyed entry (a
+    larger bound: it acts only where the subject is read) answers them all."""
+    facts = [Fact("the user", "lives in", "Tartu"), Fact("the user", "works as", "a pharmacist"),
+             Fact("the user", "has a cat named", "Mooses"), Fact("the user", "speaks", "Estonian"),
+             Fact("the user", "was born in", "Pärnu")]
+    mem = make_memory()
+    mem.inject(facts)
+    assert not all(held(mem.model, mem.tokenizer, facts, chat=True))
+    status = mem.status(measure_perplexity=False)
+    assert status["pressure"]["unheld"] == mem.unheld() > 0
+    assert status["pressure"]["due"] == "nap" and status["pressure"]["total"] < mem.config.pressure.nap_at
+    rep = mem.nap()
+    assert rep.status == "accepted", rep.reason
+    assert all(held(mem.model, mem.tokenizer, facts, chat=True))
+    assert mem.unheld() == 0 and mem.status(measure_perplexity=False)["pressure"]["due"] is None
+
+
 _KILLED = """
 import sys
 from sleepwake.memory import Memory

@@ -266,6 +266,10 @@ def test_pressure_formula_and_triggers():
     assert pressure(25, 3600, 23.0, 20.0, cfg, last_rejected=True).due == "deep"
     assert pressure(5, 0, None, None, cfg, naps_since_deep=99).due is None  # nothing due stays so
     assert pressure(25, 3600, 23.0, 20.0, PressureConfig(naps_per_deep=0), naps_since_deep=99).due == "nap"
+    # A fact MEMIT does not answer makes a nap due at once, whatever the pressure.
+    assert pressure(1, 0, None, None, cfg, unheld=1).due == "nap"
+    assert pressure(1, 0, None, None, cfg, unheld=1).unheld == 1
+    assert pressure(1, 0, None, None, PressureConfig(nap_when_unheld=False), unheld=1).due is None
     with pytest.raises(ValueError):
         PressureConfig(nap_at=0.9, deep_at=0.5)
     with pytest.raises(ValueError):

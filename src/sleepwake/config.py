@@ -122,6 +122,10 @@ class PressureConfig:
     last deep one, or when the last sleep was rejected: naps alone leave every fact's
     keys as they were read when it was consolidated, and only a deep sleep reads them
     again (0 turns this off; deep sleep then comes from the pressure alone)."""
+    nap_when_unheld: bool = True
+    """A nap is due as soon as a fact that MEMIT holds is known not to be answered (the
+    check right after an injection): the nap moves it into the keyed memory, which holds
+    what a weight edit under MEMIT's norm bound cannot (`sleep.pressure`)."""
 
     def __post_init__(self) -> None:
         if self.max_edits < 1 or self.max_awake_s <= 0:

@@ -157,6 +157,7 @@ class Memory:
         self._ppl: tuple[int, float] | None = None  # (weights version, perplexity)
         # (weights version, chat, {fact key: answered}) from the last guard check (`_edit_guarded`)
         self._answered: tuple[int, bool, dict[tuple[str, str], bool]] | None = None
+        self._unheld: dict[tuple[str, str], int] = {}  # fact key -> id of a MEMIT fact found unanswered
 
     # --- properties -----------------------------------------------------------
 
@@ -440,6 +441,9 @@ class Memory:
             # The committed weights hold the kept try's deltas (summed in canonical order),
             # so its check stands for them: the next batch need not check again first.
             self._answered = (self.lm.weights_version, chat, answered) if answered else None
+            ids = {k: r.id for k, r in active.items() if r.where == "memit"}
+            self._unheld = {k: i for k, i in self._unheld.items() if answered.get(k, False) is False}
+            self._unheld.update({k: ids[k] for k, ok in answered.items() if not ok and k in ids})
             records += recs
             stats.append(st)
         slept = self.sleep_if_due() if self.config.auto_sleep and records else None
@@ -543,13 +547,19 @@ class Memory:
     # --- sleep ------------------------------------------------------------------
 
     def nap(self) -> CycleReport:
-        """Move the MEMIT-held facts into a LoRA adapter (paper §3.3; see `sleep.cycle`)."""
-        return run_cycle(self, "nap")
+        """Move the MEMIT-held facts into the consolidated memory (paper §3.3; see `sleep.cycle`)."""
+        return self._cycle("nap")
 
     def sleep(self, deep: bool = True) -> CycleReport:
-        """Deep sleep (paper §3.4): consolidate everything into one adapter, with replay;
+        """Deep sleep (paper §3.4): consolidate everything again, with fresh keys;
         `deep=False` is a nap."""
-        return run_cycle(self, "deep" if deep else "nap")
+        return self._cycle("deep" if deep else "nap")
+
+    def _cycle(self, kind: str) -> CycleReport:
+        try:
+            return run_cycle(self, kind)
+        finally:  # what a sleep could not move stays in MEMIT, not due again at once
+            self._unheld = {}
 
     def rollback(self, cycle: int) -> list[int]:
         """Return to the state before sleep cycle `cycle` (see `Store.rollback`)."""
@@ -655,7 +665,8 @@ class Memory:
         ppl = self.perplexity() if measure_perplexity else None
         ppl0 = self.base_perplexity() if measure_perplexity else None
         naps, last_rejected = since_deep(self.store.cycles())
-        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected)
+        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected,
+                     self.unheld(memit))
         return {
             "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
             "adapters": len(self._adapters),
@@ -671,11 +682,17 @@ class Memory:
                            if self.config.memit.chat_edit else 0},
         }
 
+    def unheld(self, memit: Sequence[FactRecord] | None = None) -> int:
+        """MEMIT-held facts that the check after their injection (or a later one) found
+        unanswered, since the last sleep; this process's knowledge only."""
+        records = self.store.facts(where="memit") if memit is None else memit
+        return sum(self._unheld.get(r.fact.key) == r.id for r in records)
+
     def sleep_if_due(self) -> CycleReport | None:
         """Nap or deep sleep when the pressure calls for it (called after `inject`
         when `config.auto_sleep` is on)."""
         due = self.status()["pressure"]["due"]
-        return run_cycle(self, due) if due else None
+        return self._cycle(due) if due else None
 
     # --- using the model ------------------------------------------------------
 

@@ -8,6 +8,12 @@ last sleep (or since the first such fact), PPL₀ the base model's perplexity.
 A nap that is due turns into a deep sleep after `naps_per_deep` accepted naps since the
 last deep sleep, or after a rejected sleep: so deep sleep comes in normal use, where
 naps keep the MEMIT buffer small and the pressure alone would rarely reach `deep_at`.
+
+A fact MEMIT holds but does not answer (checked right after its injection) makes a nap
+due at once (`PressureConfig.nap_when_unheld`): one weight edit of a subject's δ under
+MEMIT's norm bound cannot carry many facts of that subject (six facts of one user: 1/7
+answered by MEMIT, 4/7 with a bound four times larger, 7/7 once a nap keyed them), while
+the keyed memory that a nap writes can.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ class Pressure:
     edits: float  # the weighted parts, which add up to `total`
     time: float
     perplexity: float
+    unheld: int  # MEMIT facts known not to be answered now
     total: float
     due: str | None  # "deep", "nap" or None
 
@@ -30,16 +37,19 @@ class Pressure:
 
 
 def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | None,
-             cfg: PressureConfig, naps_since_deep: int = 0, last_rejected: bool = False) -> Pressure:
+             cfg: PressureConfig, naps_since_deep: int = 0, last_rejected: bool = False,
+             unheld: int = 0) -> Pressure:
     """The pressure and which sleep (if any) it calls for. Unknown perplexity counts 0."""
     e = cfg.w_edits * n_edits / cfg.max_edits
     t = cfg.w_time * max(0.0, elapsed_s) / cfg.max_awake_s
     p = cfg.w_ppl * max(0.0, ppl / ppl0 - 1.0) if ppl and ppl0 else 0.0
     total = e + t + p
     due = "deep" if total >= cfg.deep_at else "nap" if total >= cfg.nap_at else None
+    if due is None and unheld and cfg.nap_when_unheld:
+        due = "nap"
     if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep or last_rejected):
         due = "deep"
-    return Pressure(e, t, p, total, due)
+    return Pressure(e, t, p, unheld, total, due)
 
 
 def since_deep(cycles: list[dict]) -> tuple[int, bool]:
