@@ -372,7 +372,7 @@ def load_model(
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source.name, sleepwake_quantize.fingerprint(fp, quantize), Architecture(model),
+    return LoadedModel(model, tokenizer, source.name, fingerprint(source, quantize), Architecture(model),
                        path=Path(path).resolve(), quantize=quantize)
 
 

@@ -49,7 +49,7 @@ def bitsandbytes() -> ModuleType:
         import bitsandbytes
     except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
         raise InvalidRequestError(
-            f"--quantize nf4 needs bitsandbytes, which cannot be imported here ({exc}); "
+            f"4-bit quantization needs bitsandbytes, which cannot be imported here ({exc}); "
             "install it with: pip install 'sleepwake[quantize]'") from None
     return bitsandbytes
 
@@ -61,12 +61,6 @@ def loading_options(scheme: str, device: torch.device | None) -> dict[str, Any]:
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32)
     return {"quantization_config": config, "device_map": {"": device or "cpu"}}
-
-
-def fingerprint(base: str, scheme: str | None) -> str:
-    """The fingerprint of the model loaded in `scheme`: other weights than the base model's,
-    so other homes, covariances and perplexities."""
-    return base if scheme is None else f"{base}-{scheme}"
 
 
 class WithDelta(nn.Module):
