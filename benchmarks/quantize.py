@@ -3,10 +3,16 @@
     python benchmarks/quantize.py [--facts 40] [--model PATH] [--device cuda] [--name quantize]
 
 Per scheme, in a fresh process each (so that its memory is its own): load time, the
-model's tensor bytes (its state dict: 4-bit weights with their quantization constants)
-and the process's resident memory after loading and at its peak, the time to inject each
-batch of 5 fictional facts, raw and chat recall of them all and perplexity, then a nap
-(the default keyed consolidation) and recall and perplexity after it.
+model's tensor bytes (its state dict: 4-bit weights with their quantization constants),
+the process's resident memory after loading and one forward pass, split into anonymous
+memory and file pages, and at its peak; the time to inject each batch of 5 fictional
+facts, raw and chat recall of them all and perplexity, then a nap (the default keyed
+consolidation) and recall and perplexity after it.
+
+Resident file pages are the safetensors file, which transformers keeps mapped: the float32
+weights are those pages; the NF4 model's float embeddings are a view into them, and the
+pages read while quantizing stay counted until the kernel reclaims them (they are clean:
+it may at any time). Anonymous memory is what the process cannot give back.
 
 Ĉ is read from the cache (`$SLEEPWAKE_CACHE`), computed first if absent: each scheme has
 its own (the 4-bit model's keys are not the float model's). Its time is not counted.
@@ -26,10 +32,11 @@ import time
 from common import save
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def resident_mb() -> dict[str, float]:
+    """Resident memory of this process now, anonymous and file pages (Linux /proc)."""
+    with open("/proc/self/status") as f:
+        kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("RssAnon", "RssFile")}
+    return {"anon": kb["RssAnon"] / 1024, "file": kb["RssFile"] / 1024}
 
 
 def tensor_mb(model) -> float:
@@ -49,13 +56,19 @@ def one(scheme: str, n_facts: int, model: str | None, device: str | None) -> dic
     from sleepwake.models import load_model
     from sleepwake.synthetic import fictional_facts
 
+    import torch
+
     quantize = None if scheme == "float32" else scheme
-    rss0 = rss_mb()
+    before = resident_mb()
     t = time.perf_counter()
     lm = load_model(model, device=device, progress=False, quantize=quantize)
     load_s = time.perf_counter() - t
+    with torch.no_grad():  # every weight read once
+        lm.model(torch.tensor([[1, 2, 3, 4]], device=lm.device))
+    now = resident_mb()
     out = {"scheme": scheme, "model": lm.name, "load_s": round(load_s, 1), "tensors_mb": round(tensor_mb(lm.model), 1),
-           "rss_after_load_mb": round(rss_mb() - rss0, 1)}
+           "loaded_anon_mb": round(now["anon"] - before["anon"], 1),
+           "loaded_file_mb": round(now["file"] - before["file"], 1)}
     facts = fictional_facts(n_facts, 1, seed=11)
     with tempfile.TemporaryDirectory() as home:
         mem = Memory(lm, home=home, config=MemoryConfig(progress=False))
@@ -81,9 +94,9 @@ def one(scheme: str, n_facts: int, model: str | None, device: str | None) -> dic
     return out
 
 
-COLUMNS = ("scheme", "tensors_mb", "rss_after_load_mb", "peak_rss_mb", "delta_mb", "load_s", "inject5_median_s",
-           "raw", "chat", "ppl_base", "ppl", "nap", "nap_s", "consolidated", "raw_after_nap", "chat_after_nap",
-           "ppl_after_nap")
+COLUMNS = ("scheme", "tensors_mb", "loaded_anon_mb", "loaded_file_mb", "peak_rss_mb", "delta_mb", "load_s",
+           "inject5_median_s", "raw", "chat", "ppl_base", "ppl", "nap", "nap_s", "consolidated", "raw_after_nap",
+           "chat_after_nap", "ppl_after_nap")
 
 
 def main() -> None:

@@ -713,8 +713,8 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="where the model runs: auto (the default: a CUDA GPU if PyTorch sees one, else "
                              "the CPU), cpu or cuda")
     parser.add_argument("--quantize", choices=["nf4"], default=default,
-                        help="load the base model's linear layers in 4-bit NF4 (bitsandbytes; about a third of "
-                             "the memory of float32 for SmolLM2-135M); what it learns stays float32 beside them. "
+                        help="load the base model's linear layers in 4-bit NF4 (bitsandbytes; SmolLM2-135M's "
+                             "tensors take a third of float32's); what it learns stays float32 beside them. "
                              "A home belongs to the model in the form it was made with")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "

@@ -24,8 +24,8 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from sleepwake.config import default_cache_dir
 from sleepwake import quantize as sleepwake_quantize
+from sleepwake.config import default_cache_dir
 from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_model
 
