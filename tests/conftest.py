@@ -25,8 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
 # Measured on a cold cache (a fresh clone, as in CI), where Gemma's test also converts
 # the model and computes its Ĉ.
 LONGEST_FIRST = ("test_sleep.py", "test_many_facts.py", "test_gemma.py", "test_talk.py", "test_memory.py",
-                 "test_keyed.py", "test_users.py", "test_cli.py", "test_server.py", "test_home.py",
-                 "test_first_person.py")
+                 "test_quantize.py", "test_keyed.py", "test_users.py", "test_cli.py", "test_server.py",
+                 "test_home.py", "test_first_person.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

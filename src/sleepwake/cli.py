@@ -255,6 +255,7 @@ class Context:
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
         device = self.device()
+        quantize = self.quantize()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
         from sleepwake.config import MemoryConfig
@@ -264,7 +265,7 @@ class Context:
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
         return Memory(self.args.model, home=self.root, config=config, device=device, progress=self.progress,
-                      user=getattr(self.args, "user", None))
+                      user=getattr(self.args, "user", None), quantize=quantize)
 
     def device(self) -> Any:
         """--device as a torch device; CUDA without a GPU is a usage error, before anything loads."""
@@ -275,6 +276,16 @@ class Context:
             return resolve_device(self.args.device or "auto")
         except InvalidRequestError as exc:
             raise UsageError(f"--device {self.args.device}: {exc}") from None
+
+    def quantize(self) -> str | None:
+        """--quantize, with bitsandbytes importable; else a usage error, before anything loads."""
+        from sleepwake.errors import InvalidRequestError
+        from sleepwake.quantize import check_scheme
+
+        try:
+            return check_scheme(self.args.quantize)
+        except InvalidRequestError as exc:
+            raise UsageError(f"--quantize {self.args.quantize}: {exc}") from None
 
     def store(self) -> Any:
         """The memory ledger alone, read-only, without loading the model's weights (fast):
@@ -288,7 +299,7 @@ class Context:
         from sleepwake.store import Store
 
         source = resolve_model(self.args.model)
-        return Store(self.home, fingerprint(source), source.name, read_only=True)
+        return Store(self.home, fingerprint(source, self.args.quantize), source.name, read_only=True)
 
 
 # --- commands ----------------------------------------------------------------------
@@ -701,6 +712,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default,
                         help="where the model runs: auto (the default: a CUDA GPU if PyTorch sees one, else "
                              "the CPU), cpu or cuda")
+    parser.add_argument("--quantize", choices=["nf4"], default=default,
+                        help="load the base model's linear layers in 4-bit NF4 (bitsandbytes; SmolLM2-135M's "
+                             "tensors take a third of float32's); what it learns stays float32 beside them. "
+                             "A home belongs to the model in the form it was made with")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")

@@ -108,7 +108,8 @@ class Memory:
 
     `user` names whose memory of the home this is (see `sleepwake.users`): memories of
     several users may share one `LoadedModel`, each making its own weights live before
-    it uses the model (`activate`)."""
+    it uses the model (`activate`). `quantize="nf4"` loads the model's decoder in 4-bit
+    (`sleepwake.quantize`); what it learns stays in float32 beside the 4-bit weights."""
 
     def __init__(
         self,
@@ -120,14 +121,18 @@ class Memory:
         device: str | torch.device | None = None,
         progress: bool | None = None,
         user: str | None = None,
+        quantize: str | None = None,
     ) -> None:
         self.user = check_user(user)  # before anything loads or changes
+        if isinstance(model, LoadedModel) and quantize is not None and quantize != model.quantize:
+            raise InvalidRequestError(f"quantize={quantize!r}, but the model given was loaded with "
+                                      f"quantize={model.quantize!r}")
         self.root = root = Path(home).expanduser() if home is not None else default_home()  # all users' home
         self.config = config or MemoryConfig()
         self.progress = self.config.progress if progress is None else progress
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.lm = model if isinstance(model, LoadedModel) else load_model(
-            model, cache_dir=self.cache_dir, device=device, progress=self.progress
+            model, cache_dir=self.cache_dir, device=device, progress=self.progress, quantize=quantize
         )
         # Taking the home's lock: `HomeBusyError` names the live process that writes it.
         self.store = Store(user_home(root, self.user), self.lm.fingerprint, self.lm.name, lock_home=root)

@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from sleepwake import quantize as sleepwake_quantize
 from sleepwake.config import default_cache_dir
 from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_model
@@ -93,7 +94,9 @@ class LoadedModel:
     name: str
     fingerprint: str
     arch: "Architecture"
-    _pristine: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _pristine: dict[str, torch.Tensor | None] = field(default_factory=dict, repr=False)
+    """Per module a `Memory` writes, a copy of its unedited weight; None for a 4-bit module,
+    whose weight is never written (its delta goes beside it, `quantize.WithDelta`)."""
     weights_version: int = field(default=0, repr=False)
     """Counts writes to the live weights (`LiveWeights`, `reset_weights`) and changes of the
     hooks that act like weights (`keyed`): what was measured on them, such as perplexity,
@@ -109,32 +112,43 @@ class LoadedModel:
     """Held by whoever uses the model: the memories (users) that share it take turns."""
     shared: dict = field(default_factory=dict, repr=False, compare=False)
     """What the memories of this model compute once for all of them (Ĉ and its inverse)."""
+    quantize: str | None = None
+    """The scheme its decoder's linear maps were loaded in (`quantize`), or None: float."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
 
         Copied the first time it is asked for, before anything edits it, so several
         `Memory` objects can share one loaded model without mistaking each other's
-        edits for the base.
+        edits for the base. A 4-bit module's is its weight dequantized, made anew at
+        each call (it is never edited, and a float copy would undo the saving).
         """
         name = self.arch.down_name(key) if isinstance(key, int) else key
         if name not in self._pristine:
-            self._pristine[name] = self.arch.weight(name).clone()
-        return self._pristine[name]
+            self._pristine[name] = None if self.arch.quantized(name) else self.arch.weight(name).clone()
+        base = self._pristine[name]
+        return self.arch.weight(name) if base is None else base
 
     def weights_digest(self) -> str:
         """A name for the live weights: equal for bitwise-equal weights, in any process.
 
         The model's fingerprint and every module that differs from its base weight
-        (one that a `Memory` wrote back to base counts as unchanged)."""
+        (one that a `Memory` wrote back to base counts as unchanged), or, 4-bit, every
+        delta beside a module's weight."""
         h = hashlib.blake2b(self.fingerprint.encode(), digest_size=16)
         h.update(self.hooks_digest.encode())
-        for name in sorted(self._pristine):
-            w = self.arch.weight(name).detach()
-            if not torch.equal(w, self._pristine[name]):
-                h.update(name.encode())
-                h.update(str(w.dtype).encode())
-                h.update(w.cpu().contiguous().view(torch.uint8).numpy())
+        for name, base in sorted(self._pristine.items()):
+            if base is None:
+                w = self.model.get_submodule(name).delta
+                if w is None:
+                    continue
+            else:
+                w = self.arch.weight(name).detach()
+                if torch.equal(w, base):
+                    continue
+            h.update(name.encode())
+            h.update(str(w.dtype).encode())
+            h.update(w.cpu().contiguous().view(torch.uint8).numpy())
         return h.hexdigest()
 
     def reset_weights(self) -> None:
@@ -142,7 +156,10 @@ class LoadedModel:
         user of a shared model (a `Memory` made on it rebuilds its own weights anyway)."""
         with torch.no_grad():
             for name, w in self._pristine.items():
-                self.arch.weight(name).copy_(w)
+                if w is None:
+                    self.model.get_submodule(name).delta = None
+                else:
+                    self.arch.weight(name).copy_(w)
         for handle in self.hooks:
             handle.remove()
         self.hooks, self.hooks_digest, self.keyed = [], "", None
@@ -173,9 +190,10 @@ class LoadedModel:
         arch = Architecture(model)
         pristine = dict(self._pristine)
         for n in own - set(pristine):  # down-projections no memory wrote yet: base now
-            pristine[n] = arch.weight(n).clone()
+            pristine[n] = None if arch.quantized(n) else arch.weight(n).clone()
         return _PrivateModel(model, self.tokenizer, self.name, self.fingerprint, arch, pristine,
-                             weights_version=self.weights_version + 1, path=self.path, shared=self.shared)
+                             weights_version=self.weights_version + 1, path=self.path, shared=self.shared,
+                             quantize=self.quantize)
 
     @property
     def device(self) -> torch.device:
@@ -190,7 +208,7 @@ class _PrivateModel(LoadedModel):
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         name = self.arch.down_name(key) if isinstance(key, int) else key
-        if name not in self._pristine:
+        if name not in self._pristine and not self.arch.quantized(name):  # a 4-bit weight is never written
             mod = self.model.get_submodule(name)
             mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
         return super().base_weight(name)
@@ -318,15 +336,19 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Load a base model for editing: frozen, in eval mode, float32 by default, on
-    `device` (see `resolve_device`; checked before anything loads)."""
+    `device` (see `resolve_device`). `quantize="nf4"` loads the decoder's linear maps in
+    4-bit NF4 (see `sleepwake.quantize`). Both are checked before anything loads."""
     device = resolve_device(device)
+    quantize = sleepwake_quantize.check_scheme(quantize)
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     source = resolve_model(spec)
     fp = fingerprint(source)
+    options = sleepwake_quantize.loading_options(quantize, device) if quantize else {}
     path = source.path
     hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
     with _hf_bars(progress):
@@ -339,16 +361,19 @@ def load_model(
                         _convert_gguf(source, path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)
         except Exception as exc:  # noqa: BLE001
             raise ModelNotFoundError(f"cannot load model from {path}: {exc}") from exc
-    if device is not None:
+    if quantize:
+        sleepwake_quantize.prepare(model)  # already on `device`
+    elif device is not None:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, source.name, fp, Architecture(model), path=Path(path).resolve())
+    return LoadedModel(model, tokenizer, source.name, fingerprint(source, quantize), Architecture(model),
+                       path=Path(path).resolve(), quantize=quantize)
 
 
 def default_layers(name: str, n_layers: int) -> tuple[int, ...]:
@@ -409,8 +434,15 @@ def _has(obj: Any, path: str) -> bool:
 
 
 def is_linear(mod: nn.Module) -> bool:
-    """A linear map: nn.Linear, or GPT-2's Conv1D (the same map, weight stored transposed)."""
+    """A linear map: nn.Linear (4-bit ones too), or GPT-2's Conv1D (the same map, weight stored transposed)."""
     return isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"
+
+
+def linear_shape(mod: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of a linear map, however its weight is stored (Conv1D: transposed; 4-bit: packed)."""
+    if type(mod).__name__ == "Conv1D":
+        return mod.weight.shape[1], mod.weight.shape[0]
+    return mod.out_features, mod.in_features
 
 
 class Architecture:
@@ -457,17 +489,28 @@ class Architecture:
         ]
 
     def weight(self, name: str) -> torch.Tensor:
-        """A module's weight as (d_out, d_in), a view onto the parameter (Conv1D stores (in, out))."""
+        """A module's weight as (d_out, d_in), a view onto the parameter (Conv1D stores (in, out));
+        of a 4-bit module, its weight dequantized to float32, in a new tensor."""
         mod = self.model.get_submodule(name)
+        if sleepwake_quantize.is_quantized(mod):
+            return sleepwake_quantize.dequantized(mod)
         w = mod.weight.data
         return w.t() if type(mod).__name__ == "Conv1D" else w
+
+    def quantized(self, name: str) -> bool:
+        """Whether a module's weight is 4-bit (`sleepwake.quantize`): never written, its delta beside it."""
+        return sleepwake_quantize.is_quantized(self.model.get_submodule(name))
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """A module's (d_out, d_in)."""
+        return linear_shape(self.model.get_submodule(name))
 
     def down_weight(self, layer: int) -> torch.Tensor:
         """The down-projection weight as (d_out, d_in), a view onto the parameter."""
         return self.weight(self.down_name(layer))
 
     def d_in(self, layer: int) -> int:
-        return self.down_weight(layer).shape[1]
+        return self.shape(self.down_name(layer))[1]
 
     def d_out(self, layer: int) -> int:
-        return self.down_weight(layer).shape[0]
+        return self.shape(self.down_name(layer))[0]

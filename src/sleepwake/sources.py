@@ -82,8 +82,11 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(source: ModelSource) -> str:
-    """A content hash naming the base weights; caches and homes are keyed on it."""
+def fingerprint(source: ModelSource, quantize: str | None = None) -> str:
+    """A content hash naming the base weights; caches and homes are keyed on it. Loaded
+    in a quantization scheme (`sleepwake.quantize`), they are other weights: its name is added."""
+    if quantize is not None:
+        return f"{fingerprint(source)}-{quantize}"
     if source.kind == "gguf":
         return "gguf-" + _file_digest(source.path)[:24]
     h = hashlib.sha256()

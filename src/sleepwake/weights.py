@@ -10,6 +10,9 @@ with the parts in a fixed order (consolidated adapters by cycle, then MEMIT edit
 fact id). Always computing it this one way, never by adding to or subtracting from
 the current weight, means a restart performs the same float operations in the same
 order, so the weights come out bitwise equal, and removing a delta is exact.
+
+A 4-bit module (`sleepwake.quantize`) is never written: its weight is the base, and the
+delta sum goes beside it, added to its output.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ Factor = tuple[torch.Tensor, torch.Tensor]  # (L: d_out × r, R: r × d_in)
 
 
 class LiveWeights:
-    """Base copies of the modules that carry deltas, and the running delta sums."""
+    """Base copies of the modules that carry deltas (None for a 4-bit one), and the
+    running delta sums."""
 
     def __init__(self, lm: LoadedModel, names: Iterable[str] = ()) -> None:
         self.lm = lm
-        self.base: dict[str, torch.Tensor] = {}
+        self.base: dict[str, torch.Tensor | None] = {}
         self.sum: dict[str, torch.Tensor] = {}
         self.track(names)
 
@@ -40,12 +44,17 @@ class LiveWeights:
         """Start keeping base copies of more modules (before anything edits them)."""
         for n in names:
             if n not in self.base:
-                self.base[n] = self.lm.base_weight(n)
-                self.sum[n] = torch.zeros_like(self.base[n], dtype=torch.float32)
+                base = self.lm.base_weight(n)
+                self.base[n] = None if self.lm.arch.quantized(n) else base
+                self.sum[n] = torch.zeros_like(base, dtype=torch.float32)
 
     def _write(self, name: str) -> None:
-        w = self.lm.arch.weight(name)
-        w.copy_((self.base[name].float() + self.sum[name]).to(w.dtype))
+        base, delta = self.base[name], self.sum[name]
+        if base is None:  # 4-bit: the delta beside the weight (None while it is zero: no work)
+            self.lm.model.get_submodule(name).delta = delta if delta.any() else None
+        else:
+            w = self.lm.arch.weight(name)
+            w.copy_((base.float() + delta).to(w.dtype))
         self.lm.weights_version += 1
 
     def add(self, name: str, parts: Sequence[Factor]) -> None:

@@ -43,6 +43,7 @@ from sleepwake.memit.trace import (
     layer_output,
 )
 from sleepwake.models import Architecture, is_linear
+from sleepwake.quantize import is_quantized
 
 
 @dataclass
@@ -117,7 +118,8 @@ def bf16_above(model: nn.Module, arch: Architecture, layer: int) -> Iterator[Non
     stream stay float32 (this CPU's bf16 attention backward was 8× slower than the
     float32 one). Backward passes must run inside too. The float32 weights are back
     on exit, also after an exception."""
-    mods = [m for blk in arch.layers[layer + 1:] for m in blk.modules() if is_linear(m)]
+    # A 4-bit map computes from its own packed weight (`sleepwake.quantize`): left as it is.
+    mods = [m for blk in arch.layers[layer + 1:] for m in blk.modules() if is_linear(m) and not is_quantized(m)]
     mods.append(model.get_output_embeddings())
     # New parameters, not new data in the old ones: a tied LM head shares its weight
     # with the input embedding, which must stay float32.

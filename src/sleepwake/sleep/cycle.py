@@ -70,9 +70,9 @@ def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
         for e in edits.values():
             f = e.factors(mem.lm.arch)
             width = next(iter(e.a.values())).shape[1]
-            w = mem.lm.arch.weight(n)
-            zeros = {"dtype": torch.float32, "device": w.device}
-            left, right = f.get(n, (torch.zeros(w.shape[0], width, **zeros), torch.zeros(width, w.shape[1], **zeros)))
+            d_out, d_in = mem.lm.arch.shape(n)
+            zeros = {"dtype": torch.float32, "device": mem.lm.device}
+            left, right = f.get(n, (torch.zeros(d_out, width, **zeros), torch.zeros(width, d_in, **zeros)))
             lefts.append(left)
             rights.append(right)
         factors[n] = (torch.cat(lefts, dim=1), torch.cat(rights, dim=0))

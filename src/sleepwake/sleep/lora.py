@@ -1,8 +1,8 @@
 """LoRA adapters: train one on a frozen model, keep it as factors, save it as PEFT.
 
 Training attaches ``x ↦ x·Aᵀ·Bᵀ·scale`` to each target module with a forward hook,
-so the model's modules stay the plain `nn.Linear`s that MEMIT and `LiveWeights`
-address by name. On disk an adapter is a PEFT LoRA directory (``adapter_config.json``
+so the model's modules stay the plain (or 4-bit) `nn.Linear`s that MEMIT and
+`LiveWeights` address by name. On disk an adapter is a PEFT LoRA directory (``adapter_config.json``
 + ``adapter_model.safetensors``) that `peft.PeftModel.from_pretrained` loads as is.
 """
 
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.errors import StoreError
 from sleepwake.inference import attention_kernels, head_logits
+from sleepwake.models import linear_shape
 from sleepwake.weights import Factor
 
 CONFIG_FILE = "adapter_config.json"
@@ -224,13 +225,12 @@ def new_adapter(model: nn.Module, names: Sequence[str], r: int, alpha: float, se
     a, b, conv1d = {}, {}, set()
     for n in names:
         mod = model.get_submodule(n)
-        w = mod.weight
-        is_conv1d = type(mod).__name__ == "Conv1D"
-        d_out, d_in = (w.shape[1], w.shape[0]) if is_conv1d else (w.shape[0], w.shape[1])
+        device = mod.weight.device
+        d_out, d_in = linear_shape(mod)
         bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on an (r × d_in) matrix
-        a[n] = ((torch.rand(r, d_in, generator=gen) * 2 - 1) * bound).to(w.device)
-        b[n] = torch.zeros(d_out, r, device=w.device)
-        if is_conv1d:
+        a[n] = ((torch.rand(r, d_in, generator=gen) * 2 - 1) * bound).to(device)
+        b[n] = torch.zeros(d_out, r, device=device)
+        if type(mod).__name__ == "Conv1D":
             conv1d.add(n)
     return Adapter(a, b, r, alpha, frozenset(conv1d))
 
