@@ -447,7 +447,7 @@ class Memory:
             # so its check stands for them: the next batch need not check again first.
             self._answered = (self.lm.weights_version, chat, answered) if answered else None
             ids = {k: r.id for k, r in active.items() if r.where == "memit"}
-            self._unheld = {k: i for k, i in self._unheld.items() if answered.get(k, False) is False}
+            self._unheld = {k: i for k, i in self._unheld.items() if not answered.get(k, False)}
             self._unheld.update({k: ids[k] for k, ok in answered.items() if not ok and k in ids})
             records += recs
             stats.append(st)

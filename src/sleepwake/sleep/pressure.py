@@ -12,8 +12,8 @@ naps keep the MEMIT buffer small and the pressure alone would rarely reach `deep
 A fact MEMIT holds but does not answer (checked right after its injection) makes a nap
 due at once (`PressureConfig.nap_when_unheld`): one weight edit of a subject's δ under
 MEMIT's norm bound cannot carry many facts of that subject (six facts of one user: 1/7
-answered by MEMIT, 4/7 with a bound four times larger, 7/7 once a nap keyed them), while
-the keyed memory that a nap writes can.
+answered by MEMIT, 4/7 with a bound two or four times larger, 6/6 once naps keyed them),
+while the keyed memory that a nap writes can.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ class Pressure:
     edits: float  # the weighted parts, which add up to `total`
     time: float
     perplexity: float
-    unheld: int  # MEMIT facts known not to be answered now
     total: float
     due: str | None  # "deep", "nap" or None
+    unheld: int = 0  # MEMIT facts known not to be answered now (not weighted: a nap is due)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +49,7 @@ def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | No
         due = "nap"
     if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep or last_rejected):
         due = "deep"
-    return Pressure(e, t, p, unheld, total, due)
+    return Pressure(e, t, p, total, due, unheld)
 
 
 def since_deep(cycles: list[dict]) -> tuple[int, bool]:
