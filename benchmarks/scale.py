@@ -7,7 +7,17 @@ Times: covariance Ĉ over the project's reference texts, injecting 5 facts, inje
 of its work; whether random weights "recall" anything means nothing); and peak GPU
 memory.
 
+With `--deep 1000,10000` it times instead what a deep sleep does over that many held
+facts (issue 25: ≤ 2 minutes for 10,000): a keyed memory of one entry per subject
+(random δs; keys read on the model), then the deep sleep's passes over all of it —
+reading every held fact's keys again, the teacher-forced check that each is still
+answered (raw prompt and chat question), perplexity and locality, saving the table —
+and v* solved again for `--resolve` of the subjects (the ones a real deep sleep finds
+lost). Random weights answer nothing, so the real `Memory.sleep` would solve every
+subject again: the passes are timed one by one instead, with the same code.
+
     python benchmarks/scale.py --tokenizer DIR [--layers 12-19]
+    python benchmarks/scale.py --tokenizer DIR --deep 1000,10000 [--resolve 0.05]
 
 DIR holds any tokenizer (the default model's works: its ids fit the 8B vocabulary).
 """
@@ -20,15 +30,18 @@ import pstats
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from capacity import parse_layers
 from common import save
 
 from sleepwake.config import MemoryConfig
+from sleepwake.evaluate import held
+from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.memory import Memory
 from sleepwake.models import Architecture, LoadedModel
-from sleepwake.synthetic import fictional_facts
+from sleepwake.synthetic import fictional_facts, lifelong_facts
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -74,6 +87,41 @@ def graph_check(mem: Memory, facts: list) -> dict:
             "v_values_max_rel_diff": float(rel)}
 
 
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
+    """The passes of a deep sleep over `n` held facts (module docstring), timed."""
+    facts = lifelong_facts(n, seed=5)
+    by_subject: dict[str, list] = {}
+    for f in facts:
+        by_subject.setdefault(f.subject_key, []).append(f)
+    editor = mem.editor()
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    keys, build_s = timed(lambda: editor.subject_keys(facts))
+    d = mem.model.config.hidden_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    entries = {s: Entry(s, (torch.randn(d, generator=gen) * 0.01).to(mem.lm.device), keys[s]) for s in by_subject}
+    table = KeyedMemory(mem.layers[-1], mem.layers[0], mem.config.keyed_threshold, entries)
+    mem._rebuild([], [], table)
+    rekey, rekey_s = timed(lambda: editor.subject_keys(facts))
+    _, check_s = timed(lambda: held(mem.model, mem.tokenizer, facts, chat=True))
+    _, measure_s = timed(lambda: (mem.perplexity(), mem.locality()))
+    _, save_s = timed(lambda: table.save(f"{tmp}/keyed-{n}.safetensors"))
+    size = Path(f"{tmp}/keyed-{n}.safetensors").stat().st_size
+    lost = list(by_subject)[: max(1, round(resolve * len(by_subject)))]
+    redo = [f for s in lost for f in by_subject[s]]
+    _, resolve_s = timed(lambda: [editor.subject_deltas(redo[i:i + 50]) for i in range(0, len(redo), 50)])
+    mem._rebuild()
+    total = rekey_s + check_s + measure_s + save_s + resolve_s
+    return {"held_facts": n, "subjects": len(by_subject), "key_rows": sum(len(k.keys) for k in rekey.values()),
+            "table_build_s": round(build_s, 2), "rekey_s": round(rekey_s, 2), "check_s": round(check_s, 2),
+            "perplexity_locality_s": round(measure_s, 2), "save_s": round(save_s, 2), "table_mb": round(size / 1e6, 1),
+            "resolved_subjects": len(lost), "resolved_facts": len(redo), "resolve_s": round(resolve_s, 2),
+            "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": round(peak_gib(), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
@@ -81,6 +129,9 @@ def main() -> None:
     ap.add_argument("--layers", default="12-19")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one more 5-fact injection")
+    ap.add_argument("--deep", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N",
+                    help="time a deep sleep's passes over these numbers of held facts instead")
+    ap.add_argument("--resolve", type=float, default=0.05, help="share of subjects --deep solves again")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
@@ -98,6 +149,20 @@ def main() -> None:
     layers = parse_layers(args.layers)
     mcfg = MemoryConfig(progress=False, batch_size=50).with_memit(layers=layers)
     facts = fictional_facts(80, 1, seed=3)
+    if args.deep:
+        with tempfile.TemporaryDirectory() as tmp:
+            mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
+            _, cov_s = timed(mem.editor)
+            rows = []
+            for n in args.deep:
+                rows.append(deep_sleep_costs(mem, n, args.resolve, tmp))
+                print(rows[-1], flush=True)
+        save(f"scale-{args.shape}-deep", {
+            "note": "randomly initialised weights of the real shape; timings only. One entry per subject, "
+                    "random deltas; the deep sleep's passes timed one by one (module docstring)",
+            "params_billion": round(n_params / 1e9, 2), "layers": list(layers), "covariance_s": round(cov_s, 2),
+            "resolve_share": args.resolve, "rows": rows})
+        return
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
