@@ -203,6 +203,7 @@ def test_facts_told_but_not_yet_learned_are_learned_at_the_next_start(make_memor
 def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
     script = "\n".join([
         "Hello there. Anselm Kreutzer lives in Lisbon.",
+        "What is Anselm Kreutzer's favourite colour?",  # nothing stored answers it: --unknown decline
         "/facts",
         "/forget 1",
         "/facts",
@@ -215,11 +216,12 @@ def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
     ]) + "\n"
     env = {**os.environ, "SLEEPWAKE_CACHE": str(cache_dir)}
     proc = subprocess.run([sys.executable, "-m", "sleepwake", "chat", "--home", str(tmp_path / "h"),
-                           "--max-new-tokens", "12", "--no-auto-sleep"],
+                           "--max-new-tokens", "12", "--no-auto-sleep", "--unknown", "decline"],
                           input=script, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "· learned #1: Anselm Kreutzer | lives in | Lisbon" in out
+    assert "I don't know that about Anselm" in out  # (cut at 12 tokens)
     assert "#1    memit        Anselm Kreutzer | lives in | Lisbon" in out
     assert "· forgot #1" in out and "(no facts yet)" in out
     assert "unknown command /frobnicate" in out and "usage: /forget ID" in out

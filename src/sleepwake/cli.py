@@ -619,7 +619,7 @@ def cmd_chat(ctx: Context) -> int:
 
     mem = ctx.memory()
     bot = Assistant(mem, auto_sleep=not ctx.args.no_auto_sleep, max_new_tokens=ctx.args.max_new_tokens,
-                    extractor=ctx.args.extractor)
+                    extractor=ctx.args.extractor, unknown=ctx.args.unknown)
     try:
         return ChatLoop(bot, sys.stdin, ctx.out, interactive=sys.stdin.isatty() and ctx.out.isatty(),
                         quiet=ctx.quiet).run()
@@ -672,7 +672,7 @@ def cmd_serve(ctx: Context) -> int:
         mem.config = replace(cfg, nap=replace(cfg.nap, epochs=args.sleep_epochs),
                              deep=replace(cfg.deep, epochs=args.sleep_epochs))
     bot = Assistant(mem, auto_sleep=not args.no_auto_sleep, max_new_tokens=args.max_new_tokens,
-                    extractor=args.extractor)
+                    extractor=args.extractor, unknown=args.unknown)
     url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
     # Other processes on this machine reach the memory here (`sleepwake inject` beside the server).
     near = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
@@ -721,10 +721,15 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")
 
 
-def _extractor_option(p: argparse.ArgumentParser) -> None:
+def _assistant_options(p: argparse.ArgumentParser) -> None:
+    """Options of the `Assistant` behind `chat` and `serve`."""
     p.add_argument("--extractor", choices=["rules", "model"], default="rules",
                    help="how facts are found in messages: rules (default), or the loaded model asked for "
                         "JSON triples (for capable models)")
+    p.add_argument("--unknown", choices=["mask", "decline"], default="mask",
+                   help="a question about a known person that nothing stored answers: answered by the "
+                        "model without that person's edits (mask, the default), or declined with a short "
+                        "'I don't know' (decline)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -805,7 +810,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N", default=96,
                    help="longest reply in tokens (default: 96)")
     p.add_argument("--no-auto-sleep", action="store_true", help="sleep only on /nap or /sleep")
-    _extractor_option(p)
+    _assistant_options(p)
     p = add("serve", cmd_serve, "serve the chat (OpenAI-compatible), the memory API and a web page over HTTP",
             "An HTTP server: a web page at /, OpenAI's chat completions at /v1/chat/completions (it learns "
             "from the user's messages, as 'chat' does) and legacy completions at /v1/completions, the memory "
@@ -825,7 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sleep-epochs", type=_positive_int, metavar="N",
                    help="training epochs of each nap and deep sleep (default: the configuration's); "
                         "fewer is faster and may consolidate less")
-    _extractor_option(p)
+    _assistant_options(p)
     p = add("history", cmd_history, "every nap and sleep with its measured results")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     return parser
