@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import re
 import statistics
 import tempfile
 import time
@@ -122,17 +123,48 @@ def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
             "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": round(peak_gib(), 2)}
 
 
+def deep_main(args: argparse.Namespace, lm: LoadedModel, layers: tuple[int, ...], n_params: int, weights: str) -> None:
+    """`--deep`: a deep sleep's passes over each number of held facts, saved as one result."""
+    mcfg = MemoryConfig(progress=False, batch_size=50).with_memit(layers=layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
+        _, cov_s = timed(mem.editor)
+        rows = []
+        for n in args.deep:
+            rows.append(deep_sleep_costs(mem, n, args.resolve, tmp))
+            print(rows[-1], flush=True)
+    name = re.sub(r"[^a-z0-9.]+", "-", lm.name.lower()).strip("-") if args.model else args.shape
+    save(f"scale-{name}-deep-{'cuda' if torch.cuda.is_available() else 'cpu'}", {
+        "note": f"{weights}; timings only. One keyed entry per subject with a random delta; the deep sleep's "
+                "passes timed one by one (module docstring)",
+        "model": lm.name, "params_billion": round(n_params / 1e9, 3), "layers": list(layers),
+        "covariance_s": round(cov_s, 2), "resolve_share": args.resolve, "rows": rows})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    ap.add_argument("--tokenizer", required=True)
-    ap.add_argument("--layers", default="12-19")
+    ap.add_argument("--tokenizer", help="a tokenizer's directory (for --shape)")
+    ap.add_argument("--model", help="with --deep: a real model (path or id, as load_model takes it) instead of "
+                                    "random weights of --shape")
+    ap.add_argument("--layers", default=None, help="edited layers (default: 12-19 for --shape, the model's own)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one more 5-fact injection")
     ap.add_argument("--deep", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N",
                     help="time a deep sleep's passes over these numbers of held facts instead")
     ap.add_argument("--resolve", type=float, default=0.05, help="share of subjects --deep solves again")
     args = ap.parse_args()
+    if args.model:
+        if not args.deep:
+            ap.error("--model is for --deep only")
+        from sleepwake.models import load_model
+
+        lm = load_model(args.model, progress=False)
+        layers = parse_layers(args.layers) if args.layers else tuple(lm.default_layers())
+        deep_main(args, lm, layers, sum(p.numel() for p in lm.model.parameters()), "the real weights of " + lm.name)
+        return
+    if not args.tokenizer:
+        ap.error("--tokenizer is needed for random weights of --shape")
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,23 +178,12 @@ def main() -> None:
     model.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     lm = LoadedModel(model, tok, f"{args.shape} (random init)", f"random-{args.shape}", Architecture(model))
-    layers = parse_layers(args.layers)
+    layers = parse_layers(args.layers or "12-19")
+    if args.deep:
+        deep_main(args, lm, layers, n_params, "randomly initialised weights of the real shape")
+        return
     mcfg = MemoryConfig(progress=False, batch_size=50).with_memit(layers=layers)
     facts = fictional_facts(80, 1, seed=3)
-    if args.deep:
-        with tempfile.TemporaryDirectory() as tmp:
-            mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
-            _, cov_s = timed(mem.editor)
-            rows = []
-            for n in args.deep:
-                rows.append(deep_sleep_costs(mem, n, args.resolve, tmp))
-                print(rows[-1], flush=True)
-        save(f"scale-{args.shape}-deep", {
-            "note": "randomly initialised weights of the real shape; timings only. One entry per subject, "
-                    "random deltas; the deep sleep's passes timed one by one (module docstring)",
-            "params_billion": round(n_params / 1e9, 2), "layers": list(layers), "covariance_s": round(cov_s, 2),
-            "resolve_share": args.resolve, "rows": rows})
-        return
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
         torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
