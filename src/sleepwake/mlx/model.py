@@ -162,12 +162,13 @@ class MlxModel:
     def embed(self, ids: mx.array) -> mx.array:
         return self.model.model.embed_tokens(ids)
 
-    def blocks(self, h: mx.array, start: int, stop: int) -> mx.array:
+    def blocks(self, h: mx.array, start: int, stop: int, caches: Sequence[Any] | None = None) -> mx.array:
         """Layers start … stop−1 on hidden states `h` (right-padded rows: causal attention
-        keeps the pads from every real position)."""
+        keeps the pads from every real position), after what `caches` (one per layer run)
+        hold, if given."""
         mask = "causal" if h.shape[1] > 1 else None
-        for block in self.model.model.layers[start:stop]:
-            h = block(h, mask)
+        for i, block in enumerate(self.model.model.layers[start:stop]):
+            h = block(h, mask, caches[i] if caches is not None else None)
         return h
 
     def logits(self, h: mx.array) -> mx.array:
