@@ -20,6 +20,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model as mlx_lm_load
 
+from sleepwake.facts import mentions_for_good
 from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.models import converted, default_layers
 
@@ -191,19 +192,40 @@ class MlxModel:
             self.taps.capture, self.taps.seen = set(), {}
         return seen, (h if hidden is not None else None)
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int) -> str:
-        """Greedy continuation of one encoded prompt, decoded without special tokens."""
+    def generate(self, ids: Sequence[int], max_new_tokens: int, until: str | None = None) -> str:
+        """Greedy continuation of one encoded prompt, decoded without special tokens;
+        `until` (an expected object) ends it once it names the object for good, as
+        `inference.generate` does for recall checks."""
         cache = make_prompt_cache(self.model)
-        eos = self.eos
         out: list[int] = []
         logits = self.model(mx.array([list(ids)]), cache=cache)
         for _ in range(max_new_tokens):
             tok = int(mx.argmax(logits[0, -1]))
-            if tok in eos:
+            if tok in self.eos:
                 break
             out.append(tok)
+            if until is not None and mentions_for_good(self.tokenizer.decode(out, skip_special_tokens=True), until):
+                break
             logits = self.model(mx.array([[tok]]), cache=cache)
         return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def object_is_top(self, seqs: Sequence[tuple[Sequence[int], int]]) -> list[bool]:
+        """For each (ids, prompt length): is every token after the prompt the top prediction?
+        (`evaluate._object_is_top`: one teacher-forced pass.)"""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        n = max(len(ids) for ids, _ in seqs)
+        batch = np.full((len(seqs), n), pad, dtype=np.int32)
+        for i, (ids, _) in enumerate(seqs):
+            batch[i, : len(ids)] = ids
+        h = self.blocks(self.embed(mx.array(batch)), 0, self.n_layers)
+        rows = [i for i, (ids, p) in enumerate(seqs) for _ in range(p, len(ids))]
+        cols = [t - 1 for ids, p in seqs for t in range(p, len(ids))]
+        want = np.array([ids[t] for ids, p in seqs for t in range(p, len(ids))])
+        top = np.array(mx.argmax(self.logits(h[mx.array(rows), mx.array(cols)]), axis=-1))
+        ok = [True] * len(seqs)
+        for r, good in zip(rows, top == want):
+            ok[r] = ok[r] and bool(good)
+        return ok
 
 
 def load_mlx_model(spec: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
