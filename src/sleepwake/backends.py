@@ -26,6 +26,7 @@ def check_backend(backend: str | None) -> str:
                 "cannot be imported here: pip install 'mlx[cpu]' mlx-lm on Linux, mlx mlx-lm on macOS "
                 "(Python 3.11 or newer)")
         try:
+            import sleepwake.mlx  # noqa: F401  (first: it sets up mlx-cpu's BLAS before mlx loads)
             import mlx.core  # noqa: F401  (a wheel without its CPU or Metal library fails here)
         except ImportError as exc:
             raise InvalidRequestError(f"the MLX backend cannot load mlx here: {exc}") from None

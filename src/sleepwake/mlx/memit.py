@@ -230,9 +230,11 @@ def _targets(mm: MlxModel, requests: Sequence[EditRequest], slot_delta: list[int
 class MlxEditor:
     """MEMIT edits of batches of facts on an `MlxModel` (`memit.editor.MemitEditor`'s method)."""
 
-    def __init__(self, mm: MlxModel, layers: Sequence[int], covs: dict[int, torch.Tensor], cfg: MemitConfig) -> None:
+    def __init__(self, mm: MlxModel, layers: Sequence[int], covs: dict[int, torch.Tensor] | None, cfg: MemitConfig,
+                 cov_inv: dict[int, torch.Tensor] | None = None) -> None:
+        """`covs`: Ĉ per layer, or None with `cov_inv`, their inverses computed before."""
         self.mm, self.layers, self.cfg = mm, tuple(sorted(layers)), cfg
-        self.cov_inv = {l: inverse_covariance(covs[l]) for l in self.layers}
+        self.cov_inv = cov_inv if cov_inv is not None else {l: inverse_covariance(covs[l]) for l in self.layers}
 
     def edit(self, facts: Sequence[Fact], previous: Sequence[FactEdit], add: Callable[[int, torch.Tensor], None],
              *, chat: bool) -> tuple[list[FactEdit], InjectStats]:

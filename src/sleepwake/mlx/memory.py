@@ -81,9 +81,15 @@ class MlxMemory:
         return self.mm.tokenizer
 
     def editor(self) -> MlxEditor:
+        """The MEMIT editor, built on first use; its Ĉ⁻¹ is kept on the model for every
+        memory made on it (`LoadedModel.shared` on torch)."""
         if self._editor is None:
-            covs = covariances(self.mm, self.layers, self.config.memit, self.cache_dir)
-            self._editor = MlxEditor(self.mm, self.layers, covs, self.config.memit)
+            cfg = self.config.memit
+            key = (self.layers, cfg.cov_texts, cfg.cov_max_tokens)
+            if key not in self.mm.shared:
+                self.mm.shared[key] = MlxEditor(self.mm, self.layers, covariances(self.mm, self.layers, cfg,
+                                                                                   self.cache_dir), cfg).cov_inv
+            self._editor = MlxEditor(self.mm, self.layers, None, cfg, cov_inv=self.mm.shared[key])
         return self._editor
 
     # --- the live weights --------------------------------------------------------

@@ -137,6 +137,7 @@ class MlxModel:
     def __init__(self, model: nn.Module, tokenizer: Any, name: str, fingerprint: str, path: Path) -> None:
         self.model, self.tokenizer, self.name, self.fingerprint, self.path = model, tokenizer, name, fingerprint, path
         self.taps = Taps()
+        self.shared: dict = {}  # what the memories made on this model compute once (Ĉ⁻¹)
         inner = model.model
         self.n_layers = len(inner.layers)
         for i, block in enumerate(inner.layers):
