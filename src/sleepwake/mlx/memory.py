@@ -10,7 +10,8 @@ evaluate (raw and chat recall), and a nap into the keyed memory that keys the δ
 subject's injection solved. Not yet on MLX: the injection guard's second try, editing
 held facts again raw-only past the chat-edit limit (later batches are raw-only), solving
 v* again in a sleep, the sleep's perplexity and locality budget, deep sleep, LoRA sleep
-and homes holding LoRA adapters, export, users sharing one model, and the server.
+and homes holding LoRA adapters, export, users sharing one model (the memory made or
+rebuilt last on an `MlxModel` owns its weights: use one at a time), and the server.
 """
 
 from __future__ import annotations
