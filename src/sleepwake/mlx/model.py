@@ -67,14 +67,12 @@ class Taps:
         ok = sims >= t.threshold
         score = sims
         for back in sorted(set(t.backs.tolist()) - {0}):
-            cols = mx.array(np.nonzero(t.backs == back)[0])
+            mine = t.backs == back  # the keys whose head is `back` tokens earlier
+            cols = mx.array(np.nonzero(mine)[0])
             earlier = mx.pad(seen, [(0, 0), (back, 0), (0, 0)])[:, total - n:total]
-            heads = earlier @ t.heads[cols].T
-            col_mask = np.zeros(len(t.backs), dtype=bool)
-            col_mask[np.asarray(cols)] = True
-            full = mx.zeros(sims.shape).at[..., cols].add(heads)
-            ok = mx.where(mx.array(col_mask), ok & (full >= t.head_threshold), ok)
-            score = score + full
+            heads = mx.zeros(sims.shape).at[..., cols].add(earlier @ t.heads[cols].T)
+            ok = mx.where(mx.array(mine), ok & (heads >= t.head_threshold), ok)
+            score = score + heads
         reach = int(t.backs.max())
         self.tail = seen[:, -reach:] if reach else None
         score = mx.where(ok, score, -mx.inf)
