@@ -257,7 +257,11 @@ class MlxMemory:
         reuse path): each subject whose injection solved one δ for all its facts, raw and
         chat, gets an entry with that δ and the keys read on the model with MEMIT off; a
         subject the entry answers (every fact, raw and chat, teacher-forced) leaves MEMIT,
-        the others keep their edits. No perplexity or locality budget is measured here."""
+        the others keep their edits as they were: unlike the torch nap they are not solved
+        again nor edited anew on the new state (`sleep.commit.rewrite_kept`), so a kept fact
+        whose edit leaned on the edits that left can be lost (40 held facts,
+        benchmarks/mlx_bench.py: 25 keyed, 14 of the 15 kept lost). No perplexity or
+        locality budget is measured here."""
         t0 = time.perf_counter()
         memit = self.store.facts(where="memit")
         if not memit:
