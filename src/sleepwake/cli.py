@@ -254,7 +254,8 @@ class Context:
         from sleepwake.sources import resolve_model
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
-        device = self.device()
+        backend = self.backend()
+        device = self.device() if backend == "torch" else None
         quantize = self.quantize()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
@@ -265,7 +266,29 @@ class Context:
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
         return Memory(self.args.model, home=self.root, config=config, device=device, progress=self.progress,
-                      user=getattr(self.args, "user", None), quantize=quantize)
+                      user=getattr(self.args, "user", None), quantize=quantize, backend=backend)
+
+    def backend(self) -> str:
+        """--backend, importable here and able to run this command; else a usage error,
+        before anything loads."""
+        from sleepwake.backends import check_backend
+        from sleepwake.errors import InvalidRequestError
+
+        try:
+            backend = check_backend(getattr(self.args, "backend", None))
+        except InvalidRequestError as exc:
+            raise UsageError(f"--backend {self.args.backend}: {exc}") from None
+        if backend == "mlx":
+            command = self.args.command
+            if command not in MLX_COMMANDS:
+                raise UsageError(f"--backend mlx does not run '{command}' yet; it runs: {', '.join(MLX_COMMANDS)}")
+            for option in ("quantize", "device"):
+                if getattr(self.args, option, None) not in (None, "auto"):
+                    raise UsageError(f"--{option} is for the torch backend; --backend mlx loads float32 on "
+                                     "MLX's own device (Metal, or the CPU)")
+            if getattr(self.args, "user", None) not in (None, "default"):
+                raise UsageError("--backend mlx does not run other users' memories yet (--user)")
+        return backend
 
     def device(self) -> Any:
         """--device as a torch device; CUDA without a GPU is a usage error, before anything loads."""
@@ -694,6 +717,10 @@ def cmd_serve(ctx: Context) -> int:
 # --- parser ------------------------------------------------------------------------
 
 
+# What `--backend mlx` runs (`sleepwake.mlx.memory`); `facts` and `history` read only the ledger.
+MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap")
+
+
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--home", metavar="DIR", default=default,
@@ -716,6 +743,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         help="load the base model's linear layers in 4-bit NF4 (bitsandbytes; SmolLM2-135M's "
                              "tensors take a third of float32's); what it learns stays float32 beside them. "
                              "A home belongs to the model in the form it was made with")
+    parser.add_argument("--backend", choices=["torch", "mlx"], default=default,
+                        help="array library the model runs on: torch (the default) or mlx (Apple's MLX: Metal on "
+                             "Apple silicon, the CPU through mlx-cpu on Linux; needs mlx and mlx-lm). A home "
+                             f"works with either. MLX runs: {', '.join(MLX_COMMANDS)}")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")

@@ -25,6 +25,7 @@ from typing import AbstractSet, Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sleepwake.backends import check_backend
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import locality_facts, perplexity_text, world_facts
 from sleepwake.errors import (
@@ -109,7 +110,21 @@ class Memory:
     `user` names whose memory of the home this is (see `sleepwake.users`): memories of
     several users may share one `LoadedModel`, each making its own weights live before
     it uses the model (`activate`). `quantize="nf4"` loads the model's decoder in 4-bit
-    (`sleepwake.quantize`); what it learns stays in float32 beside the 4-bit weights."""
+    (`sleepwake.quantize`); what it learns stays in float32 beside the 4-bit weights.
+    `backend="mlx"` gives the same memory on MLX arrays (`sleepwake.mlx.memory.MlxMemory`),
+    reading and writing the same home."""
+
+    def __new__(cls, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        if check_backend(backend) == "torch":
+            return super().__new__(cls)
+        device, quantize = kwargs.pop("device", None), kwargs.pop("quantize", None)
+        if quantize is not None:
+            raise InvalidRequestError("quantize is not supported by the MLX backend (it loads float32)")
+        if device not in (None, "auto"):
+            raise InvalidRequestError(f"device={device!r}: the MLX backend chooses its own device (Metal or the CPU)")
+        from sleepwake.mlx.memory import MlxMemory
+
+        return MlxMemory(*args, **kwargs)
 
     def __init__(
         self,
@@ -122,6 +137,7 @@ class Memory:
         progress: bool | None = None,
         user: str | None = None,
         quantize: str | None = None,
+        backend: str | None = None,
     ) -> None:
         self.user = check_user(user)  # before anything loads or changes
         if isinstance(model, LoadedModel) and quantize is not None and quantize != model.quantize:

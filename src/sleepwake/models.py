@@ -329,6 +329,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device | None:
     return device
 
 
+def converted(spec: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
+              progress: bool = True) -> tuple[ModelSource, Path, str]:
+    """The model's source, the Hugging Face directory its weights load from (a GGUF file is
+    converted into the cache first) and its fingerprint: what every backend loads."""
+    from transformers.utils import logging as hf_logging
+
+    source = resolve_model(spec)
+    fp = fingerprint(source)
+    path = source.path
+    hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
+    if source.kind == "gguf":
+        path = Path(cache_dir or default_cache_dir()) / "models" / fp
+        if not (path / "config.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(path) + ".lock"), _hf_bars(progress):  # a second process waits, then loads it
+                if not (path / "config.json").is_file():
+                    _convert_gguf(source, path)
+    return source, path, fp
+
+
 def load_model(
     spec: str | os.PathLike[str] | None = None,
     *,
@@ -344,21 +364,10 @@ def load_model(
     device = resolve_device(device)
     quantize = sleepwake_quantize.check_scheme(quantize)
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    source = resolve_model(spec)
-    fp = fingerprint(source)
+    source, path, _ = converted(spec, cache_dir=cache_dir, progress=progress)
     options = sleepwake_quantize.loading_options(quantize, device) if quantize else {}
-    path = source.path
-    hf_logging.set_verbosity_error()  # keep "generation flags" chatter off the user's terminal
     with _hf_bars(progress):
-        if source.kind == "gguf":
-            path = Path(cache_dir or default_cache_dir()) / "models" / fp
-            if not (path / "config.json").is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with FileLock(str(path) + ".lock"):  # a second process waits, then loads the first one's
-                    if not (path / "config.json").is_file():
-                        _convert_gguf(source, path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **options)

@@ -8,6 +8,7 @@ layer, settings) so later processes load it in milliseconds.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -91,34 +92,41 @@ def load_or_compute(
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
     """Cached Ĉ per layer; the missing layers are computed together in one pass."""
+    device = next(model.parameters()).device
+    covs = cached(tokenizer, layers, fingerprint=fingerprint, cache_dir=cache_dir, n_texts=n_texts,
+                  max_tokens=max_tokens, compute=lambda missing, texts: compute_covariance(
+                      model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress))
+    return {l: c.to(device) for l, c in covs.items()}
+
+
+Compute = Callable[[list[int], list[str]], tuple[dict[int, torch.Tensor], int]]
+
+
+def cached(tokenizer: Any, layers: Sequence[int], *, fingerprint: str, cache_dir: Path, n_texts: int,
+           max_tokens: int, compute: Compute) -> dict[int, torch.Tensor]:
+    """Ĉ per layer from the cache, the missing layers computed by `compute(layers, texts)`
+    (Ĉ per layer and the token count) and cached: one cache for every backend (PyTorch,
+    MLX), since Ĉ depends only on the weights and the texts."""
     key = settings_key(n_texts, max_tokens)
     paths = {l: _path(cache_dir, fingerprint, key, l) for l in layers}
     if all(p.is_file() for p in paths.values()):
-        return _load(paths, next(model.parameters()).device)
+        return _load(paths)
     folder = next(iter(paths.values())).parent  # one folder per (model, settings)
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder / ".lock")):  # another process computing the same Ĉ: wait for it, then load
-        return _load_or_compute(model, arch, tokenizer, paths, n_texts, max_tokens, progress)
-
-
-def _load(paths: dict[int, Path], device: torch.device) -> dict[int, torch.Tensor]:
-    return {l: load_file(str(p))["cov"].to(device) for l, p in paths.items()}
-
-
-def _load_or_compute(
-    model: torch.nn.Module, arch: Architecture, tokenizer: Any, paths: dict[int, Path], n_texts: int,
-    max_tokens: int, progress: bool,
-) -> dict[int, torch.Tensor]:
-    out = _load({l: p for l, p in paths.items() if p.is_file()}, next(model.parameters()).device)
-    missing = [l for l in paths if l not in out]
-    if missing:
+        out = _load({l: p for l, p in paths.items() if p.is_file()})
+        missing = [l for l in paths if l not in out]
+        if not missing:
+            return out
         texts = list(reference_texts()[:n_texts]) + chat_texts(tokenizer)
-        covs, count = compute_covariance(
-            model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress
-        )
+        covs, count = compute(missing, texts)
         for l, c in covs.items():
             p = paths[l]
             p.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(p, lambda tmp: save_file({"cov": c.cpu().contiguous()}, tmp, metadata={"tokens": str(count)}))
             out[l] = c
-    return out
+        return out
+
+
+def _load(paths: dict[int, Path]) -> dict[int, torch.Tensor]:
+    return {l: load_file(str(p))["cov"] for l, p in paths.items()}

@@ -1,0 +1,123 @@
+"""The torch and MLX backends side by side on the default model (issue 27 §2):
+
+    python benchmarks/mlx_bench.py [--facts 40] [--backends torch mlx] [--name mlx-smollm2-cpu]
+
+Per backend, in a fresh process each, each with a home of its own: the demo facts
+(`sleepwake.demo.FACTS`) injected and their raw and chat recall; then held facts
+(fictional, `synthetic.fictional_facts(n, 1, seed=11)`) injected in batches of 5 with the
+time of each batch, raw and chat recall of all of them, a nap (the default keyed
+consolidation) and recall after it. Then each backend reads the other's home and
+recalls its held facts (the shared store). Ĉ comes from the cache both backends share
+(computed first if absent; not timed).
+
+On MLX, `Memory(backend="mlx")` runs without the injection guard and measures no
+perplexity (`sleepwake.mlx.memory`); the torch run keeps its defaults (guard on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import save
+
+
+def recall(mem, facts) -> dict:
+    r = mem.evaluate(facts)
+    return {"raw": r.raw_recall, "chat": r.chat_recall,
+            "misses": [f"{x.subject} | {x.relation} | {x.object}: {x.raw_completion!r} / {x.chat_answer!r}"
+                       for x in r.facts if not (x.raw_ok and x.chat_ok)]}
+
+
+def one(backend: str, n_facts: int, home: Path) -> dict:
+    """The protocol for one backend, in this process."""
+    from sleepwake.backends import check_backend
+
+    check_backend(backend)
+    from sleepwake.config import MemoryConfig
+    from sleepwake.demo import FACTS
+    from sleepwake.memory import Memory
+    from sleepwake.synthetic import fictional_facts
+
+    t = time.perf_counter()
+    mem = Memory(home=home / "demo", config=MemoryConfig(progress=False), backend=backend)
+    out: dict = {"backend": backend, "load_s": round(time.perf_counter() - t, 1)}
+    mem.editor()  # Ĉ and its inverse: not counted in the injection times
+    t = time.perf_counter()
+    mem.inject(FACTS)
+    out["demo_inject_s"] = round(time.perf_counter() - t, 1)
+    out["demo"] = recall(mem, FACTS)
+    mem.close()
+    facts = fictional_facts(n_facts, 1, seed=11)
+    mem = Memory(mem.mm if backend == "mlx" else mem.lm, home=home / "held", config=MemoryConfig(progress=False),
+                 backend=backend)
+    times = []
+    for i in range(0, n_facts, 5):
+        t = time.perf_counter()
+        mem.inject(facts[i: i + 5])
+        times.append(round(time.perf_counter() - t, 1))
+        print(f"{backend}: {i + 5} facts, batch {times[-1]} s", file=sys.stderr, flush=True)
+    out.update(inject5_s=times, inject5_median_s=statistics.median(times), held=recall(mem, facts))
+    t = time.perf_counter()
+    rep = mem.nap()
+    out.update(nap_s=round(time.perf_counter() - t, 1), nap=rep.status, consolidated=len(rep.consolidated),
+               after_nap=recall(mem, facts))
+    mem.close()
+    return out
+
+
+def cross(backend: str, home: Path, n_facts: int) -> dict:
+    """Recall of the held facts of a home the other backend wrote (after its nap)."""
+    from sleepwake.backends import check_backend
+
+    check_backend(backend)
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memory import Memory
+    from sleepwake.synthetic import fictional_facts
+
+    with Memory(home=home / "held", config=MemoryConfig(progress=False), backend=backend) as mem:
+        return recall(mem, fictional_facts(n_facts, 1, seed=11))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--facts", type=int, default=40, help="held facts, in batches of 5 (default 40)")
+    ap.add_argument("--backends", nargs="+", default=["torch", "mlx"], choices=["torch", "mlx"])
+    ap.add_argument("--name", default="mlx-smollm2-cpu", help="results/NAME.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # run one backend here, print its row as JSON
+    ap.add_argument("--cross", help=argparse.SUPPRESS)  # read the other backend's home here
+    ap.add_argument("--home", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one or args.cross:
+        run = one(args.one, args.facts, Path(args.home)) if args.one else cross(args.cross, Path(args.home), args.facts)
+        print(json.dumps(run))
+        return
+
+    def child(*extra: str) -> dict:
+        proc = subprocess.run([sys.executable, __file__, "--facts", str(args.facts), *extra], stdout=subprocess.PIPE,
+                              text=True, check=True)
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        homes = {b: Path(tmp) / b for b in args.backends}
+        rows = [child("--one", b, "--home", str(homes[b])) for b in args.backends]
+        if len(args.backends) == 2:
+            for row, other in zip(rows, reversed(args.backends)):
+                row["reads_other_home"] = child("--cross", row["backend"], "--home", str(homes[other]))
+    cols = ("backend", "demo_inject_s", "inject5_median_s", "nap_s", "consolidated")
+    print(" | ".join(cols) + " | demo raw/chat | held raw/chat | after nap raw/chat | other's home raw/chat")
+    for row in rows:
+        pair = lambda r: f"{r['raw']:.3f}/{r['chat']:.3f}" if r else "-"
+        print(" | ".join(str(row.get(c)) for c in cols), "|", pair(row["demo"]), "|", pair(row["held"]), "|",
+              pair(row["after_nap"]), "|", pair(row.get("reads_other_home")))
+    save(args.name, {"facts": args.facts, "model": "smollm2-135m-instruct", "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""A base model on MLX arrays, loaded from the same cached safetensors as the PyTorch backend.
+
+mlx-lm gives the model definition (Llama: the default SmolLM2-135M); nothing here asks a
+hub. What the PyTorch backend does with forward hooks (read a down-projection's input,
+add δ after a layer, the keyed memory) is done by two thin wrappers that read one shared
+`Taps` object, so plain `model(ids, cache=...)` calls, generation included, see it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.utils import load_model as mlx_lm_load
+
+from sleepwake.facts import mentions_for_good
+from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
+from sleepwake.models import converted, default_layers
+
+SUPPORTED = ("llama",)  # the model types whose blocks and MLP mlx-lm lays out as this module expects
+
+
+@dataclass
+class KeyedTable:
+    """A keyed memory (`sleepwake.keyed.KeyedMemory`) as MLX arrays, for the taps."""
+
+    layer: int
+    match_layer: int
+    threshold: float
+    head_threshold: float
+    keys: mx.array  # unit rows, n × d_in
+    heads: mx.array  # unit rows (zeros: no head)
+    backs: np.ndarray  # n, how many tokens back the head is read
+    deltas: mx.array  # m × d_model
+    owner: mx.array  # n, the δ row of each key
+
+
+@dataclass
+class Taps:
+    """What forward passes read and add beside the plain model; empty: the plain model."""
+
+    capture: set[int] = field(default_factory=set)
+    seen: dict[int, mx.array] = field(default_factory=dict)  # layer -> down-projection input
+    add: dict[int, mx.array] = field(default_factory=dict)  # layer -> added to its block's output
+    keyed: KeyedTable | None = None
+    memit: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # layer -> (A, B) of the live sums
+    hit: tuple[mx.array, mx.array] | None = None  # per position: the keyed δ row, and whether one matched
+    tail: mx.array | None = None  # the last unit keys of a cached decode, where heads are read
+    continuing: bool = False
+
+    def match(self, x: mx.array) -> None:
+        """Which positions of `x` (the match layer's down-projection input) read a keyed entry
+        (`sleepwake.keyed._match`: the best key with cosine ≥ threshold, and its head that
+        many tokens back ≥ head threshold)."""
+        t = self.keyed
+        unit = x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        seen = unit if self.tail is None or not self.continuing else mx.concatenate([self.tail, unit], axis=1)
+        n, total = unit.shape[1], seen.shape[1]
+        sims = unit @ t.keys.T
+        ok = sims >= t.threshold
+        score = sims
+        for back in sorted(set(t.backs.tolist()) - {0}):
+            mine = t.backs == back  # the keys whose head is `back` tokens earlier
+            cols = mx.array(np.nonzero(mine)[0])
+            earlier = mx.pad(seen, [(0, 0), (back, 0), (0, 0)])[:, total - n:total]
+            heads = mx.zeros(sims.shape).at[..., cols].add(earlier @ t.heads[cols].T)
+            ok = mx.where(mx.array(mine), ok & (heads >= t.head_threshold), ok)
+            score = score + heads
+        reach = int(t.backs.max())
+        self.tail = seen[:, -reach:] if reach else None
+        score = mx.where(ok, score, -mx.inf)
+        best = mx.max(score, axis=-1)
+        hit = mx.isfinite(best)
+        self.hit = (t.owner[mx.argmax(score, axis=-1)], hit) if bool(mx.any(hit)) else None
+
+
+class _Down(nn.Module):
+    """A down-projection that shows its input to the taps (the MEMIT key) and, where the
+    keyed memory reads a position, takes that layer's MEMIT delta back out there."""
+
+    def __init__(self, linear: nn.Module, layer: int, taps: Taps) -> None:
+        super().__init__()
+        self.linear = linear
+        self._layer, self._taps = layer, taps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        taps, layer = self._taps, self._layer
+        if layer in taps.capture:
+            taps.seen[layer] = x
+        if taps.keyed is not None and layer == taps.keyed.match_layer:
+            taps.match(x)
+        out = self.linear(x)
+        if taps.hit is not None and layer in taps.memit:
+            a, b = taps.memit[layer]
+            out = out - ((x @ b.T) @ a.T) * taps.hit[1][..., None]
+        return out
+
+
+class _Block(nn.Module):
+    """A decoder layer whose output gets what the taps add there (v*'s δ, a keyed δ)."""
+
+    def __init__(self, block: nn.Module, layer: int, taps: Taps) -> None:
+        super().__init__()
+        self.block = block
+        self._layer, self._taps = layer, taps
+        self.use_sliding = getattr(block, "use_sliding", False)  # what mlx-lm's make_cache asks a layer
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        taps, layer = self._taps, self._layer
+        if layer == 0:  # a new pass: what the keyed memory matched belongs to the last one
+            taps.hit = None
+            taps.continuing = cache is not None and cache.offset > 0
+        h = self.block(x, mask, cache)
+        if layer in taps.add:
+            h = h + taps.add[layer]
+        if taps.keyed is not None and layer == taps.keyed.layer and taps.hit is not None:
+            rows, ok = taps.hit
+            h = h + taps.keyed.deltas[rows] * ok[..., None]
+        return h
+
+
+class MlxModel:
+    """The default model (or another Llama-type one) on MLX, with the names the store needs.
+
+    `name` and `fingerprint` are the PyTorch backend's for the same weights, so the two
+    backends share homes and cached Ĉ."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, name: str, fingerprint: str, path: Path) -> None:
+        self.model, self.tokenizer, self.name, self.fingerprint, self.path = model, tokenizer, name, fingerprint, path
+        self.taps = Taps()
+        self.shared: dict = {}  # what the memories made on this model compute once (Ĉ⁻¹)
+        inner = model.model
+        self.n_layers = len(inner.layers)
+        for i, block in enumerate(inner.layers):
+            block.mlp.down_proj = _Down(block.mlp.down_proj, i, self.taps)
+            inner.layers[i] = _Block(block, i, self.taps)
+        ends = json.loads((path / "generation_config.json").read_text()).get("eos_token_id") \
+            if (path / "generation_config.json").is_file() else None
+        # Where generation stops: the generation config's end tokens, as transformers' generate.
+        self.eos = {tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends] if ends is not None else [])}
+        self.base = {l: self.down(l).weight for l in range(self.n_layers)}  # arrays are immutable: no copy needed
+
+    def default_layers(self) -> tuple[int, ...]:
+        return default_layers(self.name, self.n_layers)
+
+    def down(self, layer: int) -> nn.Linear:
+        return self.model.model.layers[layer].block.mlp.down_proj.linear
+
+    def set_delta(self, layer: int, delta: mx.array | None) -> None:
+        """The layer's down-projection = base + `delta` (d_out × d_in), or base."""
+        self.down(layer).weight = self.base[layer] if delta is None else self.base[layer] + delta
+
+    # --- forward passes -------------------------------------------------------------
+
+    def embed(self, ids: mx.array) -> mx.array:
+        return self.model.model.embed_tokens(ids)
+
+    def blocks(self, h: mx.array, start: int, stop: int, caches: Sequence[Any] | None = None) -> mx.array:
+        """Layers start … stop−1 on hidden states `h` (right-padded rows: causal attention
+        keeps the pads from every real position), after what `caches` (one per layer run)
+        hold, if given."""
+        mask = "causal" if h.shape[1] > 1 else None
+        for i, block in enumerate(self.model.model.layers[start:stop]):
+            h = block(h, mask, caches[i] if caches is not None else None)
+        return h
+
+    def logits(self, h: mx.array) -> mx.array:
+        """The final norm and LM head on hidden states (the last layer's output)."""
+        h = self.model.model.norm(h)
+        if self.model.args.tie_word_embeddings:
+            return self.model.model.embed_tokens.as_linear(h)
+        return self.model.lm_head(h)
+
+    def capture(self, ids: mx.array, layers: Sequence[int], hidden: int | None = None
+                ) -> tuple[dict[int, mx.array], mx.array | None]:
+        """The down-projection inputs of `layers` and, if asked, the output of layer `hidden`,
+        running only as deep as needed."""
+        self.taps.capture, self.taps.seen = set(layers), {}
+        try:
+            stop = max([*layers, *([hidden] if hidden is not None else [])]) + 1
+            h = self.blocks(self.embed(ids), 0, stop)
+            seen = dict(self.taps.seen)
+        finally:
+            self.taps.capture, self.taps.seen = set(), {}
+        return seen, (h if hidden is not None else None)
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, until: str | None = None) -> str:
+        """Greedy continuation of one encoded prompt, decoded without special tokens;
+        `until` (an expected object) ends it once it names the object for good, as
+        `inference.generate` does for recall checks."""
+        cache = make_prompt_cache(self.model)
+        out: list[int] = []
+        logits = self.model(mx.array([list(ids)]), cache=cache)
+        for _ in range(max_new_tokens):
+            tok = int(mx.argmax(logits[0, -1]))
+            if tok in self.eos:
+                break
+            out.append(tok)
+            if until is not None and mentions_for_good(self.tokenizer.decode(out, skip_special_tokens=True), until):
+                break
+            logits = self.model(mx.array([[tok]]), cache=cache)
+        return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def object_is_top(self, seqs: Sequence[tuple[Sequence[int], int]]) -> list[bool]:
+        """For each (ids, prompt length): is every token after the prompt the top prediction?
+        (`evaluate._object_is_top`: one teacher-forced pass.)"""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        n = max(len(ids) for ids, _ in seqs)
+        batch = np.full((len(seqs), n), pad, dtype=np.int32)
+        for i, (ids, _) in enumerate(seqs):
+            batch[i, : len(ids)] = ids
+        h = self.blocks(self.embed(mx.array(batch)), 0, self.n_layers)
+        rows = [i for i, (ids, p) in enumerate(seqs) for _ in range(p, len(ids))]
+        cols = [t - 1 for ids, p in seqs for t in range(p, len(ids))]
+        want = np.array([ids[t] for ids, p in seqs for t in range(p, len(ids))])
+        top = np.array(mx.argmax(self.logits(h[mx.array(rows), mx.array(cols)]), axis=-1))
+        ok = [True] * len(seqs)
+        for r, good in zip(rows, top == want):
+            ok[r] = ok[r] and bool(good)
+        return ok
+
+
+def load_mlx_model(spec: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
+                   progress: bool = True) -> MlxModel:
+    """The model of `spec` (as `sleepwake.models.load_model` takes it) on MLX, in float32,
+    from the safetensors directory the PyTorch backend loads (a GGUF file is converted
+    into the cache first, as there)."""
+    from transformers import AutoTokenizer
+
+    source, path, fp = converted(spec, cache_dir=cache_dir, progress=progress)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") not in SUPPORTED:
+        raise UnsupportedArchitectureError(f"model type {config.get('model_type')!r} is not supported on MLX yet; "
+                                           f"supported: {', '.join(SUPPORTED)} (use the torch backend)")
+    # transformers 5 writes rope_parameters, which mlx-lm's Llama does not read yet.
+    extra = {k: v for k, v in (config.get("rope_parameters") or {}).items() if k == "rope_theta" and k not in config}
+    try:
+        model, _ = mlx_lm_load(path, model_config=extra)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelNotFoundError(f"cannot load model from {path} into MLX: {exc}") from exc
+    model.set_dtype(mx.float32)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return MlxModel(model, tokenizer, source.name, fp, Path(path).resolve())
