@@ -88,8 +88,9 @@ def graph_check(mem: Memory, facts: list) -> dict:
             "v_values_max_rel_diff": float(rel)}
 
 
-def peak_gib() -> float:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+def peak_gib() -> float | None:
+    """Peak GPU memory in GiB; None on CPU (JSON has no NaN)."""
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
@@ -120,7 +121,7 @@ def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
             "table_build_s": round(build_s, 2), "rekey_s": round(rekey_s, 2), "check_s": round(check_s, 2),
             "perplexity_locality_s": round(measure_s, 2), "save_s": round(save_s, 2), "table_mb": round(size / 1e6, 1),
             "resolved_subjects": len(lost), "resolved_facts": len(redo), "resolve_s": round(resolve_s, 2),
-            "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": round(peak_gib(), 2)}
+            "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": peak_gib()}
 
 
 def deep_main(args: argparse.Namespace, lm: LoadedModel, layers: tuple[int, ...], n_params: int, weights: str) -> None:
