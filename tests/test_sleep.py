@@ -266,6 +266,14 @@ def test_pressure_formula_and_triggers():
     assert pressure(25, 3600, 23.0, 20.0, cfg, last_rejected=True).due == "deep"
     assert pressure(5, 0, None, None, cfg, naps_since_deep=99).due is None  # nothing due stays so
     assert pressure(25, 3600, 23.0, 20.0, PressureConfig(naps_per_deep=0), naps_since_deep=99).due == "nap"
+    # ... once those naps consolidated a quarter of what was held before them (deep sleeps spaced by growth).
+    four = {"naps_since_deep": cfg.naps_per_deep}
+    assert pressure(25, 3600, 23.0, 20.0, cfg, **four, moved_since_deep=20, consolidated=420).due == "nap"
+    assert pressure(25, 3600, 23.0, 20.0, cfg, **four, moved_since_deep=100, consolidated=500).due == "deep"
+    assert pressure(25, 3600, 23.0, 20.0, cfg, **four, moved_since_deep=20, consolidated=420,
+                    last_rejected=True).due == "deep"
+    assert pressure(25, 3600, 23.0, 20.0, PressureConfig(deep_growth=0), **four, moved_since_deep=1,
+                    consolidated=1000).due == "deep"
     # A fact MEMIT does not answer makes a nap due at once, whatever the pressure.
     assert pressure(1, 0, None, None, cfg, unheld=1).due == "nap"
     assert pressure(1, 0, None, None, cfg, unheld=1).unheld == 1
@@ -274,15 +282,17 @@ def test_pressure_formula_and_triggers():
         PressureConfig(nap_at=0.9, deep_at=0.5)
     with pytest.raises(ValueError):
         PressureConfig(naps_per_deep=-1)
+    with pytest.raises(ValueError):
+        PressureConfig(deep_growth=-0.1)
 
-    def c(kind: str, status: str) -> dict:
-        return {"kind": kind, "status": status}
+    def c(kind: str, status: str, moved: int = 0) -> dict:
+        return {"kind": kind, "status": status, "report": {"consolidated": list(range(moved))}}
 
-    assert since_deep([]) == (0, False)
-    assert since_deep([c("nap", "accepted"), c("deep", "accepted"), c("nap", "accepted"), c("nap", "failed"),
-                       c("nap", "accepted")]) == (2, False)  # counted from the last deep sleep; failed ones skipped
-    assert since_deep([c("nap", "accepted"), c("nap", "rejected")]) == (1, True)
-    assert since_deep([c("deep", "rejected"), c("nap", "accepted")]) == (1, False)
+    assert since_deep([]) == (0, False, 0)
+    assert since_deep([c("nap", "accepted", 5), c("deep", "accepted", 9), c("nap", "accepted", 3),
+                       c("nap", "failed", 7), c("nap", "accepted", 4)]) == (2, False, 7)  # since the last deep
+    assert since_deep([c("nap", "accepted", 2), c("nap", "rejected", 6)]) == (1, True, 2)
+    assert since_deep([c("deep", "rejected"), c("nap", "accepted")]) == (1, False, 0)
 
 
 def run_cli(*args: str, home) -> subprocess.CompletedProcess:

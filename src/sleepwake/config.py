@@ -122,6 +122,13 @@ class PressureConfig:
     last deep one, or when the last sleep was rejected: naps alone leave every fact's
     keys as they were read when it was consolidated, and only a deep sleep reads them
     again (0 turns this off; deep sleep then comes from the pressure alone)."""
+    deep_growth: float = 0.25
+    """... and once the facts that naps consolidated since the last deep sleep are at least
+    this share of those held before them. A deep sleep reads every held fact again, so
+    with a fixed number of naps between deep sleeps the sleeping time grew with the square
+    of the facts told (on one H100: 277 s of sleep to 200 facts, 902 s to 400); spaced by
+    growth, deep sleeps come at about 1.25× the facts of the last one past ~100 facts, and
+    their total cost stays linear (0 keeps the fixed count alone)."""
     nap_when_unheld: bool = True
     """A nap is due as soon as a fact that MEMIT holds is known not to be answered (the
     check right after an injection): the nap moves it into the keyed memory, which holds
@@ -132,6 +139,8 @@ class PressureConfig:
             raise ValueError("max_edits and max_awake_s must be positive")
         if self.naps_per_deep < 0:
             raise ValueError("naps_per_deep must be ≥ 0")
+        if self.deep_growth < 0:
+            raise ValueError("deep_growth must be ≥ 0")
         if not 0 < self.nap_at <= self.deep_at:
             raise ValueError("need 0 < nap_at ≤ deep_at")
 

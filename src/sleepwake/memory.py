@@ -685,11 +685,12 @@ class Memory:
         elapsed = time.time() - start if memit else 0.0
         ppl = self.perplexity() if measure_perplexity else None
         ppl0 = self.base_perplexity() if measure_perplexity else None
-        naps, last_rejected = since_deep(self.store.cycles())
+        naps, last_rejected, moved = since_deep(self.store.cycles())
+        consolidated = len(self.store.facts(where="consolidated"))
         p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected,
-                     self.unheld(memit))
+                     self.unheld(memit), moved, consolidated)
         return {
-            "facts": {"memit": len(memit), "consolidated": len(self.store.facts(where="consolidated"))},
+            "facts": {"memit": len(memit), "consolidated": consolidated},
             "adapters": len(self._adapters),
             "keyed_subjects": len(self._keyed) if self._keyed is not None else 0,
             "awake_s": elapsed,
@@ -697,6 +698,7 @@ class Memory:
             "base_perplexity": ppl0,
             "pressure": p.to_dict(),
             "naps_since_deep": naps,
+            "consolidated_since_deep": moved,
             "rebuild_pending": self.store.meta("rebuild_pending") == "1",
             # Whether the next fact is also edited for its chat question, and up to how many held facts.
             "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts

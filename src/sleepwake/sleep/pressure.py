@@ -6,8 +6,10 @@
 last sleep (or since the first such fact), PPL₀ the base model's perplexity.
 
 A nap that is due turns into a deep sleep after `naps_per_deep` accepted naps since the
-last deep sleep, or after a rejected sleep: so deep sleep comes in normal use, where
-naps keep the MEMIT buffer small and the pressure alone would rarely reach `deep_at`.
+last deep sleep, once those naps consolidated at least `deep_growth` times the facts held
+before them, or after a rejected sleep: so deep sleep comes in normal use, where naps keep
+the MEMIT buffer small and the pressure alone would rarely reach `deep_at`, and, since a
+deep sleep reads every held fact again, its total cost grows linearly with the facts told.
 
 A fact MEMIT holds but does not answer (checked right after its injection) makes a nap
 due at once (`PressureConfig.nap_when_unheld`): one weight edit of a subject's δ under
@@ -19,6 +21,7 @@ while the keyed memory that a nap writes can.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from sleepwake.config import PressureConfig
 
@@ -38,8 +41,11 @@ class Pressure:
 
 def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | None,
              cfg: PressureConfig, naps_since_deep: int = 0, last_rejected: bool = False,
-             unheld: int = 0) -> Pressure:
-    """The pressure and which sleep (if any) it calls for. Unknown perplexity counts 0."""
+             unheld: int = 0, moved_since_deep: int = 0, consolidated: int = 0) -> Pressure:
+    """The pressure and which sleep (if any) it calls for. Unknown perplexity counts 0.
+
+    `moved_since_deep` facts were consolidated by naps since the last deep sleep, out of
+    `consolidated` held there now."""
     e = cfg.w_edits * n_edits / cfg.max_edits
     t = cfg.w_time * max(0.0, elapsed_s) / cfg.max_awake_s
     p = cfg.w_ppl * max(0.0, ppl / ppl0 - 1.0) if ppl and ppl0 else 0.0
@@ -47,19 +53,26 @@ def pressure(n_edits: int, elapsed_s: float, ppl: float | None, ppl0: float | No
     due = "deep" if total >= cfg.deep_at else "nap" if total >= cfg.nap_at else None
     if due is None and unheld and cfg.nap_when_unheld:
         due = "nap"
-    if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep or last_rejected):
+    grown = moved_since_deep >= cfg.deep_growth * (consolidated - moved_since_deep)
+    if due == "nap" and cfg.naps_per_deep and (naps_since_deep >= cfg.naps_per_deep and grown or last_rejected):
         due = "deep"
     return Pressure(e, t, p, total, due, unheld)
 
 
-def since_deep(cycles: list[dict]) -> tuple[int, bool]:
-    """From the ledger's cycles (oldest first): naps accepted since the last accepted deep
-    sleep, and whether the last sleep that ended was rejected (failed ones do not count)."""
+class SinceDeep(NamedTuple):
+    naps: int  # accepted since the last accepted deep sleep
+    last_rejected: bool  # the last sleep that ended was rejected (failed ones do not count)
+    moved: int = 0  # facts those naps consolidated
+
+
+def since_deep(cycles: list[dict]) -> SinceDeep:
+    """What the ledger's cycles (oldest first) say since the last accepted deep sleep."""
     ended = [c for c in cycles if c["status"] in ("accepted", "rejected")]
-    naps = 0
+    naps = moved = 0
     for c in reversed(ended):
         if c["status"] == "accepted":
             if c["kind"] == "deep":
                 break
             naps += 1
-    return naps, bool(ended) and ended[-1]["status"] == "rejected"
+            moved += len((c.get("report") or {}).get("consolidated") or ())
+    return SinceDeep(naps, bool(ended) and ended[-1]["status"] == "rejected", moved)
