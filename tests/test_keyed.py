@@ -13,7 +13,7 @@ from sleepwake.config import MemoryConfig
 from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.inference import CACHE
-from sleepwake.keyed import Entry, KeyedMemory, install
+from sleepwake.keyed import Entry, KeyedMemory, _match, install
 from sleepwake.memit.editor import ReadKeys
 from sleepwake.memit.trace import run_capture
 
@@ -55,6 +55,35 @@ def test_table_round_trips_and_replaces_by_subject(tmp_path):
     assert table.with_entries([newer]).entries["anna"].facts == (1, 2, 4)
     assert list(table.without(["anna"]).entries) == ["bo"] and table.without(["nobody"]) is table
     assert table.without(["anna"]).digest() != table.digest()
+
+
+def test_match_agrees_with_a_position_by_position_reading():
+    """The match (which scores only positions some key is near) picks, at every position,
+    the key a plain reading of the rule picks: close to the key, and for a key with a
+    head, close to it `back` tokens earlier (nothing before the sequence start)."""
+    gen = torch.Generator().manual_seed(1)
+    seen = torch.nn.functional.normalize(torch.randn(3, 9, 6, generator=gen), dim=-1)
+    # Keys taken from the sequences themselves, so some positions match; heads from `back` earlier.
+    spots = [(0, 5, 2), (1, 8, 0), (2, 1, 3), (2, 6, 1), (0, 7, 7)]
+    keys = torch.stack([seen[b, t] for b, t, _ in spots]) + 0.05 * torch.randn(5, 6, generator=gen)
+    heads = torch.stack([seen[b, max(t - k, 0)] if k else torch.zeros(6) for b, t, k in spots])
+    read = ReadKeys(torch.nn.functional.normalize(keys, dim=-1), heads, torch.tensor([k for *_, k in spots]))
+    for n in (9, 4, 1):
+        idx, hit = _match(seen, n, read, 0.8, 0.5)
+        for b in range(3):
+            for j in range(n):
+                t = 9 - n + j
+                best, pick = float("-inf"), None
+                for k in range(5):
+                    s = float(seen[b, t] @ read.keys[k])
+                    back = int(read.backs[k])
+                    h = float(seen[b, t - back] @ read.heads[k]) if back and t - back >= 0 else 0.0
+                    if s >= 0.8 and (not back or h >= 0.5) and s + h > best:
+                        best, pick = s + h, k
+                assert bool(hit[b, j]) == (pick is not None)
+                if pick is not None:
+                    assert int(idx[b, j]) == pick
+    assert hit.any() and not hit.all()  # the case is not trivial
 
 
 def _hidden(lm, text: str, layer: int) -> torch.Tensor:

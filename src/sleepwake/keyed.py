@@ -203,17 +203,27 @@ def _match(seen: torch.Tensor, n: int, read: ReadKeys, threshold: float, head_th
     x = seen[:, -n:]
     sims = x @ read.keys.T
     ok = sims >= threshold
-    score = sims.clone()
+    idx = torch.zeros(sims.shape[:-1], dtype=torch.long, device=sims.device)
+    hit = torch.zeros(sims.shape[:-1], dtype=torch.bool, device=sims.device)
+    # Only the few positions some key is close to are scored further: with thousands of
+    # key rows, working on every position's row of scores cost more than the model.
+    b, t = ok.any(dim=-1).nonzero(as_tuple=True)
+    if not len(b):
+        return idx, hit
+    ok, score = ok[b, t], sims[b, t]
+    pos = t + (seen.shape[1] - n)
     for back in read.backs.unique().tolist():
         if back == 0:
             continue
         cols = (read.backs == back).nonzero().squeeze(1)
-        earlier = F.pad(seen, (0, 0, back, 0))[:, seen.shape[1] - n:seen.shape[1]]
+        src = pos - back
+        earlier = seen[b, src.clamp(min=0)] * (src >= 0)[:, None]  # nothing before the start
         heads = earlier @ read.heads[cols].T
-        ok[..., cols] &= heads >= head_threshold
-        score[..., cols] += heads
-    best, idx = score.masked_fill(~ok, float("-inf")).max(dim=-1)
-    return idx, torch.isfinite(best)
+        ok[:, cols] &= heads >= head_threshold
+        score[:, cols] += heads
+    best, i = score.masked_fill(~ok, float("-inf")).max(dim=-1)
+    idx[b, t], hit[b, t] = i, torch.isfinite(best)
+    return idx, hit
 
 
 def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Factor]
