@@ -118,20 +118,30 @@ def test_inject_recall_restart(tiny: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("consolidation", ["keyed", "lora"])
 def test_nap(tiny: Path, tmp_path: Path, consolidation: str) -> None:
     """A nap on the mapped model, on a private copy as chat and serve run it (`apart`):
-    the keyed sleep (subject keys, the default) and the LoRA sleep."""
-    memit = replace(SMALL.memit, key_positions="subject") if consolidation == "keyed" else SMALL.memit
-    config = replace(SMALL, memit=memit, consolidation=consolidation)
-    mem = Memory(tiny, home=tmp_path / "home", config=config, cache_dir=tmp_path / "cache", progress=False,
-                 device_map=MAP)
-    try:
-        mem.inject(FACT)
-        with mem.apart():
-            report = mem.nap()
-        assert report.status in ("accepted", "rejected"), report
-        assert report.chat_recall is not None
-        mem.complete(PROMPT, max_new_tokens=2)  # the shared model takes the new weights at its next use
-    finally:
-        mem.close()
+    the keyed sleep (subject keys, the default: v* solved again, keys read, the table
+    hooked in) and the LoRA sleep (take-over, training, validation). A random model
+    answers no chat question, so both are rejected, as on the plain model: the mapped
+    nap must measure what the plain one does."""
+    memit = replace(FLOAT32.memit, key_positions="subject") if consolidation == "keyed" else FLOAT32.memit
+    config = replace(FLOAT32, memit=memit, consolidation=consolidation)
+    reports = []
+    for device_map in (MAP, None):
+        mem = Memory(tiny, home=tmp_path / str(device_map is None), config=config, cache_dir=tmp_path / "cache",
+                     progress=False, device_map=device_map)
+        try:
+            mem.inject(FACT)
+            with mem.apart():
+                reports.append(mem.nap())
+            mem.complete(PROMPT, max_new_tokens=2)  # the shared model takes the weights back at its next use
+        finally:
+            mem.close()
+    mapped, plain = reports
+    assert mapped.status == "rejected" and mapped.reason == plain.reason, (mapped, plain)
+    assert (mapped.chat_recall, mapped.raw_recall) == (plain.chat_recall, plain.raw_recall)
+    assert mapped.ppl_after == pytest.approx(plain.ppl_after, rel=1e-4)
+    if consolidation == "lora":
+        assert mapped.train_steps == plain.train_steps > 0
+        assert mapped.train_loss == pytest.approx(plain.train_loss, rel=1e-3)
 
 
 def test_offloaded_edited_layer_is_refused(tiny: Path, tmp_path: Path) -> None:
