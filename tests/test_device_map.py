@@ -160,12 +160,17 @@ def test_bad_device_map(tiny: Path, tmp_path: Path, device_map: Any) -> None:
     assert not (tmp_path / "home").exists()
 
 
-@pytest.mark.parametrize("args", [["--device-map", "everywhere"], ["--device-map", '{"model": 3}'],
-                                  ["--device-map", "{not json"], ["--device", "cpu", "--device-map", "auto"]])
+@pytest.mark.parametrize("args", [
+    ["--device-map", "everywhere", "complete", PROMPT], ["--device-map", '{"model": 3}', "complete", PROMPT],
+    ["--device-map", "{not json", "complete", PROMPT], ["--device", "cpu", "--device-map", "auto", "complete", PROMPT],
+    ["serve", "--device-map", "everywhere", "--port", "8765"], ["chat", "--device-map", "{}"],
+    ["--backend", "mlx", "--device-map", "auto", "complete", PROMPT],
+])
 def test_cli_bad_device_map(tiny: Path, tmp_path: Path, args: list[str], capsys: pytest.CaptureFixture) -> None:
-    code = main(["--home", str(tmp_path / "home"), "--model", str(tiny), "-q", *args, "complete", PROMPT])
+    """A usage error (exit 2) naming the option, before anything loads or is written."""
+    code = main(["--home", str(tmp_path / "home"), "--model", str(tiny), "-q", *args])
     assert code == 2
-    assert "--device" in capsys.readouterr().err
+    assert "--device-map" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()
 
 
