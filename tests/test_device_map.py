@@ -79,7 +79,8 @@ def test_placement(tiny: Path, tmp_path: Path) -> None:
 
 def test_inject_recall_restart(tiny: Path, tmp_path: Path) -> None:
     """inject → recall on the mapped model, with the same deltas as on the plain model;
-    each delta on its layer's device; a restart rebuilds bitwise the same weights."""
+    each delta on its layer's device; a restart rebuilds bitwise the same weights;
+    export, and forgetting takes the delta out exactly."""
     home = tmp_path / "home"
     mem = _memory(tiny, home, tmp_path / "cache", device_map=MAP)
     first = _first_token(mem)
@@ -111,6 +112,10 @@ def test_inject_recall_restart(tiny: Path, tmp_path: Path) -> None:
         sampled = Decoding(again.model, again.tokenizer, ids, 4, Sampling(temperature=0.8, seed=3))
         assert "".join(sampled) == "".join(Decoding(again.model, again.tokenizer, ids, 4,
                                                     Sampling(temperature=0.8, seed=3)))
+        assert (again.export_adapter(tmp_path / "adapter") / "adapter_model.safetensors").is_file()
+        again.forget(rec.id)
+        for l in TEST_LAYERS:
+            assert torch.equal(again.lm.arch.down_weight(l), again.lm.base_weight(l)), l
     finally:
         again.close()
 
