@@ -16,10 +16,15 @@ and v* solved again for `--resolve` of the subjects (the ones a real deep sleep 
 lost). Random weights answer nothing, so the real `Memory.sleep` would solve every
 subject again: the passes are timed one by one instead, with the same code.
 
+With `--device-map auto` the model is placed over all visible GPUs by accelerate (random
+weights: built on the host, then `dispatch_model`; `--model`: `load_model(device_map=...)`),
+and the result records the number of GPUs and each one's peak memory.
+
     python benchmarks/scale.py --tokenizer DIR [--layers 12-19]
     python benchmarks/scale.py --tokenizer DIR --deep 1000,10000 [--resolve 0.05]
+    python benchmarks/scale.py --shape llama-3.1-70b --tokenizer DIR --device-map auto --layers L-L
 
-DIR holds any tokenizer (the default model's works: its ids fit the 8B vocabulary).
+DIR holds any tokenizer (the default model's works: its ids fit the Llama-3.1 vocabulary).
 """
 
 from __future__ import annotations
@@ -42,18 +47,50 @@ from sleepwake.evaluate import held
 from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.memory import Memory
 from sleepwake.models import Architecture, LoadedModel
+from sleepwake.placement import check_device_map, spread
 from sleepwake.synthetic import fictional_facts, lifelong_facts
 
 SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                          rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
 }
 
 
 def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    """Wait for every GPU (a device_map spreads the work over several)."""
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.synchronize(i)
+
+
+def reset_peaks() -> None:
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def peaks_gib() -> list[float]:
+    """Peak memory of each GPU in GiB since `reset_peaks` (empty on the CPU)."""
+    return [round(torch.cuda.max_memory_allocated(i) / 2**30, 2) for i in range(torch.cuda.device_count())]
+
+
+def dispatched(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Module:
+    """A model built on the host, placed as `from_pretrained(device_map=...)` places one:
+    a strategy is computed by accelerate (balanced over the GPUs for auto/balanced), a dict is used as is."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        split = model._no_split_modules
+        memory = None
+        if device_map != "sequential":
+            memory = get_balanced_memory(model, no_split_module_classes=split, dtype=torch.bfloat16,
+                                         low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split,
+                                           dtype=torch.bfloat16)
+    return dispatch_model(model, device_map=device_map)
 
 
 def timed(fn):
@@ -89,8 +126,8 @@ def graph_check(mem: Memory, facts: list) -> dict:
 
 
 def peak_gib() -> float | None:
-    """Peak GPU memory in GiB; None on CPU (JSON has no NaN)."""
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
+    """Peak GPU memory in GiB, of the GPU that used most; None on CPU (JSON has no NaN)."""
+    return max(peaks_gib(), default=None)
 
 
 def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
@@ -100,7 +137,7 @@ def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
     for f in facts:
         by_subject.setdefault(f.subject_key, []).append(f)
     editor = mem.editor()
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    reset_peaks()
     keys, build_s = timed(lambda: editor.subject_keys(facts))
     d = mem.model.config.hidden_size
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -121,7 +158,8 @@ def deep_sleep_costs(mem: Memory, n: int, resolve: float, tmp: str) -> dict:
             "table_build_s": round(build_s, 2), "rekey_s": round(rekey_s, 2), "check_s": round(check_s, 2),
             "perplexity_locality_s": round(measure_s, 2), "save_s": round(save_s, 2), "table_mb": round(size / 1e6, 1),
             "resolved_subjects": len(lost), "resolved_facts": len(redo), "resolve_s": round(resolve_s, 2),
-            "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": peak_gib()}
+            "deep_sleep_s": round(total, 1), "peak_gpu_memory_gib": peak_gib(),
+            "peak_gpu_memory_gib_per_gpu": peaks_gib()}
 
 
 def deep_main(args: argparse.Namespace, lm: LoadedModel, layers: tuple[int, ...], n_params: int, weights: str) -> None:
@@ -139,6 +177,7 @@ def deep_main(args: argparse.Namespace, lm: LoadedModel, layers: tuple[int, ...]
         "note": f"{weights}; timings only. One keyed entry per subject with a random delta; the deep sleep's "
                 "passes timed one by one (module docstring)",
         "model": lm.name, "params_billion": round(n_params / 1e9, 3), "layers": list(layers),
+        "gpus": torch.cuda.device_count(), "device_map": lm.device_map,
         "covariance_s": round(cov_s, 2), "resolve_share": args.resolve, "rows": rows})
 
 
@@ -154,13 +193,19 @@ def main() -> None:
     ap.add_argument("--deep", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N",
                     help="time a deep sleep's passes over these numbers of held facts instead")
     ap.add_argument("--resolve", type=float, default=0.05, help="share of subjects --deep solves again")
+    ap.add_argument("--device-map", metavar="MAP", help="place the model over all visible GPUs with accelerate: "
+                                                        "auto (or balanced, balanced_low_0, sequential)")
     args = ap.parse_args()
+    try:
+        device_map = check_device_map(args.device_map)
+    except ValueError as exc:
+        ap.error(f"--device-map: {exc}")
     if args.model:
         if not args.deep:
             ap.error("--model is for --deep only")
         from sleepwake.models import load_model
 
-        lm = load_model(args.model, progress=False)
+        lm = load_model(args.model, progress=False, device_map=device_map)
         layers = parse_layers(args.layers) if args.layers else tuple(lm.default_layers())
         deep_main(args, lm, layers, sum(p.numel() for p in lm.model.parameters()), "the real weights of " + lm.name)
         return
@@ -174,11 +219,15 @@ def main() -> None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(**SHAPES[args.shape])
     torch.manual_seed(0)
-    with torch.device(device):
+    with torch.device("cpu" if device_map else device):  # placed by accelerate after, never whole on one GPU
         model, build_s = timed(lambda: AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16))
+    if device_map:
+        model, place_s = timed(lambda: dispatched(model, device_map))
+        build_s += place_s
     model.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    lm = LoadedModel(model, tok, f"{args.shape} (random init)", f"random-{args.shape}", Architecture(model))
+    lm = LoadedModel(model, tok, f"{args.shape} (random init)", f"random-{args.shape}", Architecture(model),
+                     device_map=getattr(model, "hf_device_map", None) if device_map else None)
     layers = parse_layers(args.layers or "12-19")
     if args.deep:
         deep_main(args, lm, layers, n_params, "randomly initialised weights of the real shape")
@@ -187,7 +236,7 @@ def main() -> None:
     facts = fictional_facts(80, 1, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
-        torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
+        reset_peaks()
         _, cov_s = timed(mem.editor)
         mem.inject(facts[:5])  # warm-up: kernels, allocator
         five, steps, v_part = [], [], []
@@ -196,9 +245,11 @@ def main() -> None:
             five.append(s)
             steps.append(res.stats[0].v_steps)
             v_part.append(round(res.stats[0].v_seconds, 3))
-        check = graph_check(mem, fictional_facts(100, 1, seed=4)[:5]) if device == "cuda" else {}
+        # CUDA graphs run on one GPU: a spread model steps eagerly (`targets.compute_targets`).
+        one_gpu = device == "cuda" and not spread(model)
+        check = graph_check(mem, fictional_facts(100, 1, seed=4)[:5]) if one_gpu else {}
         res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        peak, peak_each = peak_gib(), peaks_gib()
         if args.profile:
             prof = cProfile.Profile()
             more = fictional_facts(90, 1, seed=3)[80:85]
@@ -213,10 +264,13 @@ def main() -> None:
             pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
         else:
             nap, nap_s = timed(napper.nap)
-        peak_nap = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    save(f"scale-{args.shape}", {
+        peak_nap, peak_nap_each = peak_gib(), peaks_gib()
+    gpus = torch.cuda.device_count()
+    save(f"scale-{args.shape}" + (f"-{gpus}gpu" if device_map else ""), {
         "note": "randomly initialised weights of the real shape; timings only",
         "params_billion": round(n_params / 1e9, 2),
+        "gpus": gpus,
+        "device_map": lm.device_map,
         "layers": list(layers),
         "model_build_s": round(build_s, 1),
         "covariance_s": round(cov_s, 2),
@@ -226,14 +280,16 @@ def main() -> None:
         "inject5_v_star_s": v_part,
         "inject50_one_solve_s": round(fifty_s, 3),
         "inject50_v_steps": res50.stats[0].v_steps,
-        "peak_gpu_memory_gib": round(peak, 2),
+        "peak_gpu_memory_gib": peak,
+        "peak_gpu_memory_gib_per_gpu": peak_each,
         **check,
         "nap10_s": round(nap_s, 2),
         "nap10_train_steps": nap.train_steps,
         "nap10_status": f"{nap.status} ({nap.reason})",
         "nap10_consolidated_kept": [len(nap.consolidated), len(nap.kept)],
         "nap10_phases_s": nap.phases,
-        "peak_gpu_memory_with_nap_gib": round(peak_nap, 2),
+        "peak_gpu_memory_with_nap_gib": peak_nap,
+        "peak_gpu_memory_gib_per_gpu_with_nap": peak_nap_each,
     })
 
 

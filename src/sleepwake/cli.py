@@ -255,7 +255,8 @@ class Context:
 
         resolve_model(self.args.model)  # a wrong --model fails here, before torch is imported
         backend = self.backend()
-        device = self.device() if backend == "torch" else None
+        device_map = self.device_map() if backend == "torch" else None
+        device = self.device() if backend == "torch" and device_map is None else None
         quantize = self.quantize()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
@@ -266,7 +267,8 @@ class Context:
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
         return Memory(self.args.model, home=self.root, config=config, device=device, progress=self.progress,
-                      user=getattr(self.args, "user", None), quantize=quantize, backend=backend)
+                      user=getattr(self.args, "user", None), quantize=quantize, backend=backend,
+                      device_map=device_map)
 
     def backend(self) -> str:
         """--backend, importable here and able to run this command; else a usage error,
@@ -282,10 +284,11 @@ class Context:
             command = self.args.command
             if command not in MLX_COMMANDS:
                 raise UsageError(f"--backend mlx does not run '{command}' yet; it runs: {', '.join(MLX_COMMANDS)}")
-            for option in ("quantize", "device"):
-                if getattr(self.args, option, None) not in (None, "auto"):
-                    raise UsageError(f"--{option} is for the torch backend; --backend mlx loads float32 on "
-                                     "MLX's own device (Metal, or the CPU)")
+            for option in ("quantize", "device", "device_map"):
+                value = getattr(self.args, option, None)
+                if value is not None and (value != "auto" or option == "device_map"):
+                    raise UsageError(f"--{option.replace('_', '-')} is for the torch backend; --backend mlx loads "
+                                     "float32 on MLX's own device (Metal, or the CPU)")
             if getattr(self.args, "user", None) not in (None, "default"):
                 raise UsageError("--backend mlx does not run other users' memories yet (--user)")
         return backend
@@ -299,6 +302,24 @@ class Context:
             return resolve_device(self.args.device or "auto")
         except InvalidRequestError as exc:
             raise UsageError(f"--device {self.args.device}: {exc}") from None
+
+    def device_map(self) -> Any:
+        """--device-map as `from_pretrained` takes it (a strategy, or a JSON object of module
+        names to devices), not with a --device other than auto; else a usage error, before
+        anything loads."""
+        from sleepwake.errors import InvalidRequestError
+        from sleepwake.placement import check_device_map
+
+        value = getattr(self.args, "device_map", None)
+        if value is None:
+            return None
+        if self.args.device not in (None, "auto"):
+            raise UsageError(f"--device {self.args.device} and --device-map {value}: give one of them "
+                             "(a device map places every part of the model)")
+        try:
+            return check_device_map(json.loads(value) if value.lstrip().startswith("{") else value)
+        except (InvalidRequestError, ValueError) as exc:
+            raise UsageError(f"--device-map {value}: {exc}") from None
 
     def quantize(self) -> str | None:
         """--quantize, with bitsandbytes importable; else a usage error, before anything loads."""
@@ -739,6 +760,10 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=default,
                         help="where the model runs: auto (the default: a CUDA GPU if PyTorch sees one, else "
                              "the CPU), cpu or cuda")
+    parser.add_argument("--device-map", metavar="MAP", default=default,
+                        help="place the model over all visible GPUs with accelerate: auto (or balanced, "
+                             "balanced_low_0, sequential, or a JSON object {module name: device}); each layer's "
+                             "memory lives on its GPU. Instead of --device")
     parser.add_argument("--quantize", choices=["nf4"], default=default,
                         help="load the base model's linear layers in 4-bit NF4 (bitsandbytes; SmolLM2-135M's "
                              "tensors take a third of float32's); what it learns stays float32 beside them. "

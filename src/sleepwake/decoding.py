@@ -18,6 +18,7 @@ from torch import nn
 
 from sleepwake.errors import InvalidRequestError
 from sleepwake.inference import CACHE
+from sleepwake.placement import input_device, output_device
 
 MAX_STOPS = 4  # as OpenAI's API
 MAX_STOP_CHARS = 200
@@ -93,10 +94,10 @@ class Decoding:
     @torch.no_grad()
     def _run(self) -> Iterator[str]:
         model, tokenizer, stops = self.model, self.tokenizer, self.sampling.stop
-        device = next(model.parameters()).device
+        device = input_device(model)
         generator = None
-        if not self.sampling.greedy:
-            generator = torch.Generator(device=device)
+        if not self.sampling.greedy:  # where the logits are drawn from
+            generator = torch.Generator(device=output_device(model))
             if self.sampling.seed is None:
                 generator.seed()
             else:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import CACHE, chat_text, encode, encode_target, generate, head_logits, pad_right
 from sleepwake.models import LoadedModel
+from sleepwake.placement import input_device
 from sleepwake.store import write_atomic
 
 
@@ -101,7 +102,7 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
 
     The prefix all sequences share (a chat template's system turn) runs once; the
     rest runs right-padded after it, which causal attention keeps from the real tokens."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     shared = min(n for _, n in seqs) - 1  # the position before the first object token is re-run
     first = seqs[0][0]
@@ -119,8 +120,8 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
     hidden = decoder(input_ids=batch, use_cache=False, **extra).last_hidden_state
     r = [j for j, (ids, n) in enumerate(seqs) for _ in range(n, len(ids))]
     c = [t - 1 - shared for ids, n in seqs for t in range(n, len(ids))]
-    want = torch.tensor([ids[t] for ids, n in seqs for t in range(n, len(ids))], device=device)
-    hit = (head_logits(model, hidden[r, c]).argmax(-1) == want).tolist()
+    want = torch.tensor([ids[t] for ids, n in seqs for t in range(n, len(ids))])
+    hit = (head_logits(model, hidden[r, c]).argmax(-1).cpu() == want).tolist()
     ok = [True] * len(seqs)
     for h, j in zip(hit, r):
         ok[j] = ok[j] and h
@@ -134,7 +135,7 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
     The LM head runs on `rows` positions at a time into a fused cross-entropy: all of a
     window's log-probabilities at once were 0.5 GB for Gemma-3's 262k-token vocabulary,
     and a call took 14 s instead of 10 s on one thread."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = encode(tok, text)
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, window):
@@ -144,8 +145,8 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
         hidden = model.get_decoder()(input_ids=chunk[None, :-1], use_cache=False).last_hidden_state[0]
         tgt = chunk[1:]
         for s in range(0, len(tgt), rows):
-            nll += F.cross_entropy(head_logits(model, hidden[s : s + rows]), tgt[s : s + rows],
-                                   reduction="sum").item()
+            logits = head_logits(model, hidden[s : s + rows])
+            nll += F.cross_entropy(logits, tgt[s : s + rows].to(logits.device), reduction="sum").item()
         count += len(tgt)
     return math.exp(nll / count)
 

@@ -16,6 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from sleepwake.facts import mentions_for_good
+from sleepwake.placement import input_device
 
 
 CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
@@ -122,7 +123,7 @@ def generate(
     it mentions its object for good: the check's result is the same as on the whole
     continuation, and a model that knows its facts is measured several times faster.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: list[str] = []
     for start in range(0, len(prompts), batch_size):

@@ -40,6 +40,7 @@ from torch import nn
 
 from sleepwake.memit.editor import ReadKeys
 from sleepwake.models import Architecture, LoadedModel
+from sleepwake.placement import Where, module_device, place
 from sleepwake.store import write_atomic
 from sleepwake.weights import Factor
 
@@ -142,22 +143,26 @@ class KeyedMemory:
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> "KeyedMemory":
+    def load(cls, path: str | os.PathLike[str], device: Where[int] = "cpu") -> "KeyedMemory":
+        """A table from its file: keys on `device` (or the match layer's, `device(layer)`),
+        δs on `device` (or the layer's they are added at), as MEMIT makes them."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             meta, names = f.metadata(), set(f.keys())
+            layer, match_layer = int(meta["layer"]), int(meta["match_layer"])
+            at, to = place(device, match_layer), place(device, layer)
             entries = {}
             for i in range(int(meta["n"])):
                 subject = meta[f"subject.{i}"]
                 ids = tuple(int(x) for x in meta.get(f"facts.{i}", "").split(",") if x)
-                keys = f.get_tensor(f"keys.{i}")
+                keys = f.get_tensor(f"keys.{i}").to(at)
                 if f"heads.{i}" in names:
-                    read = ReadKeys(keys, f.get_tensor(f"heads.{i}"), f.get_tensor(f"backs.{i}"))
+                    read = ReadKeys(keys, f.get_tensor(f"heads.{i}").to(at), f.get_tensor(f"backs.{i}").to(at))
                 else:  # a table from before head keys: matched at the last token alone
-                    read = ReadKeys(keys, torch.zeros_like(keys), torch.zeros(len(keys), dtype=torch.long))
-                entries[subject] = Entry(subject, f.get_tensor(f"delta.{i}"), read, ids)
-        return cls(int(meta["layer"]), int(meta["match_layer"]), float(meta["threshold"]), entries,
+                    read = ReadKeys(keys, torch.zeros_like(keys), torch.zeros(len(keys), dtype=torch.long, device=at))
+                entries[subject] = Entry(subject, f.get_tensor(f"delta.{i}").to(to), read, ids)
+        return cls(layer, match_layer, float(meta["threshold"]), entries,
                    float(meta.get("head_threshold", HEAD_THRESHOLD)))
 
 
@@ -240,8 +245,9 @@ def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Fact
     matches nothing and adds nothing again: the replayed output already holds it."""
     if memory is None or not len(memory):
         return []
-    device = arch.down_proj(memory.layer).weight.device
-    keys, deltas, owner = memory.table(device)
+    # Matched where the match layer computes, added where `layer` does (a device_map may split them).
+    keys, deltas, owner = memory.table(arch.layer_device(memory.match_layer))
+    deltas = deltas.to(module_device(arch.layers[memory.layer]))
     # Per thread: a sleep works on the live model while replies run on a copy of it,
     # and the copy shares these hooks.
     local = threading.local()
@@ -265,14 +271,14 @@ def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Fact
         local.hit = (owner[idx], hit) if bool(hit.any()) else None
 
     def unedit(layer: int) -> Callable:
-        left, right = (t.to(device, torch.float32) for t in memit[layer])
+        left, right = (t.to(arch.layer_device(layer), torch.float32) for t in memit[layer])
 
         def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             hit = getattr(local, "hit", None)
             if hit is None:
                 return out
             mine = (args[0].float() @ right.T) @ left.T
-            return out - (mine * hit[1][..., None]).to(out.dtype)
+            return out - (mine * hit[1].to(mine.device)[..., None]).to(out.dtype)
 
         return hook
 
@@ -282,7 +288,7 @@ def attach(arch: Architecture, memory: KeyedMemory | None, memit: dict[int, Fact
             return out
         rows, mask = hit
         h = out[0] if isinstance(out, tuple) else out
-        h = h + (deltas[rows] * mask[..., None]).to(h.dtype)
+        h = h + (deltas[rows.to(deltas.device)] * mask.to(deltas.device)[..., None]).to(h.device, h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     handles = [arch.layers[0].register_forward_pre_hook(start, with_kwargs=True),

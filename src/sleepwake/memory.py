@@ -43,6 +43,7 @@ from sleepwake.memit.covariance import load_or_compute
 from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.models import LoadedModel, load_model
+from sleepwake.placement import DeviceMap
 from sleepwake.sleep.cycle import run_cycle, takeover
 from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
 from sleepwake.sleep.pressure import pressure, since_deep
@@ -111,6 +112,8 @@ class Memory:
     several users may share one `LoadedModel`, each making its own weights live before
     it uses the model (`activate`). `quantize="nf4"` loads the model's decoder in 4-bit
     (`sleepwake.quantize`); what it learns stays in float32 beside the 4-bit weights.
+    `device_map="auto"` (or a dict, as transformers takes it) places the model over all
+    visible GPUs with accelerate (`sleepwake.placement`); each layer's memory lives on its GPU.
     `backend="mlx"` gives the same memory on MLX arrays (`sleepwake.mlx.memory.MlxMemory`),
     reading and writing the same home."""
 
@@ -120,6 +123,8 @@ class Memory:
         device, quantize = kwargs.pop("device", None), kwargs.pop("quantize", None)
         if quantize is not None:
             raise InvalidRequestError("quantize is not supported by the MLX backend (it loads float32)")
+        if kwargs.pop("device_map", None) is not None:
+            raise InvalidRequestError("device_map is not supported by the MLX backend (one device: Metal or the CPU)")
         if device not in (None, "auto"):
             raise InvalidRequestError(f"device={device!r}: the MLX backend chooses its own device (Metal or the CPU)")
         from sleepwake.mlx.memory import MlxMemory
@@ -138,31 +143,37 @@ class Memory:
         user: str | None = None,
         quantize: str | None = None,
         backend: str | None = None,
+        device_map: DeviceMap | None = None,
     ) -> None:
         self.user = check_user(user)  # before anything loads or changes
         if isinstance(model, LoadedModel) and quantize is not None and quantize != model.quantize:
             raise InvalidRequestError(f"quantize={quantize!r}, but the model given was loaded with "
                                       f"quantize={model.quantize!r}")
+        if isinstance(model, LoadedModel) and device_map is not None:
+            raise InvalidRequestError("device_map is for a model Memory loads; the model given is placed already")
         self.root = root = Path(home).expanduser() if home is not None else default_home()  # all users' home
         self.config = config or MemoryConfig()
         self.progress = self.config.progress if progress is None else progress
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.lm = model if isinstance(model, LoadedModel) else load_model(
-            model, cache_dir=self.cache_dir, device=device, progress=self.progress, quantize=quantize
+            model, cache_dir=self.cache_dir, device=device, progress=self.progress, quantize=quantize,
+            device_map=device_map,
         )
+        self.layers = tuple(self.config.memit.layers or self.lm.default_layers())
+        bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
+        if bad:
+            raise InvalidFactError(f"layers {bad} out of range: the model has {self.lm.arch.n_layers} layers")
+        for l in self.layers:  # before the home is touched: a layer a device_map offloaded cannot be edited
+            self.lm.arch.check_writable(self.lm.arch.down_name(l))
         # Taking the home's lock: `HomeBusyError` names the live process that writes it.
         self.store = Store(user_home(root, self.user), self.lm.fingerprint, self.lm.name, lock_home=root)
         self._live_at: int | None = None  # `lm.weights_version` when this memory last wrote the model
         self._installed: tuple[Any, dict[int, Factor]] = (None, {})  # what `_rebuild` gave `keyed.install`
         self._depth = 0  # calls of this memory under way (`_live`): only the outermost activates
         try:
-            self.layers = tuple(self.config.memit.layers or self.lm.default_layers())
-            bad = [l for l in self.layers if not 0 <= l < self.lm.arch.n_layers]
-            if bad:
-                raise InvalidFactError(f"layers {bad} out of range: the model has {self.lm.arch.n_layers} layers")
             self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
             self._edits: dict[int, FactEdit] = {
-                r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")
+                r.id: self.store.load_edit(r.id, self.lm.arch.layer_device) for r in self.store.facts(where="memit")
             }
             self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
             self._load_consolidated()
@@ -235,12 +246,13 @@ class Memory:
 
     def _load_consolidated(self) -> None:
         """The consolidated memory as the ledger has it: LoRA adapters (from earlier
-        versions, or `consolidation="lora"`) and the newest keyed table."""
-        device = self.lm.device
+        versions, or `consolidation="lora"`) and the newest keyed table; each module's
+        part on its device."""
+        arch = self.lm.arch
         active = self.store.active_adapters()
-        self._adapters: list[Adapter] = [Adapter.load(p, device) for _, p in active if not is_keyed_file(p)]
+        self._adapters: list[Adapter] = [Adapter.load(p, arch.device) for _, p in active if not is_keyed_file(p)]
         tables = [p for _, p in active if is_keyed_file(p)]
-        self._keyed: KeyedMemory | None = KeyedMemory.load(tables[-1], device) if tables else None
+        self._keyed: KeyedMemory | None = KeyedMemory.load(tables[-1], arch.layer_device) if tables else None
 
     def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Adapter] | None = None,
                  keyed: KeyedMemory | None | str = "live") -> None:
@@ -382,7 +394,7 @@ class Memory:
         groups = {self._edit_group(f) for f in facts}
         held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
         carried = [r for r in held if self._edit_group(r.fact) in groups]
-        device = str(self.lm.device)
+        device = self.lm.arch.layer_device
         if self.lm.keyed is not None:  # their entries are off while they are edited (and in MEMIT after)
             self._suspended |= groups
             install(self.lm, self.lm.keyed.without(sorted(str(g) for g in groups)), _per_layer(fixed))
@@ -588,7 +600,8 @@ class Memory:
             raise UnknownCycleError(f"cycle id must be an integer, got {cycle!r}")
         undone = self.store.rollback(cycle)
         self._load_consolidated()
-        self._edits = {r.id: self.store.load_edit(r.id, str(self.lm.device)) for r in self.store.facts(where="memit")}
+        self._edits = {r.id: self.store.load_edit(r.id, self.lm.arch.layer_device)
+                       for r in self.store.facts(where="memit")}
         self._rebuild()
         return undone
 
@@ -626,14 +639,15 @@ class Memory:
         if live is None:
             return None
         layer = live.layer
-        keys = torch.cat([e.keys for e in live.entries.values()]).to(self.lm.device)
-        deltas = torch.cat([e.delta.expand(len(e.keys), -1) for e in live.entries.values()]).to(self.lm.device)
+        at = self.lm.arch.layer_device(layer)
+        keys = torch.cat([e.keys.to(at) for e in live.entries.values()])
+        deltas = torch.cat([e.delta.to(at).expand(len(e.keys), -1) for e in live.entries.values()])
         post = self.lm.arch.post_norm(layer)
         if post is not None:  # a residual change as a down-projection output change
             with torch.no_grad():
                 out = keys.float() @ self.lm.base_weight(layer).float().T
             deltas = through_post_norm(post, out, deltas)
-        cov_inv = inverse_covariance(self.covariances()[layer].to(self.lm.device))
+        cov_inv = inverse_covariance(self.covariances()[layer].to(at))
         a, b = solve_update(deltas, keys, cov_inv, self.config.memit.lambda_reg)
         return from_factors({self.lm.arch.down_name(layer): (a, b)})
 

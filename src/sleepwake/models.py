@@ -24,6 +24,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
+from sleepwake import placement
 from sleepwake import quantize as sleepwake_quantize
 from sleepwake.config import default_cache_dir
 from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
@@ -114,6 +115,8 @@ class LoadedModel:
     """What the memories of this model compute once for all of them (Ĉ and its inverse)."""
     quantize: str | None = None
     """The scheme its decoder's linear maps were loaded in (`quantize`), or None: float."""
+    device_map: placement.DeviceMap | None = None
+    """The `device_map` it was placed with (`placement`), or None: one device."""
 
     def base_weight(self, key: int | str) -> torch.Tensor:
         """The unedited weight (d_out × d_in) of a module name, or of a layer's down-projection.
@@ -121,10 +124,12 @@ class LoadedModel:
         Copied the first time it is asked for, before anything edits it, so several
         `Memory` objects can share one loaded model without mistaking each other's
         edits for the base. A 4-bit module's is its weight dequantized, made anew at
-        each call (it is never edited, and a float copy would undo the saving).
+        each call (it is never edited, and a float copy would undo the saving). A module
+        that a device_map offloaded has no weight in memory to edit: refused, naming it.
         """
         name = self.arch.down_name(key) if isinstance(key, int) else key
         if name not in self._pristine:
+            self.arch.check_writable(name)
             self._pristine[name] = None if self.arch.quantized(name) else self.arch.weight(name).clone()
         base = self._pristine[name]
         return self.arch.weight(name) if base is None else base
@@ -189,15 +194,17 @@ class LoadedModel:
                 hooks.clear()
         arch = Architecture(model)
         pristine = dict(self._pristine)
-        for n in own - set(pristine):  # down-projections no memory wrote yet: base now
-            pristine[n] = None if arch.quantized(n) else arch.weight(n).clone()
+        for n in own - set(pristine):  # down-projections no memory wrote yet: base now (none offloaded)
+            if not placement.offloaded(model.get_submodule(n)):
+                pristine[n] = None if arch.quantized(n) else arch.weight(n).clone()
         return _PrivateModel(model, self.tokenizer, self.name, self.fingerprint, arch, pristine,
                              weights_version=self.weights_version + 1, path=self.path, shared=self.shared,
-                             quantize=self.quantize)
+                             quantize=self.quantize, device_map=self.device_map)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (with a device_map, layers may be elsewhere)."""
+        return placement.input_device(self.model)
 
     def default_layers(self) -> tuple[int, ...]:
         return default_layers(self.name, self.arch.n_layers)
@@ -209,6 +216,7 @@ class _PrivateModel(LoadedModel):
     def base_weight(self, key: int | str) -> torch.Tensor:
         name = self.arch.down_name(key) if isinstance(key, int) else key
         if name not in self._pristine and not self.arch.quantized(name):  # a 4-bit weight is never written
+            self.arch.check_writable(name)
             mod = self.model.get_submodule(name)
             mod.weight = nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
         return super().base_weight(name)
@@ -357,16 +365,26 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     quantize: str | None = None,
+    device_map: placement.DeviceMap | None = None,
 ) -> LoadedModel:
     """Load a base model for editing: frozen, in eval mode, float32 by default, on
-    `device` (see `resolve_device`). `quantize="nf4"` loads the decoder's linear maps in
-    4-bit NF4 (see `sleepwake.quantize`). Both are checked before anything loads."""
+    `device` (see `resolve_device`), or placed over several by accelerate with
+    `device_map` ("auto", or a dict as transformers takes it; `placement`).
+    `quantize="nf4"` loads the decoder's linear maps in 4-bit NF4 (see
+    `sleepwake.quantize`). All are checked before anything loads."""
+    device_map = placement.check_device_map(device_map)
+    if device_map is not None and device is not None:
+        raise InvalidRequestError(f"device={str(device)!r} and device_map={device_map!r}: give one of them "
+                                  "(a device_map places every part of the model)")
     device = resolve_device(device)
     quantize = sleepwake_quantize.check_scheme(quantize)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, path, _ = converted(spec, cache_dir=cache_dir, progress=progress)
+    source, path, fp = converted(spec, cache_dir=cache_dir, progress=progress)
     options = sleepwake_quantize.loading_options(quantize, device) if quantize else {}
+    if device_map is not None:  # offloaded parts read from this folder, if they are not safetensors already
+        options |= {"device_map": device_map,
+                    "offload_folder": str(Path(cache_dir or default_cache_dir()) / "offload" / fp)}
     with _hf_bars(progress):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -382,7 +400,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, source.name, fingerprint(source, quantize), Architecture(model),
-                       path=Path(path).resolve(), quantize=quantize)
+                       path=Path(path).resolve(), quantize=quantize, device_map=device_map)
 
 
 def default_layers(name: str, n_layers: int) -> tuple[int, ...]:
@@ -496,6 +514,22 @@ class Architecture:
             for name, mod in self.layers.named_modules()
             if is_linear(mod)
         ]
+
+    def device(self, name: str) -> torch.device:
+        """Where a module computes (`placement.module_device`): what belongs to it goes there."""
+        return placement.module_device(self.model.get_submodule(name))
+
+    def layer_device(self, layer: int) -> torch.device:
+        """Where a layer's down-projection computes: its MEMIT deltas, keys and Ĉ live there."""
+        return self.device(self.down_name(layer))
+
+    def check_writable(self, name: str) -> None:
+        """Refuses a module whose weight a device_map offloaded: it is not in memory to be written."""
+        if placement.offloaded(self.model.get_submodule(name)):
+            raise InvalidRequestError(
+                f"{name} is offloaded by the device_map (its weight is loaded from disk or host memory for "
+                "each pass), so its memory cannot be written there; place the edited layers on a device "
+                "(a GPU, or 'cpu' when no GPU is in the map)")
 
     def weight(self, name: str) -> torch.Tensor:
         """A module's weight as (d_out, d_in), a view onto the parameter (Conv1D stores (in, out));

@@ -34,6 +34,7 @@ from sleepwake.homelock import HomeLock
 
 if TYPE_CHECKING:  # torch is imported where edits are read or written, so ledger-only use starts fast
     from sleepwake.memit.editor import FactEdit
+    from sleepwake.placement import Where
     from sleepwake.sleep.data import Pair
 
 SCHEMA_VERSION = "4"
@@ -294,7 +295,8 @@ class Store:
         v = self._version(fact_id) if version is None else version
         return self.edits_dir / (f"{fact_id:08d}.safetensors" if v == 0 else f"{fact_id:08d}.v{v}.safetensors")
 
-    def load_edit(self, fact_id: int, device: str = "cpu") -> FactEdit:
+    def load_edit(self, fact_id: int, device: Where[int] = "cpu") -> FactEdit:
+        """A fact's stored edit, on `device` (or each layer's part on `device(layer)`)."""
         from safetensors.torch import load_file
 
         from sleepwake.memit.editor import FactEdit

@@ -60,8 +60,9 @@ class LiveWeights:
     def add(self, name: str, parts: Sequence[Factor]) -> None:
         """Add deltas to one module while a MEMIT batch is being solved layer by layer
         (not canonical: `rebuild` once the batch is done)."""
+        out = self.sum[name]
         for left, right in parts:
-            self.sum[name].add_(left @ right)
+            out.add_(left.to(out.device) @ right.to(out.device))
         self._write(name)
 
     def restore(self) -> None:
@@ -75,9 +76,9 @@ class LiveWeights:
         self.track(factors)
         for n in self.base:
             parts = factors.get(n, ())
-            if parts:
-                left = torch.cat([p[0] for p in parts], dim=1)
-                right = torch.cat([p[1] for p in parts], dim=0)
+            if parts:  # on the module's device, wherever a device_map put it
+                left = torch.cat([p[0].to(self.sum[n].device) for p in parts], dim=1)
+                right = torch.cat([p[1].to(self.sum[n].device) for p in parts], dim=0)
                 torch.mm(left.float(), right.float(), out=self.sum[n])
             else:
                 self.sum[n].zero_()

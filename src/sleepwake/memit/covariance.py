@@ -21,6 +21,7 @@ from sleepwake.corpus import reference_digest, reference_texts
 from sleepwake.inference import pad_right
 from sleepwake.memit.trace import run_capture
 from sleepwake.models import Architecture
+from sleepwake.placement import input_device
 from sleepwake.store import write_atomic
 
 
@@ -57,12 +58,13 @@ def compute_covariance(
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[dict[int, torch.Tensor], int]:
-    """Ĉ for each layer (float32) and the number of token vectors behind it."""
-    device = next(model.parameters()).device
+    """Ĉ for each layer (float32, on the layer's device) and the number of token vectors behind it."""
+    device = input_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     enc = [list(tokenizer(t, add_special_tokens=True)["input_ids"])[:max_tokens] for t in texts]
     enc.sort(key=len)  # similar lengths per batch: less padding
-    sums = {l: torch.zeros(arch.d_in(l), arch.d_in(l), dtype=torch.float32, device=device) for l in layers}
+    sums = {l: torch.zeros(arch.d_in(l), arch.d_in(l), dtype=torch.float32, device=arch.layer_device(l))
+            for l in layers}
     count = 0
     bar = tqdm(total=len(enc), desc="covariance", unit="text", disable=not progress)
     for start in range(0, len(enc), batch_size):
@@ -71,7 +73,7 @@ def compute_covariance(
         keys, _ = run_capture(model, arch, batch, key_layers=tuple(layers))
         mask = batch["attention_mask"].bool()
         for l in layers:
-            k = keys[l][mask].float()
+            k = keys[l][mask.to(keys[l].device)].float()
             sums[l].addmm_(k.T, k)
         count += int(mask.sum())
         bar.update(len(chunk))
@@ -91,12 +93,11 @@ def load_or_compute(
     max_tokens: int,
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Cached Ĉ per layer; the missing layers are computed together in one pass."""
-    device = next(model.parameters()).device
+    """Cached Ĉ per layer, on the layer's device; the missing layers are computed together in one pass."""
     covs = cached(tokenizer, layers, fingerprint=fingerprint, cache_dir=cache_dir, n_texts=n_texts,
                   max_tokens=max_tokens, compute=lambda missing, texts: compute_covariance(
                       model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress))
-    return {l: c.to(device) for l, c in covs.items()}
+    return {l: c.to(arch.layer_device(l)) for l, c in covs.items()}
 
 
 Compute = Callable[[list[int], list[str]], tuple[dict[int, torch.Tensor], int]]

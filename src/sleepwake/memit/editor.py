@@ -22,6 +22,7 @@ from sleepwake.memit.solve import inverse_covariance, solve_update, through_post
 from sleepwake.memit.targets import compute_targets, make_slots
 from sleepwake.memit.trace import frozen_prefix, run_capture
 from sleepwake.models import Architecture
+from sleepwake.placement import Where, input_device, place
 from sleepwake.weights import Factor, LiveWeights
 
 
@@ -73,11 +74,12 @@ class FactEdit:
         return out
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> "FactEdit":
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], device: Where[int] = "cpu") -> "FactEdit":
+        """An edit from its stored tensors, each layer's on `device` (or `device(layer)`: its layer's)."""
         e = cls()
         for name, t in tensors.items():
             kind, layer = name.split(".")
-            getattr(e, kind.lower())[int(layer)] = t.to(device)
+            getattr(e, kind.lower())[int(layer)] = t.to(place(device, int(layer)))
         return e
 
     def factors(self, arch: Architecture) -> dict[str, Factor]:
@@ -136,7 +138,7 @@ class MemitEditor:
         caller must `weights.rebuild(...)` to restore the last state.
         """
         cfg = replace(self.cfg, chat_edit=chat)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg)
 
@@ -149,7 +151,7 @@ class MemitEditor:
         memory, `sleepwake.keyed`)."""
         cfg = replace(self.cfg, chat_edit=True, key_positions="subject",
                       clamp_norm_factor=clamp_norm_factor or self.cfg.clamp_norm_factor)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         last = self.layers[-1]
         with attention_kernels(device):
             requests = build_requests(facts, self.tokenizer, cfg)
@@ -165,26 +167,27 @@ class MemitEditor:
         """Where the live model reads each subject of `facts`, raw prompts and chat questions."""
         cfg = replace(self.cfg, chat_edit=True, key_positions="subject")
         requests = build_requests(facts, self.tokenizer, cfg)
-        with attention_kernels(next(self.model.parameters()).device):
+        with attention_kernels(input_device(self.model)):
             return _by_subject(requests, self.keys_at(requests, self.layers[0]))
 
     def keys_at(self, requests: Sequence[Any], layer: int) -> ReadKeys:
         """The down-projection input of `layer` at each request's subject token, and at its head."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
+        at = self.arch.layer_device(layer)  # the keys are read there, and stay there
         keys, heads = [], []
         for start in range(0, len(requests), 32):
             part = requests[start:start + 32]
             batch = pad_right([q.ids[: q.subject_pos + 1] for q in part], pad, device)
             captured, _ = run_capture(self.model, self.arch, batch, key_layers=(layer,))
-            rows = torch.arange(len(part), device=device)
-            cols = torch.tensor([q.subject_pos for q in part], device=device)
-            head_cols = torch.tensor([q.subject_pos if q.head_pos is None else q.head_pos for q in part], device=device)
+            rows = torch.arange(len(part), device=at)
+            cols = torch.tensor([q.subject_pos for q in part], device=at)
+            head_cols = torch.tensor([q.subject_pos if q.head_pos is None else q.head_pos for q in part], device=at)
             keys.append(captured[layer][rows, cols].float())
-            has_head = torch.tensor([q.head_pos is not None for q in part], device=device)
+            has_head = torch.tensor([q.head_pos is not None for q in part], device=at)
             heads.append(captured[layer][rows, head_cols].float() * has_head[:, None])
         backs = torch.tensor([0 if q.head_pos is None else q.subject_pos - q.head_pos for q in requests])
-        return ReadKeys(torch.cat(keys), torch.cat(heads), backs.to(device))
+        return ReadKeys(torch.cat(keys), torch.cat(heads), backs.to(at))
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,
@@ -229,17 +232,21 @@ class MemitEditor:
                 for h in handles:
                     h.remove()
             replay = (layer - 1, seen["below"]) if "below" in seen else None
-            k = keys[layer][slots.rows, slots.cols].float()
-            cur = hid[last][slots.rows, slots.cols].float()
-            resid = (targets.values - cur) / (len(self.layers) - i)
+            # Everything of this layer's solve is on its device (a device_map may put each layer elsewhere).
+            at = keys[layer].device
+            rows, cols = slots.rows.to(at), slots.cols.to(at)
+            k = keys[layer][rows, cols].float()
+            top = hid[last]
+            cur = top[slots.rows.to(top.device), slots.cols.to(top.device)].float()
+            resid = ((targets.values - cur) / (len(self.layers) - i)).to(at)
             if post is not None:  # the residual change this layer owes, as a down-projection change
-                resid = through_post_norm(post, seen["mlp_out"][slots.rows, slots.cols], resid)
+                resid = through_post_norm(post, seen["mlp_out"][rows, cols], resid)
             prev = None
             if cfg.constrain_previous and previous:
-                prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
+                prev = torch.cat([e.k[layer].to(at) for e in previous if layer in e.k])
             a, b = solve_update(resid, k, self.cov_inv[layer], self.cfg.lambda_reg, prev)
             for f, idx in enumerate(per_fact):
-                ix = torch.tensor(idx, dtype=torch.long, device=device)
+                ix = torch.tensor(idx, dtype=torch.long, device=at)
                 edits[f].a[layer] = a[:, ix].contiguous()
                 edits[f].b[layer] = b[ix].contiguous()
                 edits[f].k[layer] = k[ix].contiguous()

@@ -43,6 +43,7 @@ from sleepwake.memit.trace import (
     layer_output,
 )
 from sleepwake.models import Architecture, is_linear
+from sleepwake.placement import input_device, module_device, offloaded, output_device, spread
 from sleepwake.quantize import is_quantized
 
 
@@ -76,7 +77,8 @@ def make_slots(requests: Sequence[EditRequest], cfg: MemitConfig, device: torch.
 
 def hidden_at(model: nn.Module, inputs: dict[str, object], rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """The last hidden states (before the LM head) at chosen positions."""
-    return model.get_decoder()(**inputs, use_cache=CACHE in inputs).last_hidden_state[rows, cols]
+    hidden = model.get_decoder()(**inputs, use_cache=CACHE in inputs).last_hidden_state
+    return hidden[rows.to(hidden.device), cols.to(hidden.device)]
 
 
 def bf16_phase_applies(model: nn.Module, device: torch.device, cfg: MemitConfig) -> bool:
@@ -119,7 +121,9 @@ def bf16_above(model: nn.Module, arch: Architecture, layer: int) -> Iterator[Non
     float32 one). Backward passes must run inside too. The float32 weights are back
     on exit, also after an exception."""
     # A 4-bit map computes from its own packed weight (`sleepwake.quantize`): left as it is.
-    mods = [m for blk in arch.layers[layer + 1:] for m in blk.modules() if is_linear(m) and not is_quantized(m)]
+    # An offloaded map's weight is loaded for each pass (`placement.offloaded`): left float32 too.
+    mods = [m for blk in arch.layers[layer + 1:] for m in blk.modules()
+            if is_linear(m) and not is_quantized(m) and not offloaded(m)]
     mods.append(model.get_output_embeddings())
     # New parameters, not new data in the old ones: a tied LM head shares its weight
     # with the input embedding, which must stay float32.
@@ -171,15 +175,15 @@ class _Group:
     sequence and every row's prefix has the same length.
     """
 
-    batch: dict[str, torch.Tensor]  # the suffixes, right-padded; + mask and positions if packed
+    batch: dict[str, torch.Tensor]  # the suffixes, right-padded; + mask and positions if packed (input device)
     prefix_ids: torch.Tensor | None  # the prefixes (rows × P), behind `prefix_cache`
     prefix_cache: object | None
     cached: object  # output of the edited layer without δ
-    d_rows: torch.Tensor  # where to add δ
+    d_rows: torch.Tensor  # where to add δ (these four on the edited layer's device)
     d_cols: torch.Tensor
     d_src: torch.Tensor  # which δ row goes there
     d_slot: torch.Tensor  # which slot that place is, or -1 in a KL prompt
-    o_rows: torch.Tensor  # where logits are read
+    o_rows: torch.Tensor  # where logits are read (these four on the LM head's device)
     o_cols: torch.Tensor
     o_tok: torch.Tensor  # target token, or -1 for a KL position
     o_req: torch.Tensor  # request index of each read
@@ -197,23 +201,28 @@ class _Group:
         return {**self.batch, CACHE: _fresh_copy(self.prefix_cache)}
 
     def without(self, drop: torch.Tensor) -> _Group | None:
-        """This group without the rows where `drop` (one bool per row) is set; None if none is left."""
+        """This group without the rows where `drop` (one bool per row) is set; None if none is left.
+
+        Row indices on the host index tensors on any device (the prefix cache's layers may
+        each be on another)."""
+        drop = drop.cpu()
         keep = (~drop).nonzero().squeeze(1)
         if len(keep) == 0:
             return None
         new_row = torch.full_like(drop, -1, dtype=torch.long)
-        new_row[keep] = torch.arange(len(keep), device=keep.device)
+        new_row[keep] = torch.arange(len(keep))
         cache = None
         if self.prefix_cache is not None:
             cache = _fresh_copy(self.prefix_cache)
             cache.batch_select_indices(keep)
         cached = self.cached
         cached = (cached[0][keep], *cached[1:]) if isinstance(cached, tuple) else cached[keep]
-        d, o = ~drop[self.d_rows], ~drop[self.o_rows]
+        at, out = self.d_rows.device, self.o_rows.device
+        d, o = ~drop.to(at)[self.d_rows], ~drop.to(out)[self.o_rows]
         return _Group(
             {k: v[keep] for k, v in self.batch.items()}, None if self.prefix_ids is None else self.prefix_ids[keep],
-            cache, cached, new_row[self.d_rows[d]], self.d_cols[d], self.d_src[d], self.d_slot[d],
-            new_row[self.o_rows[o]], self.o_cols[o], self.o_tok[o], self.o_req[o],
+            cache, cached, new_row.to(at)[self.d_rows[d]], self.d_cols[d], self.d_src[d], self.d_slot[d],
+            new_row.to(out)[self.o_rows[o]], self.o_cols[o], self.o_tok[o], self.o_req[o],
         )
 
 
@@ -273,7 +282,8 @@ def _groups(
         else:
             buckets.append([row])
     out = []
-    as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+    at, head = module_device(arch.layers[layer]), output_device(model)
+    as_t = lambda xs, where: torch.tensor(xs, dtype=torch.long, device=where)
     for bucket in buckets:
         # The prefix before every δ and every read is fixed: compute it once.
         if masked:
@@ -314,8 +324,8 @@ def _groups(
                     dsl.append(-1)
                     orow.append(row_i), ocol.append(len(seqs[i]) - 1 - shift), otok.append(-1), oreq.append(r)
                 offset += len(seqs[i]) - pre[i]
-        group = _Group(batch, ids, prefix_cache, None, as_t(dr), as_t(dc), as_t(ds), as_t(dsl),
-                       as_t(orow), as_t(ocol), as_t(otok), as_t(oreq))
+        group = _Group(batch, ids, prefix_cache, None, as_t(dr, at), as_t(dc, at), as_t(ds, at), as_t(dsl, at),
+                       as_t(orow, head), as_t(ocol, head), as_t(otok, head), as_t(oreq, head))
         group.cached = layer_output(model, arch, group.inputs(), layer)
         out.append(group)
     return out
@@ -384,12 +394,12 @@ def _retire(groups: list[_Group], base_logp: list[torch.Tensor | None], frozen: 
     """The groups without the rows whose every δ is frozen (and their KL baselines)."""
     out_g, out_b = [], []
     for g, base in zip(groups, base_logp):
-        live = torch.zeros(len(g.batch["input_ids"]), dtype=torch.bool, device=frozen.device)
-        live[g.d_rows[~frozen[g.d_src]]] = True
+        live = torch.zeros(len(g.batch["input_ids"]), dtype=torch.bool, device=g.d_rows.device)
+        live[g.d_rows[~frozen.to(g.d_src.device)[g.d_src]]] = True
         smaller = g.without(~live)
         if smaller is not None:
             out_g.append(smaller)
-            out_b.append(None if base is None else base[live[g.o_rows[g.kl_idx]]])
+            out_b.append(None if base is None else base[live.to(g.o_rows.device)[g.o_rows[g.kl_idx]]])
     return out_g, out_b
 
 
@@ -482,14 +492,16 @@ def compute_targets(
     layer: int,
     cfg: MemitConfig,
 ) -> TargetResult:
-    device = next(model.parameters()).device
+    device = input_device(model)
+    # δ and h live where layer `layer` computes, the losses where the LM head does.
+    at, out = module_device(arch.layers[layer]), output_device(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n_req = len(requests)
     groups = _groups(model, arch, requests, slots, cfg.key_positions == "subject", layer, pad, device)
 
     # Unedited hidden states at the slots. The unedited KL distributions come from the
     # first step, which runs with δ = 0 (there the KL term and its gradient are zero).
-    h = torch.zeros(len(slots.rows), arch.d_out(layer), device=device)
+    h = torch.zeros(len(slots.rows), arch.d_out(layer), device=at)
     base_logp: list[torch.Tensor | None] = [None] * len(groups)
     with torch.no_grad():
         for g in groups:
@@ -497,16 +509,17 @@ def compute_targets(
             h[g.d_slot[own]] = hidden_of(g.cached)[g.d_rows[own], g.d_cols[own]].float()
 
     n_delta = int(slots.delta.max()) + 1
-    delta = torch.zeros(n_delta, h.shape[1], device=device, requires_grad=True)
+    delta = torch.zeros(n_delta, h.shape[1], device=at, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     # ‖δ‖ ≤ c · (mean ‖h‖ of the slots that share it)
-    h_norm = torch.zeros(n_delta, device=device).index_add_(0, slots.delta, h.norm(dim=-1))
-    uses = torch.zeros(n_delta, device=device).index_add_(0, slots.delta, torch.ones(len(h), device=device))
+    slot_delta = slots.delta.to(at)
+    h_norm = torch.zeros(n_delta, device=at).index_add_(0, slot_delta, h.norm(dim=-1))
+    uses = torch.zeros(n_delta, device=at).index_add_(0, slot_delta, torch.ones(len(h), device=at))
     ref_norm = (h_norm / uses)[:, None]
     max_norm = cfg.clamp_norm_factor * ref_norm
-    counts = torch.zeros(n_req, device=device)
+    counts = torch.zeros(n_req, device=out)
     for g in groups:
-        counts.index_add_(0, g.o_req[g.tok_idx], torch.ones(len(g.tok_idx), device=device))
+        counts.index_add_(0, g.o_req[g.tok_idx], torch.ones(len(g.tok_idx), device=out))
     counts.clamp_(min=1)
     n_kl = max(1, sum(len(g.kl_idx) for g in groups))
 
@@ -518,8 +531,8 @@ def compute_targets(
             with frozen_prefix(arch, layer, g.cached), add_to_residual(arch, layer, g.d_rows, g.d_cols, delta[g.d_src]):
                 reads.append(hidden_at(model, g.inputs(), g.o_rows, g.o_cols))
         logp_all = F.log_softmax(head_logits(model, torch.cat(reads)), dim=-1)
-        per_req = torch.zeros(n_req, device=device)
-        kl_total = torch.zeros((), device=device)
+        per_req = torch.zeros(n_req, device=out)
+        kl_total = torch.zeros((), device=out)
         for i, (g, logp) in enumerate(zip(groups, logp_all.split([len(r) for r in reads]))):
             t = g.tok_idx
             if len(t):
@@ -532,7 +545,7 @@ def compute_targets(
                 kl_total = kl_total + F.kl_div(base_logp[i], kl_now, log_target=True, reduction="sum")
         per_req = per_req / counts
         size = (delta.norm(dim=-1, keepdim=True) / ref_norm).pow(2).mean()  # ‖δ‖² relative to ‖h‖²
-        return per_req, per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size
+        return per_req, per_req.mean() + cfg.kl_factor * kl_total / n_kl + cfg.v_weight_decay * size.to(out)
 
     # A δ whose prompts all reach the early-stop loss is done: it is frozen, and its
     # rows leave the batch, so the remaining steps only pay for the δs still learning
@@ -544,7 +557,7 @@ def compute_targets(
     last_loss = [float("nan")] * n_req  # bookkeeping on the CPU: one sync per step
     loss_before = float("nan")
     steps = 0
-    use_graph = cfg.cuda_graphs and device.type == "cuda"
+    use_graph = cfg.cuda_graphs and device.type == "cuda" and not spread(model)  # a graph runs on one GPU
     graph: _StepGraph | None = None
 
     def run(budget: int, groups: list[_Group], base_logp: list[torch.Tensor | None]) -> None:
@@ -575,7 +588,7 @@ def compute_targets(
             if loss is not None:
                 loss.backward()
             still = [f or d in done for d, f in enumerate(frozen)]
-            mask = torch.tensor(still, device=device) if any(still) else None  # the δs to keep as they are
+            mask = torch.tensor(still, device=at) if any(still) else None  # the δs to keep as they are
             keep = delta.detach().clone() if mask is not None else None
             opt.step()
             with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
@@ -606,5 +619,5 @@ def compute_targets(
             run(max(1, cap // 4), groups, base_logp)
     else:
         run(cap, groups, base_logp)
-    deltas = delta.detach()[slots.delta]
+    deltas = delta.detach()[slot_delta]
     return TargetResult(h + deltas, deltas, loss_before, sum(last_loss) / n_req, steps)

@@ -87,12 +87,14 @@ def run_capture(
 def add_to_residual(
     arch: Architecture, layer: int, rows: torch.Tensor, cols: torch.Tensor, delta: torch.Tensor
 ) -> Iterator[None]:
-    """Add delta[i] to layer `layer`'s output at (rows[i], cols[i]) during forwards."""
+    """Add delta[i] to layer `layer`'s output at (rows[i], cols[i]) during forwards (on
+    the device the layer computes on)."""
 
     def post(_m: nn.Module, _a: tuple, out: object) -> object:
         h = hidden_of(out)
         shift = torch.zeros_like(h)
-        shift = shift.index_put((rows, cols), delta.to(h.dtype), accumulate=True)
+        at = h.device
+        shift = shift.index_put((rows.to(at), cols.to(at)), delta.to(at, h.dtype), accumulate=True)
         h = h + shift
         if isinstance(out, tuple):
             return (h, *out[1:])

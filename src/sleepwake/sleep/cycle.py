@@ -71,7 +71,7 @@ def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
             f = e.factors(mem.lm.arch)
             width = next(iter(e.a.values())).shape[1]
             d_out, d_in = mem.lm.arch.shape(n)
-            zeros = {"dtype": torch.float32, "device": mem.lm.device}
+            zeros = {"dtype": torch.float32, "device": mem.lm.arch.device(n)}
             left, right = f.get(n, (torch.zeros(d_out, width, **zeros), torch.zeros(width, d_in, **zeros)))
             lefts.append(left)
             rights.append(right)
@@ -114,7 +114,6 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     t0 = time.perf_counter()
     cfg = mem.config.nap if kind == "nap" else mem.config.deep
     store, model, tok = mem.store, mem.model, mem.tokenizer
-    device = str(mem.lm.device)
     report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
                          ppl_base=mem.base_perplexity(), locality_before=mem.locality())
     mark = [t0]
@@ -127,7 +126,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     if held:
         report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], None,
                                                    progress=False).chat_recall
-    stored = {r.id: store.load_edit(r.id, device) for r in held}
+    stored = {r.id: store.load_edit(r.id, mem.lm.arch.layer_device) for r in held}
     base_adapters = [] if rebuild else list(mem._adapters)
 
     def taken_over(ids: set[int]) -> Adapter | None:

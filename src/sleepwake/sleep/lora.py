@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from sleepwake.errors import StoreError
 from sleepwake.inference import attention_kernels, head_logits
 from sleepwake.models import linear_shape
+from sleepwake.placement import Where, input_device, module_device, place
 from sleepwake.weights import Factor
 
 CONFIG_FILE = "adapter_config.json"
@@ -104,7 +105,8 @@ class Adapter:
             raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu") -> Adapter:
+    def load(cls, path: str | os.PathLike[str], device: Where[str] = "cpu") -> Adapter:
+        """An adapter directory, each module's factors on `device` (or `device(module name)`)."""
         path = Path(path)
         try:
             config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -116,7 +118,7 @@ class Adapter:
         a, b = {}, {}
         for key, t in tensors.items():
             name, kind = key.removeprefix(_PREFIX).rsplit(".lora_", 1)
-            (a if kind == "A.weight" else b)[name] = t.to(device)
+            (a if kind == "A.weight" else b)[name] = t.to(place(device, name))
         if set(a) != set(b):
             raise StoreError(f"adapter {path}: lora_A and lora_B name different modules")
         conv1d = frozenset(a) if config.get("fan_in_fan_out") else frozenset()
@@ -142,9 +144,9 @@ def combine(parts: Sequence[Adapter]) -> Adapter:
     a, b = {}, {}
     for n in names:
         d_out, d_in = shapes[n]
-        a[n] = torch.cat([p.a[n] if n in p.a else p.b[p.names[0]].new_zeros(p.r, d_in) for p in parts])
-        b[n] = torch.cat([p.b[n] * p.scale if n in p.b else p.b[p.names[0]].new_zeros(d_out, p.r)
-                          for p in parts], dim=1)
+        like = next(p.b[n] for p in parts if n in p.b)  # the zeros go where the module's factors are
+        a[n] = torch.cat([p.a[n] if n in p.a else like.new_zeros(p.r, d_in) for p in parts])
+        b[n] = torch.cat([p.b[n] * p.scale if n in p.b else like.new_zeros(d_out, p.r) for p in parts], dim=1)
     r = sum(p.r for p in parts)
     return Adapter(a, b, r, float(r), frozenset().union(*(p.conv1d for p in parts)))
 
@@ -153,14 +155,16 @@ def output_penalty(covariances: dict[str, torch.Tensor], base: dict[str, torch.T
                    weight: float) -> Callable[[Adapter], torch.Tensor]:
     """adapter ↦ weight · Σ E‖ΔW·k‖² / E‖W·k‖² over ordinary keys k (Ĉ = E[k kᵀ] per
     module): how much the adapter changes what the modules output on everyday text.
-    Uses tr(BA Ĉ AᵀBᵀ) = tr(BᵀB · AĈAᵀ), which costs r×r, not d×d, products."""
+    Uses tr(BA Ĉ AᵀBᵀ) = tr(BᵀB · AĈAᵀ), which costs r×r, not d×d, products. Each
+    module's term is computed on its own device (`Ĉ` is there), and summed on the first's."""
     norm = {n: torch.trace(base[n].float() @ c @ base[n].float().t()) for n, c in covariances.items()}
 
     def penalty(adapter: Adapter) -> torch.Tensor:
         total = torch.zeros((), device=next(iter(covariances.values())).device)
         for n, c in covariances.items():
             a, b = adapter.a[n], adapter.b[n]
-            total = total + torch.trace((b.t() @ b) @ (a @ c @ a.t())) * adapter.scale**2 / norm[n]
+            term = torch.trace((b.t() @ b) @ (a @ c @ a.t())) * adapter.scale**2 / norm[n]
+            total = total + term.to(total.device)
         return weight * total
 
     return penalty
@@ -225,7 +229,7 @@ def new_adapter(model: nn.Module, names: Sequence[str], r: int, alpha: float, se
     a, b, conv1d = {}, {}, set()
     for n in names:
         mod = model.get_submodule(n)
-        device = mod.weight.device
+        device = module_device(mod)
         d_out, d_in = linear_shape(mod)
         bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on an (r × d_in) matrix
         a[n] = ((torch.rand(r, d_in, generator=gen) * 2 - 1) * bound).to(device)
@@ -257,7 +261,7 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def soft_targets(model: nn.Module, examples: Sequence[Example], *, pad_id: int, k: int = 32,
                  batch_size: int = 16) -> list[Soft]:
     """What the model, as it is now, predicts along each example (the teacher for `train`)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     out: list[Soft] = []
     for s in range(0, len(examples), batch_size):
         chunk = examples[s : s + batch_size]
@@ -278,14 +282,14 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], soft: Sequence[Soft 
     a 5-fact nap's training took 9.9 s instead of 6.4 s on one thread."""
     hidden = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  use_cache=False).last_hidden_state[:, :-1]
-    labels = batch["labels"][:, 1:]
+    labels = batch["labels"][:, 1:].to(hidden.device)  # a device_map may end the decoder elsewhere
     read = labels != -100
     for i, t in enumerate(soft):
         if t is not None:
             read[i, : t.index.shape[0]] = True
     rows, cols = read.nonzero(as_tuple=True)  # row by row, positions in order
     logits = head_logits(model, hidden[rows, cols])
-    targets = labels[rows, cols]
+    targets = labels[rows, cols].to(logits.device)
     loss = logits.new_zeros(())
     if (targets != -100).any():
         loss = nn.functional.cross_entropy(logits, targets, ignore_index=-100)
@@ -294,7 +298,8 @@ def _loss(model: nn.Module, batch: dict[str, torch.Tensor], soft: Sequence[Soft 
         if t is None:
             continue
         n = t.index.shape[0]
-        student = torch.log_softmax(logits[rows == i][:n], dim=-1).gather(1, t.index.to(logits.device))
+        student = torch.log_softmax(logits[(rows == i).to(logits.device)][:n], dim=-1).gather(
+            1, t.index.to(logits.device))
         kl = kl + (t.logp.exp().to(logits.device) * (t.logp.to(logits.device) - student)).sum()
         count += n
     return loss + kl_weight * kl / count if count else loss
@@ -324,7 +329,7 @@ def train(
     """
     if not examples:
         raise ValueError("no training examples")
-    device = next(model.parameters()).device
+    device = input_device(model)
     params = [*adapter.a.values(), *adapter.b.values()]
     for p in params:
         p.requires_grad_(True)
@@ -348,7 +353,7 @@ def train(
                     soft = [teacher[i] if teacher else None for i in chunk]
                     loss = _loss(model, _batch([examples[i] for i in chunk], pad_id, device), soft, kl_weight)
                     if penalty is not None:
-                        loss = loss + penalty(adapter)
+                        loss = loss + penalty(adapter).to(loss.device)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
