@@ -22,11 +22,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# Measured on a cold cache (a fresh clone, as in CI), where Gemma's test also converts
-# the model and computes its Ĉ.
-LONGEST_FIRST = ("test_sleep.py", "test_many_facts.py", "test_gemma.py", "test_talk.py", "test_memory.py",
-                 "test_quantize.py", "test_keyed.py", "test_users.py", "test_cli.py", "test_server.py",
-                 "test_home.py", "test_first_person.py")
+# Per-file totals of `--durations` in a full `make test` (two workers, 2-core CPU shared with
+# other work, warm cache; seconds): memory 313, talk 261, sleep 256, keyed 255, quantize 193,
+# users 180, cli 165, benchmarks 160, many_facts 153, server 127, home 102, first_person 87,
+# architectures 76, web 53, gemma 53, mlx 52; the rest under 2. Gemma goes before its rank:
+# on a cold cache (a fresh clone, as in CI) its test also converts the model and computes Ĉ.
+LONGEST_FIRST = ("test_memory.py", "test_talk.py", "test_sleep.py", "test_keyed.py", "test_quantize.py",
+                 "test_users.py", "test_cli.py", "test_benchmarks.py", "test_many_facts.py", "test_gemma.py",
+                 "test_server.py", "test_home.py", "test_first_person.py", "test_architectures.py",
+                 "test_web.py", "test_mlx.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from sleepwake.facts import mentions
 from sleepwake.synthetic import fictional_facts
 
 pytestmark = pytest.mark.slow
@@ -18,26 +19,36 @@ def test_many_facts_about_each_subject(make_memory):
 
     A subject's three facts share one edit (keys at the subject), written in one batch,
     and its δ gets twice the v* steps (`memit.targets.step_budget`), which lets every
-    batch reach the early stop. 60 facts are past `MemitConfig.chat_edit_max_facts`
-    (40): the batch that goes past it edits the 30 facts held again raw-only, so these
-    facts reach chat questions only after a nap, and raw recall is what is checked.
-    Measured on these facts: raw recall 0.983, 19 of 20 subjects complete (bf16 steps on
-    two threads). With chat edits for all 60 (sessions 2–17): raw 0.967 / 0.967 / 1.0,
-    18 / 18 / 20 subjects complete. The issue asks for all 60.
+    batch reach the early stop. The chat-edit limit (`MemitConfig.chat_edit_max_facts`,
+    40 by default) is set to 15 here: the second batch goes past it and first edits the
+    15 facts held again raw-only, as the default limit does at the third batch (30
+    facts), with one chat-edited batch fewer to pay for (chat edits are the dearer
+    ones; 285 s of the test's time before). The facts past the limit reach chat
+    questions only after a nap, so raw recall is what is checked, on the raw prompts
+    alone (the chat half of `Memory.evaluate` measured 0.000 here and was no test).
+    Measured with the default limit: raw recall 0.983, 19 of 20 subjects complete (bf16
+    steps on two threads). With chat edits for all 60 (sessions 2–17): raw 0.967 / 0.967
+    / 1.0, 18 / 18 / 20 subjects complete. The issue asks for all 60.
     """
     from sleepwake.config import MemoryConfig
+    from sleepwake.evaluate import raw_completions
 
-    mem = make_memory(config=MemoryConfig(progress=False, batch_size=15))
+    mem = make_memory(config=MemoryConfig(progress=False, batch_size=15).with_memit(chat_edit_max_facts=15))
     facts = fictional_facts(20, 3, seed=1)
     res = mem.inject(facts)
-    assert [st.raw_only_again for st in res.stats] == [0, 0, 30, 0]
-    report = mem.evaluate(facts)
-    missed = [(f.subject, f.relation, f.object, f.raw_completion) for f in report.facts if not f.raw_ok]
-    assert report.raw_recall >= 0.95, missed
+    assert [st.raw_only_again for st in res.stats] == [0, 15, 0, 0]
+    assert [st.chat for st in res.stats] == [True, False, False, False]
+    for st in res.stats:
+        print(f"batch: {st.seconds:.1f} s (v* {st.v_seconds:.1f} s, {st.v_steps} steps), chat {st.chat}, "
+              f"{st.raw_only_again} again raw-only, {st.knocked_out} knocked out")
+    completions = raw_completions(mem.model, mem.tokenizer, facts, 16)  # as `Memory.evaluate` reads them
+    ok = [mentions(c, f.object) for f, c in zip(facts, completions)]
+    missed = [(f.subject, f.relation, f.object, c) for f, c, good in zip(facts, completions, ok) if not good]
+    raw_recall = sum(ok) / len(facts)
+    assert raw_recall >= 0.95, missed
     by_subject: dict[str, int] = {}
-    for f in report.facts:
-        by_subject[f.subject] = by_subject.get(f.subject, 0) + f.raw_ok
+    for f, good in zip(facts, ok):
+        by_subject[f.subject] = by_subject.get(f.subject, 0) + good
     complete = sum(v == 3 for v in by_subject.values())
-    print(f"20x3: raw {report.raw_recall:.3f}, chat {report.chat_recall:.3f}, "
-          f"{complete} subjects with all three, perplexity {report.ppl:.2f}")
+    print(f"20x3: raw {raw_recall:.3f}, {complete} subjects with all three")
     assert complete >= 17, missed  # most subjects keep all three facts
