@@ -123,8 +123,8 @@ class PressureConfig:
     keys as they were read when it was consolidated, and only a deep sleep reads them
     again (0 turns this off; deep sleep then comes from the pressure alone)."""
     deep_growth: float = 0.25
-    """... and once the facts that naps consolidated since the last deep sleep are at least
-    this share of those held before them. A deep sleep reads every held fact again, so
+    """The `naps_per_deep` trigger also waits until the facts those naps consolidated are at
+    least this share of the facts held before them. A deep sleep reads every held fact again, so
     with a fixed number of naps between deep sleeps the sleeping time grew with the square
     of the facts told (on one H100: 277 s of sleep to 200 facts, 902 s to 400); spaced by
     growth, deep sleeps come at about 1.25× the facts of the last one past ~100 facts, and
