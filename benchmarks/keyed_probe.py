@@ -56,7 +56,7 @@ from sleepwake.config import MemitConfig, MemoryConfig  # noqa: E402
 from sleepwake.corpus import locality_facts, perplexity_text  # noqa: E402
 from sleepwake.evaluate import chat_answers, perplexity, raw_completions  # noqa: E402
 from sleepwake.facts import Fact, mentions  # noqa: E402
-from sleepwake.inference import attention_kernels, chat_text, encode, generate, pad_right  # noqa: E402
+from sleepwake.inference import attention_kernels, chat_text, encode, pad_right  # noqa: E402
 from sleepwake.memit.requests import build_requests, last_token_of  # noqa: E402
 from sleepwake.memit.targets import compute_targets, make_slots  # noqa: E402
 from sleepwake.memit.trace import run_capture  # noqa: E402

@@ -722,7 +722,7 @@ def cmd_serve(ctx: Context) -> int:
     near = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
     mem.store.lock.set_url(f"http://{f'[{near}]' if ':' in near else near}:{args.port}")
     users = Users(bot, bot.for_user)
-    auth = f", token required" if token else f", API keys of {len(set(keys.values()))} user(s)" if keys else ""
+    auth = ", token required" if token else f", API keys of {len(set(keys.values()))} user(s)" if keys else ""
     ctx.status(f"sleepwake: serving {url}/ (OpenAI API: {url}/v1){auth}; Ctrl-C stops")
     try:
         uvicorn.run(create_app(users, token=token, keys=keys), host=args.host, port=args.port,

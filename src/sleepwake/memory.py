@@ -33,7 +33,6 @@ from sleepwake.errors import (
     InvalidRequestError,
     StoreError,
     UnknownCycleError,
-    UnknownFactError,
 )
 from sleepwake.evaluate import EvalReport, cached_perplexity, evaluate_facts, held
 from sleepwake.facts import Fact
@@ -44,6 +43,9 @@ from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.models import LoadedModel, load_model
 from sleepwake.placement import DeviceMap
+from sleepwake.policy import batches as policy_batches
+from sleepwake.policy import chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
+from sleepwake.policy import fact_id as policy_fact_id
 from sleepwake.sleep.cycle import run_cycle, takeover
 from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
 from sleepwake.sleep.pressure import pressure, since_deep
@@ -334,41 +336,18 @@ class Memory:
             self._rebuild()
 
     def keyed_live(self) -> KeyedMemory | None:
-        """The keyed entries the model reads now: every subject's but those with facts in
-        MEMIT (their edit carries all their facts until a sleep writes a new entry), those
-        being edited, and those made for a fact that has since been forgotten or replaced."""
+        """The keyed entries the model reads now (`policy.keyed_off` says which not)."""
         if self._keyed is None or not len(self._keyed):
             return None
         held = {r.id for r in self.store.facts(where="consolidated")}
-        off = {self._edit_group(r.fact) for r in self.store.facts(where="memit")} | self._suspended
-        off |= {s for s, e in self._keyed.entries.items() if not set(e.facts) <= held}
-        return self._keyed.without(sorted(str(s) for s in off))
-
-    def _edit_group(self, fact: Fact) -> object:
-        """Facts with one group live in one edit: with subject keys, a subject's facts."""
-        return fact.subject_key if self.config.memit.key_positions == "subject" else fact.key
-
-    def _shares_edit(self, a: Fact, b: Fact) -> bool:
-        return self._edit_group(a) == self._edit_group(b)
-
-    def _batches(self, todo: list[Fact]) -> list[list[Fact]]:
-        """Batches of about `batch_size` facts that keep each edit group together."""
-        groups: dict[object, list[Fact]] = {}
-        for f in todo:
-            groups.setdefault(self._edit_group(f), []).append(f)
-        batches: list[list[Fact]] = []
-        for group in groups.values():
-            if batches and len(batches[-1]) + len(group) <= self.config.batch_size:
-                batches[-1] += group
-            else:
-                batches.append(list(group))
-        return batches
+        off = keyed_off(self._keyed.entries, held, self.store.facts(where="memit"), self._suspended,
+                        self.config.memit)
+        return self._keyed.without(sorted(off))
 
     def chat_edits(self, held: int) -> bool:
         """Whether facts are also edited for their chat questions while MEMIT holds `held`
-        facts (`MemitConfig.chat_edit` and `chat_edit_max_facts`)."""
-        cfg = self.config.memit
-        return cfg.chat_edit and (cfg.chat_edit_max_facts is None or held <= cfg.chat_edit_max_facts)
+        facts (`policy.chat_edits`)."""
+        return chat_edits(self.config.memit, held)
 
     def _edit(self, facts: list[Fact], leaving: set[int], progress: bool, chat: bool
               ) -> tuple[list[FactEdit], InjectStats]:
@@ -391,9 +370,9 @@ class Memory:
         answer, and its edit becomes part of the first new edit of its group (which a
         later sleep takes over whole, and a forget removes whole, giving the fact back to
         its adapter)."""
-        groups = {self._edit_group(f) for f in facts}
+        groups = {edit_group(f, self.config.memit) for f in facts}
         held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
-        carried = [r for r in held if self._edit_group(r.fact) in groups]
+        carried = [r for r in held if edit_group(r.fact, self.config.memit) in groups]
         device = self.lm.arch.layer_device
         if self.lm.keyed is not None:  # their entries are off while they are edited (and in MEMIT after)
             self._suspended |= groups
@@ -401,11 +380,11 @@ class Memory:
         # Consolidated facts still in weights (LoRA) keep their keys fixed; keyed ones have no weights.
         in_weights = [r for r in held if r.cycle is None or r.cycle not in self._keyed_cycles()]
         fixed = fixed + [self.store.load_edit(r.id, device) for r in in_weights
-                         if self._edit_group(r.fact) not in groups]
+                         if edit_group(r.fact, self.config.memit) not in groups]
         edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, progress=progress, chat=chat)
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):
-            first = next(i for i, f in enumerate(facts) if self._shares_edit(f, r.fact))
+            first = next(i for i, f in enumerate(facts) if shares_edit(f, r.fact, self.config.memit))
             own[first] = own[first].joined(e)
         return own, stats
 
@@ -422,24 +401,11 @@ class Memory:
         every fact MEMIT holds again, raw-only (`chat_edits`). Facts are validated
         before anything changes; each batch commits atomically.
         """
-        wanted = as_facts(facts)
-        latest: dict[tuple[str, str], Fact] = {}
-        for f in wanted:  # within one call, the last fact for a slot wins
-            latest.pop(f.key, None)
-            latest[f.key] = f
         active = {r.fact.key: r for r in self.store.facts()}
-        todo, skipped = [], []
-        for f in latest.values():
-            old = active.get(f.key)
-            if old is not None and old.fact.object == f.object:
-                skipped.append(f)
-            elif old is not None:  # an update keeps the slot's spelling, so its prompt still works
-                todo.append(Fact(old.fact.subject, old.fact.relation, f.object, f.question or old.fact.question))
-            else:
-                todo.append(f)
+        plan = plan_injection(as_facts(facts), active)
         records: list[FactRecord] = []
         stats: list[InjectStats] = []
-        batches = self._batches(todo)
+        batches = policy_batches(plan.todo, self.config.batch_size, self.config.memit)
         for batch in tqdm(batches, desc="inject", unit="batch", disable=not self.progress or len(batches) < 2):
             keys = {f.key for f in batch}
             replaces = [active[f.key].id if f.key in active else None for f in batch]
@@ -447,7 +413,7 @@ class Memory:
             held_now = len(others) + sum(active[f.key].where == "memit" for f in batch if f.key in active)
             chat = self.chat_edits(len(others) + len(batch))
             crossing = self.chat_edits(held_now) and not chat
-            again = [r for r in others if any(self._shares_edit(r.fact, f) for f in batch)]
+            again = [r for r in others if any(shares_edit(r.fact, f, self.config.memit) for f in batch)]
             replaced = {i for i in replaces if i is not None}
             committed = self._edits
             try:
@@ -480,7 +446,7 @@ class Memory:
             records += recs
             stats.append(st)
         slept = self.sleep_if_due() if self.config.auto_sleep and records else None
-        return InjectResult(records, skipped, stats, slept)
+        return InjectResult(records, plan.skipped, stats, slept)
 
     def _edit_raw_only(self, records: list[FactRecord], leaving: set[int]) -> dict[int, FactEdit]:
         """New raw-only edits of `records` (MEMIT-held facts), made in batches as if they
@@ -493,7 +459,7 @@ class Memory:
         self._rebuild(fixed)
         by_key = {r.fact.key: r for r in records}
         out: dict[int, FactEdit] = {}
-        for part in self._batches([r.fact for r in records]):
+        for part in policy_batches([r.fact for r in records], self.config.batch_size, self.config.memit):
             edits, _ = self.edit_among(part, fixed, leaving, chat=False)
             out.update({by_key[f.key].id: e for f, e in zip(part, edits)})
             fixed += edits
@@ -531,8 +497,8 @@ class Memory:
         st.knocked_out = len(knocked)
         if not knocked:
             return again, edits, st, after
-        out = {self._edit_group(r.fact) for r in knocked}
-        extra = [r for r in others if self._edit_group(r.fact) in out]
+        out = {edit_group(r.fact, self.config.memit) for r in knocked}
+        extra = [r for r in others if edit_group(r.fact, self.config.memit) in out]
         try_again = again + extra
         edits2, st2 = self._edit(batch + [r.fact for r in try_again], leaving | {r.id for r in extra}, progress, chat)
         after2 = check([r.fact for r in others] + batch + [r.fact for r in again])
@@ -546,29 +512,17 @@ class Memory:
         other facts of its subject are edited again without it (they shared its edit).
         A consolidated fact leaves the weights at the next sleep, which rebuilds the
         consolidated memory from the facts that remain."""
-        if isinstance(fact_id, bool) or not isinstance(fact_id, int):
-            try:
-                fact_id = int(str(fact_id))
-            except ValueError:
-                raise UnknownFactError(f"fact id must be an integer, got {fact_id!r}") from None
-        rec = self.store.get(fact_id)
-        if rec.status != "active":
-            raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
-        again = [r for r in self.store.facts(where="memit")
-                 if rec.where == "memit" and r.id != fact_id and self._shares_edit(r.fact, rec.fact)]
-        # A fact held by a keyed entry: the entry leaves the model now, and the subject's
-        # other facts go back to MEMIT, edited without it, until a sleep writes a new entry.
-        back = [r for r in self.store.facts(where="consolidated") if r.id != fact_id
-                and self._shares_edit(r.fact, rec.fact)] if rec.cycle in self._keyed_cycles() else []
+        fact_id = policy_fact_id(fact_id)
+        plan = plan_forget(self.store.get(fact_id), self.store.facts(where="memit"),
+                           self.store.facts(where="consolidated"), self._keyed_cycles(), self.config.memit)
         try:
             rewritten: dict[int, FactEdit] = {}
-            if again or back:
-                n_held = len(self.store.facts(where="memit")) - 1 + len(back)
-                redo = again + back
-                edits, _ = self._edit([r.fact for r in redo], {fact_id, *(r.id for r in redo)}, self.progress,
-                                      self.chat_edits(n_held))
-                rewritten = {r.id: e for r, e in zip(redo, edits)}
-            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in back])
+            if plan.redo:
+                n_held = len(self.store.facts(where="memit")) - 1 + len(plan.back)
+                edits, _ = self._edit([r.fact for r in plan.redo], {fact_id, *(r.id for r in plan.redo)},
+                                      self.progress, self.chat_edits(n_held))
+                rewritten = {r.id: e for r, e in zip(plan.redo, edits)}
+            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in plan.back])
         except BaseException:
             self._rebuild()
             raise

@@ -149,7 +149,7 @@ _ASKS: list[tuple[tuple[str, ...] | None, list[str]]] = [
                      rf"{_W} (?:city|town|country|place) does P live in", rf"in {_W} (?:city|town|country) does P live",
                      rf"{_W} (?:city|town|country) is P (?:living|based|staying) in",
                      r"where (?:did|has) P (?:move|moved|relocate|relocated)(?: to)?",
-                     rf"what is P's (?:city|address|location)", r"where P (?:lives?|is based)"]),
+                     r"what is P's (?:city|address|location)", r"where P (?:lives?|is based)"]),
     (("lived in",), [r"where did P (?:use to |used to )?live(?: before| previously| earlier| in the past)?",
                      r"where P used to live", r"where was P living before", r"where did P move from",
                      rf"{_W} (?:city|town|country) did P (?:use to )?live in(?: before)?"]),

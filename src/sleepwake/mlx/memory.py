@@ -25,7 +25,7 @@ import mlx.core as mx
 import torch
 
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
-from sleepwake.errors import InvalidFactError, UnknownFactError, UnsupportedError
+from sleepwake.errors import InvalidFactError, UnsupportedError
 from sleepwake.evaluate import EvalReport, FactResult
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, encode_target
@@ -34,6 +34,8 @@ from sleepwake.memit.editor import FactEdit, InjectStats
 from sleepwake.memory import FactLike, InjectResult, as_facts, check_text
 from sleepwake.mlx.memit import MlxEditor, covariances, to_mx
 from sleepwake.mlx.model import KeyedTable, MlxModel, load_mlx_model
+from sleepwake.policy import batches, chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
+from sleepwake.policy import fact_id as policy_fact_id
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
 from sleepwake.users import check_user, user_home
@@ -104,8 +106,8 @@ class MlxMemory:
         if self._keyed is None or not len(self._keyed):
             return None
         held = {r.id for r in self.store.facts(where="consolidated")}
-        off = {r.fact.subject_key for r in self.store.facts(where="memit")} | self._suspended
-        off |= {s for s, e in self._keyed.entries.items() if not set(e.facts) <= held}
+        off = keyed_off(self._keyed.entries, held, self.store.facts(where="memit"), self._suspended,
+                        self.config.memit)
         return self._keyed.without(sorted(off))
 
     def _rebuild(self, edits: Sequence[FactEdit] | None = None, keyed: KeyedMemory | None | str = "live") -> None:
@@ -136,29 +138,16 @@ class MlxMemory:
         return self.store.facts()
 
     def chat_edits(self, held: int) -> bool:
-        cfg = self.config.memit
-        return cfg.chat_edit and (cfg.chat_edit_max_facts is None or held <= cfg.chat_edit_max_facts)
-
-    def _batches(self, todo: list[Fact]) -> list[list[Fact]]:
-        """Batches of about `batch_size` facts that keep each subject's facts together."""
-        groups: dict[str, list[Fact]] = {}
-        for f in todo:
-            groups.setdefault(f.subject_key, []).append(f)
-        batches: list[list[Fact]] = []
-        for group in groups.values():
-            if batches and len(batches[-1]) + len(group) <= self.config.batch_size:
-                batches[-1] += group
-            else:
-                batches.append(list(group))
-        return batches
+        return chat_edits(self.config.memit, held)
 
     def _edit(self, facts: list[Fact], leaving: set[int], chat: bool) -> tuple[list[FactEdit], InjectStats]:
         """MEMIT edits of `facts` once the edits of `leaving` are out of the weights, the
         other active edits' keys held fixed (eq. 5). A consolidated fact of a subject edited
         now is carried along (`Memory.edit_among`): its entry is off while the subject is in MEMIT."""
-        subjects = {f.subject_key for f in facts}
+        cfg = self.config.memit
+        subjects = {edit_group(f, cfg) for f in facts}
         carried = [r for r in self.store.facts(where="consolidated")
-                   if r.id not in leaving and r.fact.subject_key in subjects]
+                   if r.id not in leaving and edit_group(r.fact, cfg) in subjects]
         fixed = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
         self._suspended = subjects
         try:
@@ -168,34 +157,21 @@ class MlxMemory:
             self._suspended = set()
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):
-            first = next(i for i, f in enumerate(facts) if f.subject_key == r.fact.subject_key)
+            first = next(i for i, f in enumerate(facts) if shares_edit(f, r.fact, cfg))
             own[first] = own[first].joined(e)
         return own, stats
 
     def inject(self, facts: FactLike | Sequence[FactLike]) -> InjectResult:
         """Write facts into the weights now (`Memory.inject`, without its guard)."""
-        wanted = as_facts(facts)
-        latest: dict[tuple[str, str], Fact] = {}
-        for f in wanted:
-            latest.pop(f.key, None)
-            latest[f.key] = f
         active = {r.fact.key: r for r in self.store.facts()}
-        todo, skipped = [], []
-        for f in latest.values():
-            old = active.get(f.key)
-            if old is not None and old.fact.object == f.object:
-                skipped.append(f)
-            elif old is not None:
-                todo.append(Fact(old.fact.subject, old.fact.relation, f.object, f.question or old.fact.question))
-            else:
-                todo.append(f)
+        plan = plan_injection(as_facts(facts), active)
         records: list[FactRecord] = []
         stats: list[InjectStats] = []
-        for batch in self._batches(todo):
+        for batch in batches(plan.todo, self.config.batch_size, self.config.memit):
             keys = {f.key for f in batch}
             replaces = [active[f.key].id if f.key in active else None for f in batch]
             others = [r for r in active.values() if r.where == "memit" and r.fact.key not in keys]
-            again = [r for r in others if any(r.fact.subject_key == f.subject_key for f in batch)]
+            again = [r for r in others if any(shares_edit(r.fact, f, self.config.memit) for f in batch)]
             leaving = {i for i in replaces if i is not None} | {r.id for r in again}
             try:
                 edits, st = self._edit(batch + [r.fact for r in again], leaving,
@@ -215,33 +191,23 @@ class MlxMemory:
             self._rebuild()
             records += recs
             stats.append(st)
-        return InjectResult(records, skipped, stats)
+        return InjectResult(records, plan.skipped, stats)
 
     def forget(self, fact_id: int) -> FactRecord:
         """Remove a fact (`Memory.forget`): its delta leaves the weights, its edit file is
         deleted; its subject's other facts are edited again without it."""
-        if isinstance(fact_id, bool) or not isinstance(fact_id, int):
-            try:
-                fact_id = int(str(fact_id))
-            except ValueError:
-                raise UnknownFactError(f"fact id must be an integer, got {fact_id!r}") from None
-        rec = self.store.get(fact_id)
-        if rec.status != "active":
-            raise UnknownFactError(f"fact {fact_id} is not active (it was {rec.status})")
-        subject = rec.fact.subject_key
-        again = [r for r in self.store.facts(where="memit") if rec.where == "memit" and r.id != fact_id
-                 and r.fact.subject_key == subject]
+        fact_id = policy_fact_id(fact_id)
         keyed = {c for c, p in self.store.consolidating_cycles() if is_keyed_file(p)}
-        back = [r for r in self.store.facts(where="consolidated") if r.id != fact_id
-                and r.fact.subject_key == subject] if rec.cycle in keyed else []
+        plan = plan_forget(self.store.get(fact_id), self.store.facts(where="memit"),
+                           self.store.facts(where="consolidated"), keyed, self.config.memit)
         try:
             rewritten: dict[int, FactEdit] = {}
-            redo = again + back
-            if redo:
-                held = len(self.store.facts(where="memit")) - 1 + len(back)
-                edits, _ = self._edit([r.fact for r in redo], {fact_id, *(r.id for r in redo)}, self.chat_edits(held))
-                rewritten = {r.id: e for r, e in zip(redo, edits)}
-            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in back])
+            if plan.redo:
+                held = len(self.store.facts(where="memit")) - 1 + len(plan.back)
+                edits, _ = self._edit([r.fact for r in plan.redo], {fact_id, *(r.id for r in plan.redo)},
+                                      self.chat_edits(held))
+                rewritten = {r.id: e for r, e in zip(plan.redo, edits)}
+            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in plan.back])
         except BaseException:
             self._rebuild()
             raise

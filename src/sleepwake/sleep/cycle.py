@@ -36,6 +36,7 @@ import torch
 from sleepwake.evaluate import EvalReport, evaluate_facts
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
+from sleepwake.policy import edit_group
 from sleepwake.sleep.commit import commit, rewrite_kept
 from sleepwake.sleep.curate import curate
 from sleepwake.sleep.curate import pairs as conversation_pairs
@@ -187,9 +188,9 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         res = evaluate_facts(model, tok, [r.fact for r in facts], None, progress=False)
         ok: dict[object, bool] = {}
         for r, fr in zip(facts, res.facts):
-            group = mem._edit_group(r.fact)
+            group = edit_group(r.fact, mem.config.memit)
             ok[group] = ok.get(group, True) and fr.chat_ok
-        passed = [r.id for r in memit if ok[mem._edit_group(r.fact)]]
+        passed = [r.id for r in memit if ok[edit_group(r.fact, mem.config.memit)]]
         held_ok = sum(fr.chat_ok for r, fr in zip(facts, res.facts) if r.where != "memit")
         return res, passed, len(passed) + held_ok
 

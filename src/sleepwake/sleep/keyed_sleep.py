@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.keyed import Entry, KeyedMemory
+from sleepwake.policy import edit_group
 from sleepwake.sleep.commit import commit, rewrite_kept
 from sleepwake.sleep.report import CycleReport, over_budget
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 def _groups(mem: Memory, records: Sequence[FactRecord]) -> dict[str, list[FactRecord]]:
     out: dict[str, list[FactRecord]] = {}
     for r in records:
-        out.setdefault(str(mem._edit_group(r.fact)), []).append(r)
+        out.setdefault(str(edit_group(r.fact, mem.config.memit)), []).append(r)
     return out
 
 
