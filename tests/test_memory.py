@@ -359,9 +359,9 @@ def test_v_star_ends_in_float32_below_the_early_stop(base_lm):
         assert nll < cfg.early_stop_loss * 1.02, (q.kind, nll)  # 2%: another summation order
 
 
-def test_v_star_steps_double_where_one_delta_carries_three_facts(lm):
-    """The step cap doubles for a batch where a subject's δ must bring out three facts
-    (six targets, raw and chat); one or two facts per δ keep `v_steps`."""
+def test_v_star_steps_grow_with_the_facts_one_delta_carries(lm):
+    """The step cap is `v_steps` times half the most facts a subject's δ must bring out
+    (two targets each, raw and chat), rounded up; one or two facts per δ keep `v_steps`."""
     from sleepwake.config import MemitConfig
     from sleepwake.memit.requests import build_requests
     from sleepwake.memit.targets import make_slots, step_budget
@@ -377,3 +377,28 @@ def test_v_star_steps_double_where_one_delta_carries_three_facts(lm):
     assert cap([LISBON, CARPENTER, KRAKOW]) == cfg.v_steps  # two facts share Anselm's δ
     assert cap([LISBON, CARPENTER, third]) == 2 * cfg.v_steps  # three do
     assert cap([LISBON, CARPENTER, third], "last") == cfg.v_steps  # keys per prompt: a δ per fact
+    more = [Fact("Anselm Kreutzer", r, o) for r, o in (("speaks", "Basque"), ("has a dog named", "Pip"),
+                                                       ("drives", "a tractor"))]
+    assert cap([LISBON, CARPENTER, third, *more]) == 3 * cfg.v_steps  # six facts on one δ
+
+
+def test_a_subject_that_gains_a_fact_starts_v_star_at_its_delta(make_memory):
+    """A person holding `WARM_FROM` or more facts who gains one is solved from the δ that
+    holds them (`Memory._held_deltas`): the first v* step already gives the old facts, so
+    the loss starts far lower than from zero, and all four are answered after."""
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memory import WARM_FROM
+
+    mem = make_memory(config=MemoryConfig(progress=False))
+    three = [LISBON, CARPENTER, Fact("Anselm Kreutzer", "was born in", "Graz")]
+    assert len(three) == WARM_FROM
+    first = mem.inject(three).stats[0]  # one batch, one δ for the three, from zero
+    fourth = Fact("Anselm Kreutzer", "speaks", "Basque")
+    start = mem._held_deltas([fourth, TOKYO])
+    assert set(start) == {"anselm kreutzer"}  # Mateus holds nothing: solved from zero
+    layer = mem.layers[-1]
+    assert torch.equal(start["anselm kreutzer"], mem._edits[mem.facts()[0].id].v[layer])
+    again = mem.inject(fourth).stats[0]
+    assert again.v_loss_before < first.v_loss_before / 2, (first, again)
+    report = mem.evaluate([*three, fourth])
+    assert report.raw_recall == 1.0 and report.chat_recall == 1.0, report

@@ -129,18 +129,20 @@ class MemitEditor:
         self.weights = weights
 
     def edit(
-        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False, *, chat: bool
+        self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool = False, *, chat: bool,
+        init: dict[str, torch.Tensor] | None = None,
     ) -> tuple[list[FactEdit], InjectStats]:
         """Write `facts` into the live weights; returns one FactEdit per fact.
 
         `previous` are the active edits (their keys are constraints, eq. 5). `chat`: also
-        edit for the chat questions (in place of `cfg.chat_edit`). On any exception the
-        caller must `weights.rebuild(...)` to restore the last state.
+        edit for the chat questions (in place of `cfg.chat_edit`). `init`: a starting δ per
+        subject key (`compute_targets`). On any exception the caller must
+        `weights.rebuild(...)` to restore the last state.
         """
         cfg = replace(self.cfg, chat_edit=chat)
         device = input_device(self.model)
         with attention_kernels(device):
-            return self._edit(facts, previous, progress, device, cfg)
+            return self._edit(facts, previous, progress, device, cfg, init)
 
     def subject_deltas(self, facts: Sequence[Fact], clamp_norm_factor: float | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
@@ -191,13 +193,13 @@ class MemitEditor:
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,
-        cfg: MemitConfig,
+        cfg: MemitConfig, init: dict[str, torch.Tensor] | None = None,
     ) -> tuple[list[FactEdit], InjectStats]:
         t0 = time.perf_counter()
         requests = build_requests(facts, self.tokenizer, cfg)
         slots = make_slots(requests, cfg, device)
         last = self.layers[-1]
-        targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
+        targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg, init)
         v_seconds = time.perf_counter() - t0
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Keys and hidden states are read at the slots only, and attention is causal:
