@@ -38,11 +38,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("mlx") / "home"
 
 
-def mlx_memory(mm, home: Path, cache_dir: Path):
+def mlx_memory(mm, home: Path, cache_dir: Path, config=None):
     from sleepwake.config import MemoryConfig
     from sleepwake.memory import Memory
 
-    return Memory(mm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, backend="mlx")
+    return Memory(mm, home=home, config=config or MemoryConfig(progress=False), cache_dir=cache_dir, backend="mlx")
 
 
 def torch_memory(lm, home: Path, cache_dir: Path):
@@ -116,6 +116,31 @@ def test_nap_moves_mlx_facts_into_the_keyed_memory(mm, lm, home: Path, cache_dir
     with torch_memory(lm, home, cache_dir) as mem:  # the table it wrote, read by torch
         assert mem.status(measure_perplexity=False)["keyed_subjects"] == 2
         assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
+
+
+def test_a_fact_the_nap_keeps_is_edited_anew_on_the_new_state(mm, tmp_path: Path, cache_dir: Path) -> None:
+    """A raw-only edit has no δ to key (`chat_edit_max_facts=0`), so the nap keeps its fact
+    in MEMIT while another subject leaves for the keyed memory; the kept fact is edited
+    again on the new state (its first edit was solved beside the one that left), now for
+    its chat question too, and a restart reads the same."""
+    from sleepwake.config import MemoryConfig
+
+    home = tmp_path / "home"
+    with mlx_memory(mm, home, cache_dir) as mem:
+        mem.inject(LISBON)
+    raw_only = MemoryConfig(progress=False).with_memit(chat_edit_max_facts=0)
+    with mlx_memory(mm, home, cache_dir, raw_only) as mem:
+        vet = mem.inject(VET).records[0]
+    with mlx_memory(mm, home, cache_dir) as mem:
+        edit = mem._edits[vet.id]
+        report = mem.nap()
+        assert report.status == "accepted" and report.kept == [vet.id], report
+        assert mem._edits[vet.id] is not edit  # edited anew ...
+        assert all(mem.held([vet.fact]))  # ... raw and chat
+        assert "Lisbon" in mem.ask("Where does Anselm Kreutzer live?", max_new_tokens=8)
+    with mlx_memory(mm, home, cache_dir) as mem:
+        assert mem.status()["facts"] == {"memit": 1, "consolidated": 1}
+        assert all(mem.held([r.fact for r in mem.facts()]))
 
 
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,10 +140,12 @@ class MlxMemory:
     def chat_edits(self, held: int) -> bool:
         return chat_edits(self.config.memit, held)
 
-    def _edit(self, facts: list[Fact], leaving: set[int], chat: bool) -> tuple[list[FactEdit], InjectStats]:
+    def _edit(self, facts: list[Fact], leaving: set[int], chat: bool, keyed: KeyedMemory | None | str = "live"
+              ) -> tuple[list[FactEdit], InjectStats]:
         """MEMIT edits of `facts` once the edits of `leaving` are out of the weights, the
-        other active edits' keys held fixed (eq. 5). A consolidated fact of a subject edited
-        now is carried along (`Memory.edit_among`): its entry is off while the subject is in MEMIT."""
+        other active edits' keys held fixed (eq. 5), the model reading `keyed` (default: the
+        live entries). A consolidated fact of a subject edited now is carried along
+        (`Memory.edit_among`): its entry is off while the subject is in MEMIT."""
         cfg = self.config.memit
         subjects = {edit_group(f, cfg) for f in facts}
         carried = [r for r in self.store.facts(where="consolidated")
@@ -151,7 +153,7 @@ class MlxMemory:
         fixed = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
         self._suspended = subjects
         try:
-            self._rebuild(fixed)
+            self._rebuild(fixed, keyed)
             edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, self._add, chat=chat)
         finally:
             self._suspended = set()
@@ -223,11 +225,11 @@ class MlxMemory:
         reuse path): each subject whose injection solved one δ for all its facts, raw and
         chat, gets an entry with that δ and the keys read on the model with MEMIT off; a
         subject the entry answers (every fact, raw and chat, teacher-forced) leaves MEMIT,
-        the others keep their edits as they were: unlike the torch nap they are not solved
-        again nor edited anew on the new state (`sleep.commit.rewrite_kept`), so a kept fact
-        whose edit leaned on the edits that left can be lost (40 held facts,
-        benchmarks/mlx_bench.py: 25 keyed, 14 of the 15 kept lost). No perplexity or
-        locality budget is measured here."""
+        the others stay in MEMIT, edited anew on the new state (as `sleep.commit.rewrite_kept`
+        on torch): their old edits leaned on the edits that left (40 held facts,
+        benchmarks/mlx_bench.py: 25 keyed, and 14 of the 15 kept were lost before they were
+        edited anew). Unlike the torch nap, a subject is not solved again for its entry, and
+        no perplexity or locality budget is measured here."""
         t0 = time.perf_counter()
         memit = self.store.facts(where="memit")
         if not memit:
@@ -275,14 +277,22 @@ class MlxMemory:
             self._rebuild()
             self.store.end_cycle(cycle, "rejected", report.to_dict())
             return report
+        kept = [r for s in failed for r in moving[s] if r.where == "memit"]
+        rewritten: dict[int, FactEdit] = {}
+        if kept:  # edited again on the new state, as `sleep.commit.rewrite_kept` does on torch
+            live = table.without(sorted({str(edit_group(r.fact, self.config.memit)) for r in kept}))
+            edits, _ = self._edit([r.fact for r in kept], set(passed) | {r.id for r in kept},
+                                  self.chat_edits(len(kept)), keyed=live)
+            rewritten = {r.id: e for r, e in zip(kept, edits)}
         table.save(self.store.keyed_path(cycle))
         report.status = "accepted"
         self.store.end_cycle(cycle, "accepted", report.to_dict(), adapter=True, consolidated=passed, keyed=True,
-                             erase_superseded=self.store.meta("rebuild_pending") == "1")
+                             rewritten=rewritten, erase_superseded=self.store.meta("rebuild_pending") == "1")
         self.store.set_meta("awake_since", repr(time.time()))
         self._load_keyed()
         for i in passed:
             self._edits.pop(i, None)
+        self._edits.update(rewritten)
         self._rebuild()
         return report
 
