@@ -31,23 +31,22 @@ from sleepwake.corpus import locality_facts, perplexity_text, world_facts
 from sleepwake.errors import (
     InvalidFactError,
     InvalidRequestError,
-    StoreError,
     UnknownCycleError,
 )
 from sleepwake.evaluate import EvalReport, cached_perplexity, evaluate_facts, held
+from sleepwake.export import export_adapter
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
 from sleepwake.keyed import KeyedMemory, install, is_keyed_file
 from sleepwake.memit.covariance import load_or_compute
 from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
-from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.models import LoadedModel, load_model
 from sleepwake.placement import DeviceMap
 from sleepwake.policy import batches as policy_batches
 from sleepwake.policy import chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
 from sleepwake.policy import fact_id as policy_fact_id
-from sleepwake.sleep.cycle import run_cycle, takeover
-from sleepwake.sleep.lora import CONFIG_FILE, Adapter, combine, from_factors
+from sleepwake.sleep.cycle import run_cycle
+from sleepwake.sleep.lora import Adapter
 from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
@@ -587,50 +586,8 @@ class Memory:
         return undone
 
     def export_adapter(self, path: str | os.PathLike[str], max_rank: int | None = None) -> Path:
-        """Write the whole learned memory — consolidated adapters and active MEMIT edits —
-        as one PEFT LoRA adapter directory. Its base model is the local directory the
-        weights were loaded from, so `peft.AutoPeftModelForCausalLM.from_pretrained(path)`
-        loads it as is. With `max_rank`, each module's delta is cut to its best
-        approximation of at most that rank (truncated SVD): smaller, and approximate."""
-        if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-            raise InvalidRequestError(f"max_rank must be a positive integer, got {max_rank!r}")
-        path = Path(path).expanduser()
-        if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / CONFIG_FILE).exists())):
-            raise StoreError(f"{path} exists and is not an adapter directory; choose a new one")
-        memit = takeover(self, {i: self._edits[i] for i in sorted(self._edits)})
-        keyed = self._keyed_as_lora()
-        parts = [*self._adapters, *([keyed] if keyed else []), *([memit] if memit else [])]
-        if not parts:
-            raise StoreError("nothing to export: the memory is empty")
-        adapter = combine(parts)
-        if max_rank is not None:
-            adapter = adapter.truncated(max_rank)
-        try:
-            adapter.save(path, str(self.lm.path or self.lm.name))
-        except OSError as exc:  # the save is atomic: nothing was written
-            raise StoreError(f"cannot write the adapter to {path}: {exc.strerror or exc}") from exc
-        return path
-
-    def _keyed_as_lora(self) -> Adapter | None:
-        """The live keyed entries as one LoRA part on their layer's down-projection, for
-        engines that read only LoRA: a MEMIT solve (eq. 3–4) that writes each entry's δ at
-        its keys. Exact at those keys up to λĈ; unlike the hook it also acts a little
-        elsewhere, and it does not grow the way the hook does."""
-        live = self.keyed_live()
-        if live is None:
-            return None
-        layer = live.layer
-        at = self.lm.arch.layer_device(layer)
-        keys = torch.cat([e.keys.to(at) for e in live.entries.values()])
-        deltas = torch.cat([e.delta.to(at).expand(len(e.keys), -1) for e in live.entries.values()])
-        post = self.lm.arch.post_norm(layer)
-        if post is not None:  # a residual change as a down-projection output change
-            with torch.no_grad():
-                out = keys.float() @ self.lm.base_weight(layer).float().T
-            deltas = through_post_norm(post, out, deltas)
-        cov_inv = inverse_covariance(self.covariances()[layer].to(at))
-        a, b = solve_update(deltas, keys, cov_inv, self.config.memit.lambda_reg)
-        return from_factors({self.lm.arch.down_name(layer): (a, b)})
+        """Write the whole learned memory as one PEFT LoRA adapter directory (`export`)."""
+        return export_adapter(self, path, max_rank)
 
     def history(self) -> list[dict]:
         """Every sleep cycle with its inputs and measured results, oldest first."""
