@@ -60,6 +60,8 @@ from sleepwake.store import FactRecord
 
 MAX_HISTORY_TOKENS = 1024
 """Earlier turns beyond this many prompt tokens are left out (the newest message always stays)."""
+CHAINED_SLEEPS = 2
+"""Sleeps one background sleep may start after it, at once (`Assistant._run_sleep`)."""
 _ROLES = ("system", "user", "assistant")
 UNKNOWN = ("mask", "decline")
 """How a question about known people that nothing stored answers is answered: by the
@@ -392,14 +394,15 @@ class Assistant:
         finally:
             self._lock.release()
 
-    def _learn_unlearned(self) -> None:
-        """Inject facts that messages told during a sleep (or before a crash)."""
+    def _learn_unlearned(self) -> bool:
+        """Inject facts that messages told during a sleep (or before a crash); whether any were."""
         waiting = self.memory.store.unlearned()
         if not waiting:
-            return
+            return False
         facts = [f for _, fs in waiting for f in fs]
         self.memory.inject(self._merged(facts))
         self.memory.store.mark_learned([i for i, _ in waiting])
+        return True
 
     # --- memory, guarded ---------------------------------------------------------------
 
@@ -470,12 +473,25 @@ class Assistant:
         self._sleep.start()
 
     def _run_sleep(self, kind: str) -> None:
-        """The sleep thread: holds the lock from `start_sleep` until the new weights are live."""
+        """The sleep thread: holds the lock from `start_sleep` until the new weights are live.
+
+        With `auto_sleep`, the facts told during the sleep, once learned, may make the next
+        sleep due (most often: one that MEMIT does not hold, as when a person's facts go
+        back to MEMIT beside a new one); it runs at once, in this thread, up to
+        `CHAINED_SLEEPS` times. Before, it waited for the next message that taught a fact."""
         try:
-            with self.memory.apart():  # on a private copy: others answer from the loaded model
-                self.last_cycle = self.memory.sleep(deep=kind == "deep")
-            self.last_error = None
-            self._learn_unlearned()
+            for chained in range(CHAINED_SLEEPS + 1):
+                with self.memory.apart():  # on a private copy: others answer from the loaded model
+                    self.last_cycle = self.memory.sleep(deep=kind == "deep")
+                self.last_error = None
+                learned = self._learn_unlearned()
+                due = self.memory.status(measure_perplexity=False)["pressure"]["due"] if learned else None
+                if not (self.auto_sleep and due) or chained == CHAINED_SLEEPS:
+                    break
+                with self.lm.lock:  # replies during the next sleep read the weights now live
+                    snapshot = self.memory.snapshot()
+                with self._state:
+                    self._serving, self._sleep_kind, kind = snapshot, due, due
         except Exception as exc:  # noqa: BLE001 - a thread's end: the cycle restored the last good state
             # and recorded the failure; `wait` and `status` report it
             self.last_error = f"{type(exc).__name__}: {exc}"
