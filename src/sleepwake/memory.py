@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,11 +367,8 @@ class Memory:
         steps. Not for a forget: a δ that starts with the forgotten fact in it could keep it."""
         if self.config.memit.key_positions != "subject":
             return {}
-        subjects = {f.subject_key for f in facts}
-        count: dict[str, int] = {}
-        for r in self.store.facts():
-            count[r.fact.subject_key] = count.get(r.fact.subject_key, 0) + 1
-        subjects = {s for s in subjects if count.get(s, 0) >= WARM_FROM}
+        count = Counter(r.fact.subject_key for r in self.store.facts())
+        subjects = {f.subject_key for f in facts if count[f.subject_key] >= WARM_FROM}
         last = self.layers[-1]
         out = {s: e.delta for s, e in (self._keyed.entries.items() if self._keyed is not None else ())
                if s in subjects}

@@ -484,6 +484,12 @@ def step_budget(slots: Slots, cfg: MemitConfig) -> int:
     return cfg.v_steps * max(1, math.ceil(most / 2))
 
 
+def _into_ball(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    """Scale each row of `delta` down, in place, to at most its `max_norm`."""
+    norms = delta.norm(dim=-1, keepdim=True)
+    delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+
+
 def compute_targets(
     model: nn.Module,
     arch: Architecture,
@@ -570,8 +576,7 @@ def compute_targets(
                 start = init.get(requests[r].subject)
                 if start is not None:
                     delta[d] = start.to(at, torch.float32)
-            norms = delta.norm(dim=-1, keepdim=True)  # into the ball ‖δ‖ ≤ c‖h‖ of this batch's h
-            delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+            _into_ball(delta, max_norm)  # ‖δ‖ ≤ c‖h‖ of this batch's h
     steps = 0
     use_graph = cfg.cuda_graphs and device.type == "cuda" and not spread(model)  # a graph runs on one GPU
     graph: _StepGraph | None = None
@@ -608,8 +613,7 @@ def compute_targets(
             keep = delta.detach().clone() if mask is not None else None
             opt.step()
             with torch.no_grad():  # project back into the ball ‖δ‖ ≤ c‖h‖; frozen δs stay as they were
-                norms = delta.norm(dim=-1, keepdim=True)
-                delta.mul_(torch.where(norms > max_norm, max_norm / norms, torch.ones_like(norms)))
+                _into_ball(delta, max_norm)
                 if mask is not None:
                     delta.copy_(torch.where(mask[:, None], keep, delta))
             if done:
