@@ -46,6 +46,7 @@ from sleepwake.placement import DeviceMap
 from sleepwake.policy import batches as policy_batches
 from sleepwake.policy import chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
 from sleepwake.policy import fact_id as policy_fact_id
+from sleepwake.reconsolidate import reconsolidable, reconsolidate
 from sleepwake.sleep.cycle import run_cycle
 from sleepwake.sleep.lora import Adapter
 from sleepwake.sleep.pressure import pressure, since_deep
@@ -175,9 +176,7 @@ class Memory:
         self._depth = 0  # calls of this memory under way (`_live`): only the outermost activates
         try:
             self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
-            self._edits: dict[int, FactEdit] = {
-                r.id: self.store.load_edit(r.id, self.lm.arch.layer_device) for r in self.store.facts(where="memit")
-            }
+            self._edits: dict[int, FactEdit] = self._load_edits()
             self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
             self._load_consolidated()
             edited = set(self.layers).union(*(e.a.keys() for e in self._edits.values()))
@@ -193,6 +192,7 @@ class Memory:
         # (weights version, chat, {fact key: answered}) from the last guard check (`_edit_guarded`)
         self._answered: tuple[int, bool, dict[tuple[str, str], bool]] | None = None
         self._unheld: dict[tuple[str, str], int] = {}  # fact key -> id of a MEMIT fact found unanswered
+        self._edit_missing()
 
     # --- properties -----------------------------------------------------------
 
@@ -418,6 +418,8 @@ class Memory:
     def inject(self, facts: FactLike | Iterable[FactLike]) -> InjectResult:
         """Write facts into the weights now (MEMIT), in batches of about `config.batch_size`.
 
+        A fact about a subject the keyed memory holds goes into its entry instead
+        (`reconsolidate`), unless the entry then fails to answer the subject's facts.
         A fact with the subject and relation of an active fact replaces it. A subject's
         active facts are edited again together with its new ones (they share one
         edit). The batch that takes MEMIT past `MemitConfig.chat_edit_max_facts` edits
@@ -426,9 +428,17 @@ class Memory:
         """
         active = {r.fact.key: r for r in self.store.facts()}
         plan = plan_injection(as_facts(facts), active)
-        records: list[FactRecord] = []
-        stats: list[InjectStats] = []
-        batches = policy_batches(plan.todo, self.config.batch_size, self.config.memit)
+        direct, _ = reconsolidable(self, plan.todo)
+        try:
+            records, left, st = reconsolidate(self, direct, active)
+        except BaseException:
+            self._rebuild()
+            raise
+        stats: list[InjectStats] = [st] if st is not None else []
+        active.update({r.fact.key: r for r in records})
+        done = {r.fact.key for r in records}
+        todo = [f for f in plan.todo if f.key not in done]
+        batches = policy_batches(todo, self.config.batch_size, self.config.memit)
         for batch in tqdm(batches, desc="inject", unit="batch", disable=not self.progress or len(batches) < 2):
             keys = {f.key for f in batch}
             replaces = [active[f.key].id if f.key in active else None for f in batch]
@@ -578,10 +588,35 @@ class Memory:
             raise UnknownCycleError(f"cycle id must be an integer, got {cycle!r}")
         undone = self.store.rollback(cycle)
         self._load_consolidated()
-        self._edits = {r.id: self.store.load_edit(r.id, self.lm.arch.layer_device)
-                       for r in self.store.facts(where="memit")}
+        self._edits = self._load_edits()
         self._rebuild()
+        self._edit_missing()
         return undone
+
+    def _load_edits(self) -> dict[int, FactEdit]:
+        """The stored edits of the MEMIT-held facts (those that have one, `_edit_missing`)."""
+        return {r.id: self.store.load_edit(r.id, self.lm.arch.layer_device) for r in self.store.facts(where="memit")
+                if r.id in self._with_edit()}
+
+    def _with_edit(self) -> set[int]:
+        return {r.id for r in self.store.facts(where="memit") if self.store.edit_path(r.id).exists()}
+
+    def _edit_missing(self) -> None:
+        """MEMIT edits for the MEMIT-held facts that have none: those a reconsolidation
+        wrote straight into the keyed memory, back in MEMIT after a `rollback` of it (or a
+        crash between that rollback and this)."""
+        missing = [r for r in self.store.facts(where="memit") if r.id not in self._with_edit()]
+        if not missing:
+            return
+        with self.lm.lock:
+            self.activate()
+            try:
+                edits, _ = self._edit([r.fact for r in missing], set(), self.progress,
+                                      self.chat_edits(len(self._edits) + len(missing)))
+                self.store.rewrite_edits({r.id: e for r, e in zip(missing, edits)})
+            finally:
+                self._edits = self._load_edits()
+                self._rebuild()
 
     def export_adapter(self, path: str | os.PathLike[str], max_rank: int | None = None) -> Path:
         """Write the whole learned memory as one PEFT LoRA adapter directory (`export`)."""

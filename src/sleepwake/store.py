@@ -319,6 +319,13 @@ class Store:
             old.append(self.edit_path(fid, v))
         return old
 
+    def rewrite_edits(self, rewritten: dict[int, FactEdit]) -> None:
+        """Give active facts new edits (new versions), in one transaction."""
+        with self._tx() as db:
+            stale = self._rewrite(db, rewritten)
+        for path in stale:
+            path.unlink(missing_ok=True)
+
     def commit_injection(
         self,
         facts: Sequence[Fact],
@@ -478,8 +485,7 @@ class Store:
             if status != "accepted":
                 return
             if keyed:
-                db.execute("UPDATE cycles SET superseded_by=? WHERE status='accepted' AND adapter LIKE 'keyed/%' "
-                           "AND superseded_by IS NULL AND id<>?", (cycle, cycle))
+                self._supersede_keyed(db, cycle)
                 lora = db.execute("SELECT 1 FROM cycles WHERE status='accepted' AND adapter NOT LIKE 'keyed/%' "
                                   "AND superseded_by IS NULL").fetchone()
                 if lora is None:  # the new table holds no forgotten fact, and no adapter is left that does
@@ -502,6 +508,48 @@ class Store:
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+
+    @staticmethod
+    def _supersede_keyed(db: sqlite3.Connection, cycle: int) -> None:
+        """Inside a transaction: `cycle`'s keyed table replaces the earlier ones."""
+        db.execute("UPDATE cycles SET superseded_by=? WHERE status='accepted' AND adapter LIKE 'keyed/%' "
+                   "AND superseded_by IS NULL AND id<>?", (cycle, cycle))
+
+    def commit_reconsolidation(self, cycle: int, facts: Sequence[Fact], replaces: Sequence[int | None],
+                               report: dict, save_table: Callable[[list[int]], None]) -> list[FactRecord]:
+        """Close a reconsolidation (`sleepwake.reconsolidate`) in one transaction: `facts`
+        are recorded as held by `cycle`'s keyed table, which `save_table(their ids)`
+        writes inside it, and replaces the earlier tables; `replaces[i]` is the id fact i
+        supersedes. The table replaced is deleted after the commit if a reconsolidation
+        wrote it (one is written per telling; a sleep's tables are kept for `rollback`)
+        or a forgotten fact is pending (the new table keeps the entry that holds it, off,
+        until the next sleep rebuilds it; that sleep erases the tables it replaces)."""
+        now = time.time()
+        prev = self.active_adapters()
+        forgetting = self.meta("rebuild_pending") == "1"
+        with self._tx() as db:
+            ids = [int(db.execute(
+                "INSERT INTO facts(subject, relation, object, question, status, created_at, location, cycle) "
+                "VALUES (?, ?, ?, ?, 'active', ?, 'consolidated', ?)",
+                (f.subject, f.relation, f.object, f.question, now, cycle)).lastrowid) for f in facts]
+            stale = []
+            for fid, old in zip(ids, replaces):
+                if old is not None:
+                    stale.append(self.edit_path(old))
+                    db.execute("UPDATE facts SET status='replaced', ended_at=?, replaced_by=? "
+                               "WHERE id=? AND status='active'", (now, fid, old))
+            save_table(ids)
+            db.execute("UPDATE cycles SET status='accepted', ended_at=?, adapter=?, report=? WHERE id=?",
+                       (now, str(self.keyed_path(cycle).relative_to(self.home)),
+                        json.dumps({**report, "consolidated": ids}), cycle))
+            self._supersede_keyed(db, cycle)
+        for i, path in prev:
+            row = self.db.execute("SELECT kind FROM cycles WHERE id=?", (i,)).fetchone()
+            if path.suffix == ".safetensors" and (forgetting or row is not None and row[0] == "reconsolidate"):
+                stale.append(path)
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return [self.get(i) for i in ids]
 
     def rollback(self, cycle: int) -> list[int]:
         """Undo `cycle` and every accepted cycle after it, in one transaction: their

@@ -105,6 +105,7 @@ class InjectStats:
     second_try: bool = False  # the guard's second try was kept
     chat: bool = True  # also edited for the chat question
     raw_only_again: int = 0  # held facts edited again raw-only (MemitConfig.chat_edit_max_facts)
+    reconsolidated: int = 0  # facts written into their subjects' keyed entries instead (`reconsolidate`)
 
 
 class MemitEditor:
@@ -144,13 +145,14 @@ class MemitEditor:
         with attention_kernels(device):
             return self._edit(facts, previous, progress, device, cfg, init)
 
-    def subject_deltas(self, facts: Sequence[Fact], clamp_norm_factor: float | None = None
+    def subject_deltas(self, facts: Sequence[Fact], clamp_norm_factor: float | None = None,
+                       init: dict[str, torch.Tensor] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
         """v* for `facts` on the live model, raw prompts and chat questions both, without
         writing anything: per subject key, δ at the last edited layer (bounded by
-        `clamp_norm_factor`, default the config's), and the keys the first edited layer's
-        down-projection reads at the subject's last token in each prompt (for the keyed
-        memory, `sleepwake.keyed`)."""
+        `clamp_norm_factor`, default the config's; started at `init`'s δ where it has
+        one), and the keys the first edited layer's down-projection reads at the
+        subject's last token in each prompt (for the keyed memory, `sleepwake.keyed`)."""
         cfg = replace(self.cfg, chat_edit=True, key_positions="subject",
                       clamp_norm_factor=clamp_norm_factor or self.cfg.clamp_norm_factor)
         device = input_device(self.model)
@@ -158,7 +160,7 @@ class MemitEditor:
         with attention_kernels(device):
             requests = build_requests(facts, self.tokenizer, cfg)
             slots = make_slots(requests, cfg, device)
-            targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg)
+            targets = compute_targets(self.model, self.arch, self.tokenizer, requests, slots, last, cfg, init)
             keys = self.keys_at(requests, self.layers[0])
         deltas: dict[str, torch.Tensor] = {}
         for s, r in enumerate(slots.request.tolist()):

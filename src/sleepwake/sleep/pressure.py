@@ -73,6 +73,6 @@ def since_deep(cycles: list[dict]) -> SinceDeep:
         if c["status"] == "accepted":
             if c["kind"] == "deep":
                 break
-            naps += 1
+            naps += c["kind"] == "nap"  # not a reconsolidation: it is no sleep, but it adds to the load
             moved += len((c.get("report") or {}).get("consolidated") or ())
     return SinceDeep(naps, bool(ended) and ended[-1]["status"] == "rejected", moved)

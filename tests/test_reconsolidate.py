@@ -1,0 +1,111 @@
+"""Reconsolidation (`sleepwake.reconsolidate`): a new fact about a subject the keyed
+memory holds goes into its entry at once, on the real default model."""
+
+from __future__ import annotations
+
+import pytest
+
+from sleepwake.config import MemoryConfig
+from sleepwake.evaluate import held
+from sleepwake.facts import Fact
+from sleepwake.keyed import KeyedMemory
+
+PERSON = [Fact("Kofi Asante", "lives in", "Kumasi"), Fact("Kofi Asante", "drives", "a Toyota Hilux"),
+          Fact("Kofi Asante", "studies", "Korean")]
+OTHER = Fact("Ilse Brandvold", "works as a", "glassblower")
+LATER = [Fact("Kofi Asante", "has a parrot named", "Biscuit"), Fact("Kofi Asante", "was born in", "Tamale")]
+
+
+def answered(mem, facts) -> list[bool]:
+    return held(mem.model, mem.tokenizer, facts, chat=True)
+
+
+@pytest.fixture(scope="module")
+def keyed_home(tmp_path_factory, lm, cache_dir):
+    """A person of three facts and another of one, napped into the keyed memory."""
+    from sleepwake.memory import Memory
+
+    home = tmp_path_factory.mktemp("recon") / "home"
+    with Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False) as mem:
+        mem.inject([*PERSON, OTHER])
+        assert mem.nap().status == "accepted"
+        assert {r.where for r in mem.facts()} == {"consolidated"}
+    return home
+
+
+def copy(home, tmp_path):
+    import shutil
+
+    shutil.copytree(home, tmp_path / "home")
+    return tmp_path / "home"
+
+
+def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(keyed_home, make_memory, tmp_path):
+    home = copy(keyed_home, tmp_path)
+    mem = make_memory(home)
+    old_delta = mem._keyed.entries["kofi asante"].delta.clone()
+    result = mem.inject(LATER)
+    assert [r.where for r in result.records] == ["consolidated", "consolidated"]
+    assert result.stats[0].reconsolidated == 2 and result.slept is None
+    assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 6}
+    assert all(answered(mem, [*PERSON, *LATER, OTHER]))
+    entry = mem._keyed.entries["kofi asante"]
+    assert set(entry.facts) == {r.id for r in mem.facts() if r.fact.subject == "Kofi Asante"}
+    assert not entry.delta.equal(old_delta)
+    kinds = [(c["kind"], c["status"]) for c in mem.history()]
+    assert kinds == [("nap", "accepted"), ("reconsolidate", "accepted")]
+    assert mem.status(measure_perplexity=False)["naps_since_deep"] == 1  # a reconsolidation is no nap
+    mem.close()
+    again = make_memory(home)  # a restart reads the new table
+    assert all(answered(again, [*PERSON, *LATER, OTHER]))
+    again._rebuild([], [], None)  # and the base model knows none of it
+    assert not any(answered(again, LATER))
+
+
+def test_an_update_of_a_keyed_fact_replaces_its_object_in_the_entry(keyed_home, make_memory, tmp_path):
+    mem = make_memory(copy(keyed_home, tmp_path))
+    moved = Fact("Kofi Asante", "lives in", "Tamale")
+    (rec,) = mem.inject(moved).records
+    assert rec.where == "consolidated"
+    assert answered(mem, [moved, *PERSON[1:]]) == [True, True, True]
+    assert answered(mem, [PERSON[0]]) == [False]
+    old = next(r for r in mem.store.facts(status=None) if r.fact == PERSON[0])
+    assert old.status == "replaced"
+
+
+def test_tables_of_earlier_reconsolidations_are_not_kept(keyed_home, make_memory, tmp_path):
+    home = copy(keyed_home, tmp_path)
+    mem = make_memory(home)
+    for f in LATER:
+        mem.inject(f)
+    tables = sorted(p.name for p in (home / "keyed").glob("*.safetensors"))
+    assert tables == ["cycle-000001.safetensors", "cycle-000003.safetensors"]  # the nap's (for rollback), the last
+
+
+def test_a_forgotten_fact_leaves_no_table_behind(keyed_home, make_memory, tmp_path):
+    home = copy(keyed_home, tmp_path)
+    mem = make_memory(home)
+    gone = mem.facts()[0]
+    mem.forget(gone.id)  # Kofi's entry is off; his other facts go back to MEMIT
+    mem.inject(Fact("Ilse Brandvold", "lives in", "Bergen"))  # Ilse's entry is live: reconsolidated
+    assert mem.facts()[-1].where == "consolidated"
+    assert len(list((home / "keyed").glob("*.safetensors"))) == 1  # the table that held the forgotten fact went
+    assert mem.nap().status == "accepted"
+    (table,) = (home / "keyed").glob("*.safetensors")
+    assert gone.id not in KeyedMemory.load(table).entries["kofi asante"].facts
+    assert answered(mem, [gone.fact]) == [False]
+    assert all(answered(mem, [*PERSON[1:], OTHER]))
+
+
+def test_a_rollback_of_a_reconsolidation_edits_its_facts_into_memit(keyed_home, make_memory, tmp_path):
+    home = copy(keyed_home, tmp_path)
+    mem = make_memory(home)
+    mem.inject(LATER[0])
+    cycle = mem.history()[-1]["id"]
+    assert mem.rollback(cycle) == [cycle]
+    assert {r.fact.relation: r.where for r in mem.facts()}["has a parrot named"] == "memit"
+    assert mem.store.edit_path(mem.facts()[-1].id).is_file()
+    assert all(answered(mem, [LATER[0], OTHER]))
+    mem.close()
+    assert all(answered(make_memory(home), [LATER[0], OTHER]))
+
