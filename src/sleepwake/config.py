@@ -264,6 +264,9 @@ class MemoryConfig:
     text; a keyed δ acts only where its subject is read, and one δ carries all of a
     subject's facts. One user's six facts (CPU): 0/6 answered at 0.75, 6/6 at 1.5 and
     at 3.0, perplexity equal to the base model's each time."""
+    reconsolidate: bool = True
+    """A new fact about a subject the keyed memory holds goes into its entry at once
+    (`sleepwake.reconsolidate`), not back through MEMIT with all the subject's facts."""
     guard: bool = True
     """Check after each MEMIT batch whether it knocked out earlier facts, and if so try
     again with their subjects in the same solve (``Memory._edit_guarded``)."""

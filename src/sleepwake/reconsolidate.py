@@ -36,8 +36,10 @@ if TYPE_CHECKING:
 
 def reconsolidable(mem: Memory, facts: Sequence[Fact]) -> tuple[list[Fact], list[Fact]]:
     """(facts whose subject has a live keyed entry, the others). Only with the keyed
-    memory and subject keys: there a subject is one δ, read wherever it is named."""
-    if mem.config.consolidation != "keyed" or mem.config.memit.key_positions != "subject":
+    memory and subject keys (there a subject is one δ, read wherever it is named), and
+    `MemoryConfig.reconsolidate`."""
+    cfg = mem.config
+    if not cfg.reconsolidate or cfg.consolidation != "keyed" or cfg.memit.key_positions != "subject":
         return [], list(facts)
     live = mem.keyed_live()
     entries = live.entries if live is not None else {}
