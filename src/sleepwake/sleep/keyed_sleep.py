@@ -51,10 +51,13 @@ def _groups(mem: Memory, records: Sequence[FactRecord]) -> dict[str, list[FactRe
     return out
 
 
-def _solve(mem: Memory, groups: dict[str, list[FactRecord]], desc: str, init: dict[str, torch.Tensor]
-           ) -> list[Entry]:
-    """New entries for `groups` (v* and keys on the live model), a few subjects per batch;
-    v* starts at `init`'s δ where it has one (`_starts`)."""
+def _solve(mem: Memory, groups: dict[str, list[FactRecord]], desc: str, table: KeyedMemory,
+           init: dict[str, torch.Tensor]) -> list[Entry]:
+    """New entries for `groups`, a few subjects per batch: v* and keys on the consolidated
+    model (`table` without these subjects' entries: a δ solved with the subject's old
+    entry still read would be solved on top of it, and then replace it); v* starts at
+    `init`'s δ where it has one (`_starts`)."""
+    mem._rebuild([], mem._adapters, table.without(list(groups)))
     editor = mem.editor()
     entries, batch, n = [], [], 0
     names = list(groups)
@@ -160,7 +163,7 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
 
     reused, fresh = _reuse(mem, moving)
     starts = _starts(old, {**moving, **redo})
-    new = reused + _solve(mem, {**fresh, **redo}, kind, starts)
+    new = reused + _solve(mem, {**fresh, **redo}, kind, keep, starts)
     table = keep.with_entries(new)
     phase("solve")
     mem._rebuild([], mem._adapters, table)
@@ -168,7 +171,7 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
     retry = {e.subject: moving[e.subject] for e in reused if not ok[e.subject]}
     report.reused = len(reused) - len(retry)
     if retry:  # an injection's δ that does not answer on the consolidated model: v* again
-        table = table.with_entries(_solve(mem, retry, kind, starts))
+        table = table.with_entries(_solve(mem, retry, kind, table, starts))
         mem._rebuild([], mem._adapters, table)
         ok.update(_answered(mem, retry))
         phase("solve again")
