@@ -416,6 +416,23 @@ def _capturing(graph: torch.cuda.CUDAGraph, stream: torch.cuda.Stream) -> Iterat
             graph.capture_end()
 
 
+def release_cached(device: torch.device, share: float = 0.25) -> bool:
+    """Hand the CUDA allocator's free cached blocks back to the driver once they pass
+    `share` of the GPU's memory; whether it did. On one H200 a 1,000-fact lifelong run of
+    the 135M model held 86 GB at 600 facts and 120 GB at 1,000, and three such runs on one
+    GPU ran out of memory; the likely cause is that each v* graph has its own memory pool
+    and the cache keeps what those pools freed (not yet re-measured with this release).
+    Not after every graph: handing everything back each time made one 8B-shape injection
+    in two take 2.6 s instead of 1.1 s."""
+    if device.type != "cuda":
+        return False
+    idle = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if idle <= share * torch.cuda.get_device_properties(device).total_memory:
+        return False
+    torch.cuda.empty_cache()
+    return True
+
+
 class _StepGraph:
     """One v* step — forward, loss, backward into δ.grad — captured once as a CUDA graph
     and replayed. On a GPU, launching a step's few thousand small kernels from Python
@@ -639,5 +656,8 @@ def compute_targets(
             run(max(1, cap // 4), groups, base_logp)
     else:
         run(cap, groups, base_logp)
+    if graph is not None:
+        del graph
+        release_cached(at)
     deltas = delta.detach()[slot_delta]
     return TargetResult(h + deltas, deltas, loss_before, sum(last_loss) / n_req, steps)
