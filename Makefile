@@ -18,7 +18,7 @@ demo: setup
 # Two workers, a test file each at a time (module fixtures are built once), in the
 # order tests/conftest.py gives (longest first; xdist would put files of many tests first).
 test: setup-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The end-to-end evidence of issue #4: 15 messages through the server, deep sleep, restart, page.
 scenario: setup-test

@@ -6,7 +6,7 @@ completed correctly that it still completes correctly). Writes
 results/capacity.json and results/capacity.png.
 
     python benchmarks/capacity.py [--max 200] [--layers 4-11] [--lambda 0.1] [--seeds 7,8,9]
-        [--set v_steps=60 ...] [--no-guard] [--batch 5] [--model PATH] [--device cuda]
+        [--set v_steps=60 ...] [--no-guard] [--batch 5] [--model PATH] [--device cuda] [--quantize nf4]
 
 `--merge A.json B.json … --name X` combines runs made apart (one process per fact set, as on
 a GPU) into one result with its summary, goals and plot, refusing runs of different settings.
@@ -48,10 +48,10 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 
 def curve(cfg: MemoryConfig, facts: list, loc: list, model: str | None = None, device: str | None = None,
-          batch: int = 5) -> dict:
+          batch: int = 5, quantize: str | None = None) -> dict:
     """One capacity curve: inject `facts` in batches of `batch`, measuring at each checkpoint."""
     with tempfile.TemporaryDirectory() as home:
-        mem = Memory(model, home=home, config=cfg, device=device, progress=False)
+        mem = Memory(model, home=home, config=cfg, device=device, progress=False, quantize=quantize)
         mem.editor()
         ppl0 = mem.perplexity()
         # Locality: real-world facts the unedited model gets right, as a raw completion
@@ -215,6 +215,7 @@ def main() -> None:
                     metavar="NAME=VALUE", help="a MemitConfig field, e.g. --set lambda_reg=20 (repeatable)")
     ap.add_argument("--model", help="model path or id (default: the default model)")
     ap.add_argument("--device", help="e.g. cuda (default: where the model loads)")
+    ap.add_argument("--quantize", choices=["nf4"], help="load the base model's linear maps in 4-bit NF4 (issue 27)")
     ap.add_argument("--no-guard", action="store_true",
                     help="keep a batch's first edit even where it knocks out earlier facts (MemoryConfig.guard)")
     ap.add_argument("--batch", type=batch_size, default=5, help="facts per injection (default 5, as the paper)")
@@ -250,9 +251,9 @@ def main() -> None:
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
         runs.append({"seed": seed, **curve(cfg, fictional_facts(args.max // 2, 2, seed=seed)[: args.max], loc,
-                                                args.model, args.device, args.batch)})
+                                                args.model, args.device, args.batch, args.quantize)})
     result = {"lambda": cfg.memit.lambda_reg, "settings": changes, "guard": cfg.guard, "batch": args.batch,
-              "model": args.model, "locality_facts": len(loc), "seeds": args.seeds}
+              "model": args.model, "quantize": args.quantize, "locality_facts": len(loc), "seeds": args.seeds}
     if len(runs) == 1:
         result |= runs[0]
     else:

@@ -4,6 +4,7 @@ memory holds goes into its entry at once, on the real default model."""
 from __future__ import annotations
 
 import pytest
+from test_cli import run_cli
 
 from sleepwake.config import MemoryConfig
 from sleepwake.evaluate import held
@@ -44,18 +45,24 @@ def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(
     home = copy(keyed_home, tmp_path)
     mem = make_memory(home)
     old_delta = mem._keyed.entries["kofi asante"].delta.clone()
-    result = mem.inject(LATER)
-    assert [r.where for r in result.records] == ["consolidated", "consolidated"]
-    assert result.stats[0].reconsolidated == 2 and result.slept is None
+    results = [mem.inject(f) for f in LATER]  # told one at a time
+    assert [r.records[0].where for r in results] == ["consolidated", "consolidated"]
+    assert [r.stats[0].reconsolidated for r in results] == [1, 1] and not any(r.slept for r in results)
     assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 6}
     assert all(answered(mem, [*PERSON, *LATER, OTHER]))
     entry = mem._keyed.entries["kofi asante"]
     assert set(entry.facts) == {r.id for r in mem.facts() if r.fact.subject == "Kofi Asante"}
     assert not entry.delta.equal(old_delta)
     kinds = [(c["kind"], c["status"]) for c in mem.history()]
-    assert kinds == [("nap", "accepted"), ("reconsolidate", "accepted")]
+    assert kinds == [("nap", "accepted"), ("reconsolidate", "accepted"), ("reconsolidate", "accepted")]
     assert mem.status(measure_perplexity=False)["naps_since_deep"] == 1  # a reconsolidation is no nap
+    tables = sorted(p.name for p in (home / "keyed").glob("*.safetensors"))
+    assert tables == ["cycle-000001.safetensors", "cycle-000003.safetensors"]  # the nap's (for rollback), the last
     mem.close()
+    shown = run_cli("history", home=home)
+    assert shown.returncode == 0, shown.stderr
+    assert "reconsolidate #3: accepted" in shown.stdout
+    assert "1 new fact(s) written into the keyed entries of 1 subject(s)" in shown.stdout
     again = make_memory(home)  # a restart reads the new table
     assert all(answered(again, [*PERSON, *LATER, OTHER]))
     again._rebuild([], [], None)  # and the base model knows none of it
@@ -71,15 +78,6 @@ def test_an_update_of_a_keyed_fact_replaces_its_object_in_the_entry(keyed_home, 
     assert answered(mem, [PERSON[0]]) == [False]
     old = next(r for r in mem.store.facts(status=None) if r.fact == PERSON[0])
     assert old.status == "replaced"
-
-
-def test_tables_of_earlier_reconsolidations_are_not_kept(keyed_home, make_memory, tmp_path):
-    home = copy(keyed_home, tmp_path)
-    mem = make_memory(home)
-    for f in LATER:
-        mem.inject(f)
-    tables = sorted(p.name for p in (home / "keyed").glob("*.safetensors"))
-    assert tables == ["cycle-000001.safetensors", "cycle-000003.safetensors"]  # the nap's (for rollback), the last
 
 
 def test_a_forgotten_fact_leaves_no_table_behind(keyed_home, make_memory, tmp_path):

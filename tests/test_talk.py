@@ -166,7 +166,9 @@ def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
     where = {r.fact.object: r.where for r in bot.facts()}
     # Learned after the nap, Zofia's two facts made the next nap due (pressure 0.4), which ran at once.
     assert where["Valparaíso"] == "consolidated" and where["Kraków"] == "consolidated", where
-    assert [c["kind"] for c in bot.history()] == ["nap", "nap"]
+    # A fact told in between about someone the first nap keyed (the user, who has a friend)
+    # may be reconsolidated into that entry at once, without a nap.
+    assert [c["kind"] for c in bot.history() if c["kind"] != "reconsolidate"] == ["nap", "nap"]
     assert bot.memory.store.unlearned() == []
     assert mentions(bot.say(question).reply, "Valparaíso")
     assert mentions(bot.say("Where does Zofia Wróblewska live?").reply, "Kraków")

@@ -557,7 +557,10 @@ def cmd_eval(ctx: Context) -> int:
 
 def _cycle_lines(rep: dict) -> list[str]:
     lines = [f"{rep['kind']} #{rep['id']}: {rep['status']}" + (f" ({rep['reason']})" if rep.get("reason") else "")]
-    if rep.get("consolidated") is not None and rep["id"] is not None:
+    if rep["kind"] == "reconsolidate":  # no sleep: new facts written into held subjects' entries
+        lines.append(f"  {len(rep.get('consolidated') or [])} new fact(s) written into the keyed entries of "
+                     f"{rep.get('subjects', 0)} subject(s); {rep.get('seconds', 0):.1f} s")
+    elif rep.get("consolidated") is not None and rep["id"] is not None:
         lines.append(f"  consolidated {len(rep['consolidated'])} fact(s); {len(rep.get('kept') or [])} kept in MEMIT"
                      + ("; consolidated memory rebuilt" if rep.get("rebuilt") else ""))
         lines.append(f"  chat recall without MEMIT {_fmt_float(rep.get('chat_recall'))}, raw "
