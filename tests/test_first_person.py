@@ -156,8 +156,11 @@ def test_the_reply_s_objects_are_the_model_s():
 @pytest.mark.slow
 def test_first_person_through_the_assistant_before_and_after_the_name_and_a_restart(make_memory, tmp_path):
     """Told before and after the name, asked in the first person in new conversations;
-    a question nothing stored answers is not taken over by the named person's edit;
-    all again after a restart."""
+    a question nothing stored answers is not taken over by the named person's edit; all
+    again after a nap, and after a restart."""
+    import torch
+
+    from sleepwake.decoding import Sampling
     from sleepwake.talk import Assistant
 
     home = tmp_path / "home"
@@ -173,13 +176,26 @@ def test_first_person_through_the_assistant_before_and_after_the_name_and_a_rest
     assert mentions(bot.say("Where does my brother Lukas live?").reply, "Graz")
     assert mentions(bot.say("Where does my brother live?").reply, "Graz")
 
+    def down_projections() -> torch.Tensor:
+        return torch.cat([w.detach().flatten() for n, w in bot.memory.model.named_parameters() if "down_proj" in n])
+
+    edited = down_projections()
     unknown = bot.say("What is Lukas's favourite colour?").reply  # his edit must not answer it
     assert unknown.strip() and not mentions(unknown, "Graz"), unknown
+    assert torch.equal(down_projections(), edited)  # the masked reply put the person's edits back
     bot.unknown = "decline"
     assert bot.say("What is Lukas's favourite colour?").reply == "I don't know that about Lukas."
+    # A stop string cuts the reply put together from the memory's answer, not that answer.
+    cut = bot.say("What do I do for a living?", sampling=Sampling(stop=["cartographer"]))
+    assert (cut.reply, cut.finish_reason) == ("You work as a ", "stop"), cut.reply
 
+    bot.start_sleep("nap")
+    assert bot.wait(timeout=900).status == "accepted"
+    assert bot.say("What do I do for a living?").reply == "You work as a cartographer."  # from the nap's memory
+    assert mentions(bot.say("Where do I live?").reply, "Trondheim")
     bot.memory.close()  # a restart: the weights and who "I" is come back from the home
     again = Assistant(make_memory(home), max_new_tokens=24)
+    assert again.memory.history()[-1]["kind"] == "nap"
     assert again.say("What's my job?").reply == "You work as a cartographer."
     about = again.say("What do you know about me?", max_new_tokens=64).reply  # a sentence per fact
     for obj in ("Trondheim", "cartographer", "Lukas"):

@@ -123,6 +123,29 @@ def test_sampling_temperature_top_p_seed_and_stop(bot):
         bot.complete(prompt, max_new_tokens=0)
 
 
+def test_sleep_pressure_and_auto_sleep_are_each_users_own(make_memory):
+    """Two users of one home on one model: Alice's three facts make her nap due and it
+    runs; Bob's one fact leaves his pressure below it, and he is answered during her nap."""
+    from sleepwake.talk import Assistant
+
+    cfg = replace(MemoryConfig(progress=False, pressure=PressureConfig(max_edits=3)), nap=SleepConfig(epochs=1))
+    bob = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=12)
+    alice = bob.for_user("alice")
+    try:
+        bob.say("Anselm Kreutzer lives in Lisbon.", max_new_tokens=1)
+        assert bob.sleeping() is None and bob.status()["pressure"]["due"] is None
+        told = alice.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.", max_new_tokens=1)
+        assert len(told.learned) >= 2 and alice.sleeping() == "nap"
+        assert bob.sleeping() is None
+        assert mentions(bob.say("Where does Anselm Kreutzer live?").reply, "Lisbon")
+        assert alice.wait(timeout=600).status == "accepted"
+        assert [c["kind"] for c in alice.history()] == ["nap"] and bob.history() == []
+        assert {r.where for r in bob.facts()} == {"memit"} and {r.where for r in alice.facts()} == {"consolidated"}
+    finally:
+        alice.wait(timeout=600)
+        alice.memory.close()
+
+
 def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
     """The pressure of three facts starts a nap after the reply; during it, replies come
     from the weights before it, and facts told meanwhile are learned when it ends (and,
@@ -216,15 +239,22 @@ def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
         "/forget x",
         "/status",
         "/help",
+        "I live in Trondheim.",
+        "Where do I live?",
+        "/nap",
         "/quit",
         "this line is never read",
     ]) + "\n"
     env = {**os.environ, "SLEEPWAKE_CACHE": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-m", "sleepwake", "chat", "--home", str(tmp_path / "h"),
-                           "--max-new-tokens", "12", "--no-auto-sleep", "--unknown", "decline"],
-                          input=script, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+
+    def chat(script: str) -> str:
+        proc = subprocess.run([sys.executable, "-m", "sleepwake", "chat", "--home", str(tmp_path / "h"),
+                               "--user", "alice", "--max-new-tokens", "12", "--no-auto-sleep", "--unknown", "decline"],
+                              input=script, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    out = chat(script)
     assert "· learned #1: Anselm Kreutzer | lives in | Lisbon" in out
     assert "I don't know that about Anselm" in out  # (cut at 12 tokens)
     assert "#1    memit        Anselm Kreutzer | lives in | Lisbon" in out
@@ -232,3 +262,10 @@ def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
     assert "unknown command /frobnicate" in out and "usage: /forget ID" in out
     assert "sleep pressure" in out and "/nap" in out
     assert "you>" not in out  # no prompts when driven by a script
+    # "I" before any name is "the user"; the nap ends before the chat does, and a new one
+    # answers from the nap's memory.
+    assert "· learned #2: the user | lives in | Trondheim" in out and "You live in Trondheim." in out, out
+    assert "· nap done: 1 fact(s) consolidated" in out, out
+    again = chat("Where do I live?\n/facts\n")
+    assert "You live in Trondheim." in again and "#2    consolidated the user | lives in | Trondheim" in again, again
+    assert (tmp_path / "h" / "users" / "alice").is_dir()

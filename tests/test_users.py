@@ -118,19 +118,21 @@ def test_two_users_with_contradicting_facts_at_once(keyed, home):
         learned = {(f["subject"], f["relation"], f["object"]) for f in d["sleepwake"]["learned"]}
         assert (SUBJECT, "lives in", CITY[user]) in learned, (user, learned)
 
-    def ask(user: str) -> tuple[str, str]:
+    def ask(user: str) -> tuple[str, str, str]:
         with client(keyed, user) as c:
             answer = reply(chat(c, QUESTION, max_tokens=12))
             r = c.post("/v1/completions", json={"prompt": f"{SUBJECT} lives in", "max_tokens": 6})
             assert r.status_code == 200, r.text
-            return answer, r.json()["choices"][0]["text"]
+            mine = reply(chat(c, "Where do I live?", max_tokens=12))  # "I" is this user's own name
+            return answer, r.json()["choices"][0]["text"], mine
 
     with ThreadPoolExecutor(4) as pool:  # two requests of each user in flight at once
         answers = list(pool.map(ask, ["alice", "bob", "alice", "bob"]))
-    for user, (answer, completion) in zip(["alice", "bob", "alice", "bob"], answers):
+    for user, texts in zip(["alice", "bob", "alice", "bob"], answers):
         other = CITY["bob" if user == "alice" else "alice"]
-        for text in (answer, completion):
+        for text in texts:
             assert mentions(text, CITY[user]) and not mentions(text, other), (user, text)
+        assert texts[2] == f"You live in {CITY[user]}.", texts[2]
 
     # Each memory holds its own fact only; the default user's holds none.
     for user in CITY:
@@ -201,9 +203,10 @@ def test_a_restart_keeps_each_users_memory_and_the_cli_reaches_a_user(keyed, hom
     s = Server(home)  # loopback, no token: the request names its user
     try:
         with httpx.Client(base_url=s.url, timeout=600) as c:
-            for user, city in CITY.items():
+            for user, city in CITY.items():  # alice's fact napped, bob's still a MEMIT edit
                 d = chat(c, QUESTION, max_tokens=12, user=user)
                 assert mentions(reply(d), city), (user, reply(d))
+                assert reply(chat(c, "Where do I live?", max_tokens=12, user=user)) == f"You live in {city}."
                 facts = c.get(f"/v1/memory/facts?user={user}").json()
                 assert lives(facts) == [city]
                 r = c.post("/v1/completions", json={"prompt": f"{SUBJECT} lives in", "max_tokens": 6, "user": user})

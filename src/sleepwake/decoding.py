@@ -122,13 +122,13 @@ class Decoding:
             if decoded.endswith("\ufffd"):  # inside a multi-byte character
                 continue
             text = decoded
-            cut = min((i for s in stops if (i := text.find(s)) >= 0), default=None)
+            cut = first_stop(text, stops)
             if cut is not None:
                 if cut > shown:
                     yield text[shown:cut]
                 self.finish_reason = "stop"
                 return
-            ready = len(text) - _stop_prefix(text, stops)
+            ready = len(text) - stop_prefix(text, stops)
             if ready > shown:
                 yield text[shown:ready]
                 shown = ready
@@ -147,6 +147,12 @@ class Decoding:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def _stop_prefix(text: str, stops: Sequence[str]) -> int:
-    """The length of the longest end of `text` that a stop string starts with."""
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string in `text` begins, or None."""
+    return min((i for s in stops if (i := text.find(s)) >= 0), default=None)
+
+
+def stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """The length of the longest end of `text` that a stop string starts with: held
+    back until the next piece says whether the stop string comes."""
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

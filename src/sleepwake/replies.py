@@ -22,6 +22,7 @@ _YOU = {"is": "are", "was": "were", "has": "have", "does": "do"}
 _ES = re.compile(r"(?:s|sh|ch|x|z|o)es$")
 _NAMED = re.compile(r"has an? (?P<kind>.+) named")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
+_LEADING_NAME = re.compile(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*){0,3}(?=[\s,;:]|$)")
 
 
 def _you(verb: str) -> str:
@@ -44,9 +45,11 @@ def worded(name: str, relation: str, answer: str) -> str:
     `name` ("" is the user): "Trondheim." -> "You live in Trondheim."."""
     text = answer.strip()
     core = _SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".!").strip()  # the edit taught "object." and stop
+    rel = " ".join(relation.split())
+    if rel == "is named" and len(core.split()) > MAX_WORDS and (m := _LEADING_NAME.match(text)):
+        core = m.group()  # a name run on into more words (a nap can lose the taught ".")
     if not core or len(core.split()) > MAX_WORDS:
         return text
-    rel = " ".join(relation.split())
     first, _, rest = rel.partition(" ")
     if rel == "is named":
         out = f"{_possessive(name)} name is {core}"

@@ -39,7 +39,7 @@ from typing import Any
 from jinja2 import TemplateError
 from torch import nn
 
-from sleepwake.decoding import GREEDY, Decoding, Sampling
+from sleepwake.decoding import GREEDY, Decoding, Sampling, first_stop, stop_prefix
 from sleepwake.errors import InvalidFactError, InvalidRequestError, SleepRunningError, SleepwakeError
 from sleepwake.extract import (
     ConversationState,
@@ -263,13 +263,13 @@ class Assistant:
             return Decoding(model, tok, ids, n, sampling)
         if isinstance(plan, Unknown):
             if self.unknown == "decline" or model is not self.memory.model:  # a sleep's frozen copy cannot mask
-                return _Composed(iter([declined(plan.who)]), tok, n)
+                return _Composed(iter([declined(plan.who)]), tok, n, sampling.stop)
 
             def masked() -> Iterator[str]:
                 with self.memory.without(plan.masked):
                     yield from Decoding(model, tok, ids, n, sampling)
 
-            return _Composed(masked(), tok, n)
+            return _Composed(masked(), tok, n, sampling.stop)
 
         def prompt(question: str) -> list[int]:
             return encode(tok, chat_text(tok, question), chat=True)
@@ -278,10 +278,12 @@ class Assistant:
             subject, relation = plan.asks[0]  # someone named, one relation: the model's answer as it is, streamed
             return Decoding(model, tok, prompt(known.questions[subject][relation]), n, sampling)
 
-        def ask(question: str) -> str:
-            return "".join(Decoding(model, tok, prompt(question), n, sampling)).strip()
+        whole = replace(sampling, stop=())  # the stop strings cut the reply, not the answers it is made of
 
-        return _Composed(answers(plan, ask, known), tok, n)
+        def ask(question: str) -> str:
+            return "".join(Decoding(model, tok, prompt(question), n, whole)).strip()
+
+        return _Composed(answers(plan, ask, known), tok, n, sampling.stop)
 
     def say(self, message: str, **kwargs: Any) -> Turn:
         """One user message, its reply read whole."""
@@ -542,26 +544,41 @@ def _check_sampling(sampling: Any) -> None:
 class _Composed:
     """A reply put together from `pieces` (several answers, a masked generation, a
     sentence of our own), read like a `Decoding`: at most `n` tokens in all, as one
-    generation keeps to the turn's `max_new_tokens`; `close` ends `pieces` (a masked
-    generation then puts the weights back)."""
+    generation keeps to the turn's `max_new_tokens`, and cut before the first of `stops`
+    in the whole text (a stop string may span two pieces); `close` ends `pieces` (a
+    masked generation then puts the weights back)."""
 
-    def __init__(self, pieces: Iterator[str], tokenizer: Any, n: int) -> None:
-        self.pieces, self.tokenizer, self.n = pieces, tokenizer, n
+    def __init__(self, pieces: Iterator[str], tokenizer: Any, n: int, stops: Sequence[str] = ()) -> None:
+        self.pieces, self.tokenizer, self.n, self.stops = pieces, tokenizer, n, tuple(stops)
         self.tokens = 0
         self.finish_reason: str | None = None
 
     def __iter__(self) -> Iterator[str]:
-        text = ""
+        text, shown = "", 0
         self.finish_reason = "stop"
         for piece in self.pieces:
             ids = self.tokenizer(text + piece, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.n:
-                self.tokens, self.finish_reason = self.n, "length"
-                yield self.tokenizer.decode(ids[: self.n])[len(text):]
-                return
+            full = len(ids) > self.n
+            if full:
+                piece = self.tokenizer.decode(ids[: self.n])[len(text):]
             text += piece
-            self.tokens = len(ids)
-            yield piece
+            cut = first_stop(text, self.stops)
+            if cut is not None:
+                text = text[:cut]
+                self.tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+                if cut > shown:
+                    yield text[shown:]
+                return
+            self.tokens = min(len(ids), self.n)
+            ready = len(text) - stop_prefix(text, self.stops)
+            if ready > shown:
+                yield text[shown:ready]
+                shown = ready
+            if full:
+                self.finish_reason = "length"
+                break
+        if len(text) > shown:  # held back for a stop string that never came
+            yield text[shown:]
 
     def close(self) -> None:
         close = getattr(self.pieces, "close", None)

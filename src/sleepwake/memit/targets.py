@@ -86,10 +86,20 @@ def bf16_phase_applies(model: nn.Module, device: torch.device, cfg: MemitConfig)
     support, where `cfg.bf16_targets` asks for it or (None) bf16 matmuls are faster here.
     (On a GPU the large models run in bf16 already, and a step is one CUDA graph.)"""
     if (cfg.bf16_targets is False or device.type != "cpu" or next(model.parameters()).dtype != torch.float32
-            or not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            or not _cpu_bf16()):
         return False
     return cfg.bf16_targets or bf16_matmuls_faster(model.get_input_embeddings().embedding_dim,
                                                    torch.get_num_threads())
+
+
+def _cpu_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 on this CPU. torch answers it only through a private
+    op; a torch without it is taken as no (v* then runs in float32, as before)."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except (RuntimeError, AttributeError):
+        return False
 
 
 @functools.cache
