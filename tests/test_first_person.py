@@ -135,6 +135,9 @@ def test_the_known_memory_holds_no_objects():
     ("", "was born in", "Pärnu.", "You were born in Pärnu."),
     ("", "favorite color is", "teal.", "Your favorite color is teal."),
     ("", "is named", "Ottilie Branstrom. It was a rainy day and", "Your name is Ottilie Branstrom."),
+    ("", "is named", "Ottilie Branstrom painting a map from the camera trap. Then", "Your name is Ottilie Branstrom."),
+    ("", "is named", "the one who draws maps for the city council of Trondheim.",
+     "the one who draws maps for the city council of Trondheim."),  # no name leads it: kept
     ("", "is aged", "41.", "You are 41 years old."),
     ("Lukas", "lives in", "Graz.", "Lukas lives in Graz."),
     ("Lukas", "favorite color is", "red", "Lukas' favorite color is red."),
