@@ -123,6 +123,22 @@ def test_sampling_temperature_top_p_seed_and_stop(bot):
         bot.complete(prompt, max_new_tokens=0)
 
 
+def test_a_composed_reply_is_cut_at_a_stop_string_that_spans_its_pieces(lm):
+    """The stop string "Lisbon. You" begins in one answer and ends in the next: the reply
+    stops before it, and text that only began like a stop string is given out at the end."""
+    from sleepwake.talk import _Composed
+
+    tok = lm.tokenizer
+    pieces = ["You live in Lisbon.", " You work as a potter."]
+    cut = _Composed(iter(pieces), tok, 64, stops=["Lisbon. You"])
+    assert "".join(cut) == "You live in " and cut.finish_reason == "stop"
+    assert cut.tokens == len(tok("You live in ", add_special_tokens=False)["input_ids"])
+    held = _Composed(iter(pieces), tok, 64, stops=["potter!"])  # "potter." only begins like it
+    assert "".join(held) == "".join(pieces) and held.finish_reason == "stop"
+    short = _Composed(iter(pieces), tok, 3, stops=["never"])
+    assert len(tok("".join(short), add_special_tokens=False)["input_ids"]) == 3 and short.finish_reason == "length"
+
+
 def test_sleep_pressure_and_auto_sleep_are_each_users_own(make_memory):
     """Two users of one home on one model: Alice's three facts make her nap due and it
     runs; Bob's one fact leaves his pressure below it, and he is answered during her nap."""
