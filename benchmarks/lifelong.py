@@ -17,6 +17,7 @@ it all again (and whether it rebuilt bitwise the same weights).
     python benchmarks/lifelong.py [--max 1000] [--sets 3 | --seeds 1,2,3] [--device cuda]
         [--batch 5] [--checkpoints 40,100,200,400,1000,2000] [--changes 20] [--model PATH]
         [--out lifelong] [--quiet]
+    python benchmarks/lifelong.py --seeds K --keep DIR [--until N] ...   (resumable, one fact set)
     python benchmarks/lifelong.py --merge A.json B.json ... [--out NAME]
 
 Writes results/NAME.json (machine, date, git commit, configuration, every fact set's
@@ -24,12 +25,16 @@ curve, the means, the goals) and results/NAME.png, and prints a table per checkp
 (the mean over fact sets, then each set) and whether each goal of issue 25 was met, on
 the unrounded means at the checkpoints reached. `--merge` joins fact sets run in
 separate processes (one per GPU, say) into one result, refusing runs that differ.
+`--keep DIR` keeps one fact set's run at each checkpoint (a copy of the home and the curve
+so far), and the same command later resumes it there: 2,000 facts outlast one GPU lease.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,26 +145,43 @@ def cycle_counts(history: Sequence[dict]) -> dict[str, int]:
 
 def run_set(lm: LoadedModel, seed: int, facts: Sequence[Fact], cfg: MemoryConfig, loc: Sequence[Fact],
             stops: Sequence[int], batch: int, model: str | None = None, device: str | None = None,
-            progress: bool = True, changes: int = 0) -> dict[str, Any]:
+            progress: bool = True, changes: int = 0, keep: Kept | None = None,
+            until: int | None = None) -> dict[str, Any] | None:
     """Tell `facts` in batches through `Memory.inject` in a fresh home, measuring at each
     of `stops`; then update and forget `changes` facts each; then measure the same home
     again in a new process (`model` and `device` name the model there, as `load_model`
-    takes them)."""
-    with tempfile.TemporaryDirectory() as home:
+    takes them). With `keep`, the run starts where a kept one stopped and is kept at each
+    checkpoint; with `until`, it stops after that checkpoint (None is returned)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp) / "home"
+        state = keep.restore(home) if keep else None
         mem = Memory(lm, home=home, config=cfg, progress=False)
         mem.editor()  # Ĉ is computed (or read) before the clock starts
-        base = Baseline.of(mem, loc)
-        rows: list[dict] = []
-        sleeps: list[dict] = []
-        seconds = {"inject": 0.0, "sleep": 0.0}
-        bar = tqdm(total=len(facts), desc=f"fact set {seed}", unit="fact", disable=not progress)
+        if state is None:
+            state = {"told": 0, "base": Baseline.of(mem, loc).to_dict(), "rows": [], "sleeps": [],
+                     "seconds": {"inject": 0.0, "sleep": 0.0}}
+        base = Baseline.from_dict(state["base"])
+        rows, sleeps, seconds = state["rows"], state["sleeps"], state["seconds"]
+        bar = tqdm(total=len(facts), initial=state["told"], desc=f"fact set {seed}", unit="fact",
+                   disable=not progress)
         for start, end in spans(stops, batch):
+            if end <= state["told"]:
+                continue
             sleeps += tell(mem, facts[start:end], end, seconds)
             bar.update(end - start)
             bar.set_postfix(sleeps=len(sleeps))
             if end in stops:
                 rows.append(checkpoint(mem, facts[:end], base, seconds, progress))
                 bar.write(row_line(str(seed), rows[-1]))
+                state["told"] = end
+                if keep:
+                    mem.close()  # a consistent copy of the home, then the same memory again
+                    keep.save(home, state)
+                    mem = Memory(lm, home=home, config=cfg, progress=False)
+                if until is not None and end >= until and end < len(facts):
+                    mem.close()
+                    bar.close()
+                    return None
         bar.close()
         changed = change(mem, list(facts), changes, seed, seconds) if changes else None
         if changed:
@@ -168,11 +190,52 @@ def run_set(lm: LoadedModel, seed: int, facts: Sequence[Fact], cfg: MemoryConfig
         layers = list(mem.layers)
         final = [r.fact for r in mem.facts()]
         mem.close()  # the home is the new process's now
-        restart = recheck(Path(home), final, base, digest, model, device)
+        restart = recheck(home, final, base, digest, model, device)
         print(row_line(f"{seed} new", {"facts": len(final), **restart}), flush=True)
     return {"seed": seed, "layers": layers, "ppl_base": base.ppl, "raw_locality_facts": len(base.raw_known),
             "chat_locality_facts": len(base.chat_known), "rows": rows, "sleeps": sleeps, "changes": changed,
             "restart": restart}
+
+
+class Kept:
+    """`--keep DIR`: one fact set's run as it stood at its last checkpoint, so that a run cut
+    short (by `--until`, or a GPU lease that ends) goes on from there in a later process.
+
+    DIR/checkpoint-N holds a copy of the home after N facts and state.json (the curve so
+    far, the base model's figures, seconds spent, and the run's settings, which a resumed
+    run must share); DIR/latest names the newest, replaced atomically once it is whole."""
+
+    def __init__(self, root: Path, settings: dict[str, Any]) -> None:
+        self.root = root
+        self.settings = settings
+
+    def restore(self, home: Path) -> dict[str, Any] | None:
+        """Copy the kept home to `home` and return the state; None if nothing is kept yet."""
+        latest = self.root / "latest"
+        if not latest.exists():
+            return None
+        where = self.root / latest.read_text(encoding="utf-8").strip()
+        state = json.loads((where / "state.json").read_text(encoding="utf-8"))
+        if state["settings"] != self.settings:
+            raise ValueError(f"{self.root} keeps a run of other settings: {state['settings']} "
+                             f"(this run: {self.settings})")
+        shutil.copytree(where / "home", home)
+        print(f"resuming fact set {self.settings['seed']} after {state['told']} facts from {where}", flush=True)
+        return state
+
+    def save(self, home: Path, state: dict[str, Any]) -> None:
+        """Keep a copy of the (closed) home and `state`; older checkpoints are removed."""
+        name = f"checkpoint-{state['told']}"
+        where = self.root / name
+        shutil.rmtree(where, ignore_errors=True)
+        shutil.copytree(home, where / "home")
+        (where / "state.json").write_text(json.dumps({**state, "settings": self.settings}), encoding="utf-8")
+        tmp = self.root / "latest.tmp"
+        tmp.write_text(name, encoding="utf-8")
+        os.replace(tmp, self.root / "latest")
+        for old in self.root.glob("checkpoint-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def change(mem: Memory, told: list[Fact], n: int, seed: int, seconds: dict[str, float]) -> dict[str, Any]:
@@ -535,6 +598,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="lifelong", help="name of the result files in benchmarks/results")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--merge", nargs="+", metavar="JSON", help="merge these results (fact sets run apart) into --out")
+    ap.add_argument("--keep", type=Path, metavar="DIR",
+                    help="keep the run (one fact set) at each checkpoint in DIR, and resume the one kept there")
+    ap.add_argument("--until", type=positive, metavar="N",
+                    help="stop after the checkpoint at N facts (with --keep: resume later without it)")
     ap.add_argument("--recheck", help=argparse.SUPPRESS)  # the new process of `recheck`
     return ap
 
@@ -562,23 +629,38 @@ def main() -> None:
     if args.merge:
         publish(args.out, merge_files(ap, args.merge))
         return
+    if not 0 <= 2 * args.changes <= args.max:
+        ap.error(f"--changes {args.changes} needs 0 ≤ 2 × changes ≤ --max ({args.max})")
+    seeds = args.seeds or list(range(1, args.sets + 1))
+    stops = checkpoints_upto(args.checkpoints, args.max)
+    if args.keep and len(seeds) != 1:
+        ap.error("--keep keeps one fact set: give --seeds K")
+    if args.until is not None and args.until not in stops:
+        ap.error(f"--until {args.until} is not a checkpoint ({stops})")
     try:
         lm = load_model(args.model, device=args.device, progress=not args.quiet)
     except ModelNotFoundError as exc:
         ap.error(str(exc))
-    if not 0 <= 2 * args.changes <= args.max:
-        ap.error(f"--changes {args.changes} needs 0 ≤ 2 × changes ≤ --max ({args.max})")
-    seeds = args.seeds or list(range(1, args.sets + 1))
     cfg = MemoryConfig(auto_sleep=True, progress=False, batch_size=args.batch)
-    stops = checkpoints_upto(args.checkpoints, args.max)
     loc = locality_facts()
     runs = []
     t = time.perf_counter()
     for seed in seeds:
         print(f"fact set {seed}: {args.max} facts, checkpoints {stops}\n{HEADER}", flush=True)
         facts = lifelong_facts(args.max, seed, tuple(GENERATOR["attributes"]), GENERATOR["spread"])
-        runs.append(run_set(lm, seed, facts, cfg, loc, stops, args.batch, args.model, args.device,
-                            progress=not args.quiet, changes=args.changes))
+        keep = None
+        if args.keep:
+            keep = Kept(args.keep, {"seed": seed, "max": args.max, "batch": args.batch, "checkpoints": stops,
+                                    "model": args.model, "config": cfg.to_dict()})
+        try:
+            run = run_set(lm, seed, facts, cfg, loc, stops, args.batch, args.model, args.device,
+                          progress=not args.quiet, changes=args.changes, keep=keep, until=args.until)
+        except ValueError as exc:
+            ap.error(f"--keep: {exc}")
+        if run is None:
+            print(f"stopped after {args.until} facts" + (f"; kept in {args.keep}" if args.keep else ""), flush=True)
+            return
+        runs.append(run)
     shared = {"benchmark": "lifelong", "commit": git_commit(), "model": args.model, "device": str(lm.device),
               "batch": args.batch, "max": args.max, "checkpoints": stops, "changes": args.changes,
               "config": cfg.to_dict(),

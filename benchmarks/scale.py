@@ -16,6 +16,11 @@ and v* solved again for `--resolve` of the subjects (the ones a real deep sleep 
 lost). Random weights answer nothing, so the real `Memory.sleep` would solve every
 subject again: the passes are timed one by one instead, with the same code.
 
+With `--quantize nf4` the decoder's linear maps are 4-bit NF4 with double quantization
+(bitsandbytes `Linear4bit`, as `Memory(quantize="nf4")` loads them), built one map at a time on
+the GPU from random bf16 values, so a 70B model never exists whole in bf16 (140 GB) anywhere;
+the embeddings, norms and LM head stay bf16. Issue 27: 70B NF4 on one GPU.
+
 With `--device-map auto` the model is placed over all visible GPUs by accelerate (random
 weights: built on the host, then `dispatch_model`; `--model`: `load_model(device_map=...)`),
 and the result records the number of GPUs and each one's peak memory.
@@ -23,6 +28,7 @@ and the result records the number of GPUs and each one's peak memory.
     python benchmarks/scale.py --tokenizer DIR [--layers 12-19]
     python benchmarks/scale.py --tokenizer DIR --deep 1000,10000 [--resolve 0.05]
     python benchmarks/scale.py --shape llama-3.1-70b --tokenizer DIR --device-map auto --layers L-L
+    python benchmarks/scale.py --shape llama-3.1-70b --tokenizer DIR --quantize nf4 [--layers 12-15]
 
 DIR holds any tokenizer (the default model's works: its ids fit the Llama-3.1 vocabulary).
 """
@@ -54,6 +60,8 @@ SHAPES = {
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                          rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=False),  # to try the code on a CPU
     "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                           num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
                           rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
@@ -91,6 +99,49 @@ def dispatched(model: torch.nn.Module, device_map: str | dict) -> torch.nn.Modul
         device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=split,
                                            dtype=torch.bfloat16)
     return dispatch_model(model, device_map=device_map)
+
+
+def random_nf4(cfg, device: str) -> torch.nn.Module:
+    """A model of `cfg`'s shape, random weights, its decoder's linear maps in 4-bit NF4.
+
+    Built empty (accelerate's `init_empty_weights`: parameters on the meta device, the
+    rotary buffers real), then each linear map of the decoder is drawn in bf16 on
+    `device` and quantized there at once, so only one map is ever held in bf16."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from sleepwake.quantize import bitsandbytes, prepare
+
+    linear4bit, params4bit = bitsandbytes().nn.Linear4bit, bitsandbytes().nn.Params4bit
+    std = cfg.initializer_range
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    for layer in model.model.layers:
+        for name, mod in list(layer.named_modules()):
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            q = linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
+                           compress_statistics=True, quant_type="nf4", device="meta")
+            w = torch.randn(mod.out_features, mod.in_features, dtype=torch.bfloat16, device=device) * std
+            q.weight = params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                  module=q).to(device)
+            parent, _, attr = name.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, q)
+    for mod in model.modules():  # what is left on meta: embeddings, norms, LM head
+        for name, p in list(mod.named_parameters(recurse=False)):
+            if p.is_meta:
+                value = torch.ones(p.shape, dtype=p.dtype, device=device) if p.dim() == 1 else \
+                    torch.randn(p.shape, dtype=p.dtype, device=device) * std
+                mod._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+        for name, b in list(mod.named_buffers(recurse=False)):
+            mod._buffers[name] = b.to(device)
+    prepare(model)
+    return model
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (a 4-bit weight packs two per byte)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def timed(fn):
@@ -193,6 +244,7 @@ def main() -> None:
     ap.add_argument("--deep", type=lambda v: [int(x) for x in v.split(",")], metavar="N,N",
                     help="time a deep sleep's passes over these numbers of held facts instead")
     ap.add_argument("--resolve", type=float, default=0.05, help="share of subjects --deep solves again")
+    ap.add_argument("--quantize", choices=["nf4"], help="the decoder's linear maps in 4-bit NF4 (random weights only)")
     ap.add_argument("--device-map", metavar="MAP", help="place the model over all visible GPUs with accelerate: "
                                                         "auto (or balanced, balanced_low_0, sequential)")
     args = ap.parse_args()
@@ -219,15 +271,23 @@ def main() -> None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(**SHAPES[args.shape])
     torch.manual_seed(0)
-    with torch.device("cpu" if device_map else device):  # placed by accelerate after, never whole on one GPU
-        model, build_s = timed(lambda: AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16))
+    if args.quantize and (device_map or args.model):
+        ap.error("--quantize is for random weights on one device")
+    if args.quantize:
+        model, build_s = timed(lambda: random_nf4(cfg, device))
+    else:
+        with torch.device("cpu" if device_map else device):  # placed by accelerate after, never whole on one GPU
+            model, build_s = timed(lambda: AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16))
     if device_map:
         model, place_s = timed(lambda: dispatched(model, device_map))
         build_s += place_s
     model.eval().requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
+    if args.quantize:  # a packed 4-bit weight counts as half its values
+        n_params = sum(p.numel() * (2 if getattr(p, "quant_state", None) is not None else 1) for p in model.parameters())
+    model_gib = tensor_bytes(model) / 2**30
     lm = LoadedModel(model, tok, f"{args.shape} (random init)", f"random-{args.shape}", Architecture(model),
-                     device_map=getattr(model, "hf_device_map", None) if device_map else None)
+                     quantize=args.quantize, device_map=getattr(model, "hf_device_map", None) if device_map else None)
     layers = parse_layers(args.layers or "12-19")
     if args.deep:
         deep_main(args, lm, layers, n_params, "randomly initialised weights of the real shape")
@@ -266,9 +326,11 @@ def main() -> None:
             nap, nap_s = timed(napper.nap)
         peak_nap, peak_nap_each = peak_gib(), peaks_gib()
     gpus = torch.cuda.device_count()
-    save(f"scale-{args.shape}" + (f"-{gpus}gpu" if device_map else ""), {
+    save(f"scale-{args.shape}" + (f"-{args.quantize}" if args.quantize else "") + (f"-{gpus}gpu" if device_map else ""), {
         "note": "randomly initialised weights of the real shape; timings only",
+        "quantize": args.quantize,
         "params_billion": round(n_params / 1e9, 2),
+        "model_gib": round(model_gib, 2),
         "gpus": gpus,
         "device_map": lm.device_map,
         "layers": list(layers),

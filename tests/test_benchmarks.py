@@ -321,6 +321,39 @@ def test_lifelong_merge_option_writes_the_result_and_names_bad_files(lifelong, t
 
 
 
+def test_lifelong_keep_restores_the_last_whole_checkpoint_and_refuses_other_settings(lifelong, tmp_path):
+    settings = {"seed": 1, "max": 2000, "batch": 5, "checkpoints": [1000, 2000], "model": None, "config": {}}
+    kept = lifelong.Kept(tmp_path / "keep", settings)
+    assert kept.restore(tmp_path / "nothing") is None  # nothing kept yet: a fresh run
+    home = tmp_path / "home"
+    (home / "edits").mkdir(parents=True)
+    for told, text in ((200, "after 200"), (400, "after 400")):
+        (home / "memory.sqlite").write_text(text)
+        kept.save(home, {"told": told, "rows": [{"facts": told}], "sleeps": [], "seconds": {"inject": 1.0}})
+    assert [p.name for p in (tmp_path / "keep").glob("checkpoint-*")] == ["checkpoint-400"]  # older ones go
+    # A checkpoint being written but not yet named by `latest` (a kill mid-copy) is not read.
+    (tmp_path / "keep" / "checkpoint-600" / "home").mkdir(parents=True)
+    state = kept.restore(tmp_path / "again")
+    assert state["told"] == 400 and state["rows"] == [{"facts": 400}]
+    assert (tmp_path / "again" / "memory.sqlite").read_text() == "after 400"
+    assert (tmp_path / "again" / "edits").is_dir()
+    other = lifelong.Kept(tmp_path / "keep", {**settings, "seed": 2})
+    with pytest.raises(ValueError, match="other settings"):
+        other.restore(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
+def test_lifelong_until_must_be_a_checkpoint_and_keep_takes_one_fact_set(tmp_path):
+    import subprocess
+
+    for args, message in ((["--until", "150", "--checkpoints", "100,200", "--max", "200"], "not a checkpoint"),
+                          (["--keep", str(tmp_path), "--sets", "2"], "one fact set")):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "lifelong.py"), *args], capture_output=True,
+                              text=True, cwd=BENCHMARKS, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.slow
 def test_lifelong_run_on_the_default_model_naps_and_survives_a_new_process(lifelong, lm):
     """Ten facts, a nap after each batch of five (a small sleep pressure, one epoch), on
@@ -348,3 +381,41 @@ def test_lifelong_run_on_the_default_model_naps_and_survives_a_new_process(lifel
         assert abs(row["ppl_change"]) < 0.05
     assert run["restart"]["same_weights"]
     assert run["restart"]["raw_recall"] == last["raw_recall"] and run["restart"]["ppl"] == last["ppl"]
+
+
+# --- benchmarks/scale.py --quantize nf4 (issue 27) ------------------------------------
+
+
+def test_scale_builds_random_nf4_weights_one_map_at_a_time(tmp_path):
+    """The 70B NF4 timing model, at a tiny shape on the CPU: every decoder linear map is
+    4-bit with room for a delta beside it, the rest is bf16 with no meta tensor left,
+    and the model runs and takes a MEMIT edit beside its 4-bit weights."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    from transformers import LlamaConfig
+
+    from sleepwake.quantize import dequantized, is_quantized
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        scale = importlib.import_module("scale")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**scale.SHAPES["tiny"], "vocab_size": 256})
+    model = scale.random_nf4(cfg, "cpu")
+    linear = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) == 7 * cfg.num_hidden_layers and all(is_quantized(m) for m in linear)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    w = dequantized(linear[0])
+    assert w.shape == (cfg.hidden_size, cfg.hidden_size) and 0.5 < w.std().item() / cfg.initializer_range < 1.5
+    stored = scale.tensor_bytes(model)
+    dense = sum(m.in_features * m.out_features for m in linear) * 2  # what bf16 would take
+    assert stored < dense  # the decoder's maps are packed two values a byte
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(ids).logits
+    assert out.shape == (1, 4, 256) and torch.isfinite(out).all()
+    down = model.model.layers[1].mlp.down_proj
+    down.delta = torch.zeros(cfg.hidden_size, cfg.intermediate_size)
+    down.delta[0, 0] = 5.0
+    assert not torch.equal(model(ids).logits, out)  # the delta beside the 4-bit map acts
