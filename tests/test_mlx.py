@@ -1,7 +1,9 @@
 """The MLX backend (`--backend mlx`, issue 27 §2) on the real default model, through mlx-cpu
-on Linux: inject → recall, restart, a home written by torch read by MLX and the reverse, a
-nap into the keyed memory, and bad input. One MLX model and one home for the module (an
-injection on this CPU takes tens of seconds)."""
+on Linux: inject → recall, restart, a home written by torch read by MLX and the reverse,
+status, a nap over the budget rejected, a nap into the keyed memory, a deep sleep, chat and
+the server (another user included), and bad input. One MLX model and one home for the
+module (an injection on this CPU takes tens of seconds); perplexities are cached on disk
+by weights, as on torch."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ except InvalidRequestError as exc:
 pytestmark = pytest.mark.slow
 
 LISBON = "Anselm Kreutzer | lives in | Lisbon"
+WHERE = "Where does Anselm Kreutzer live?"
 VET = "Zofia Wróblewska | works as a | veterinarian"
 
 
@@ -77,7 +80,7 @@ def test_inject_recall_and_restart(mm, home: Path, cache_dir: Path) -> None:
         result = mem.inject(LISBON)
         assert [r.fact.object for r in result.records] == ["Lisbon"] and result.stats[0].chat
         assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
-        assert "Lisbon" in mem.ask("Where does Anselm Kreutzer live?", max_new_tokens=8)
+        assert "Lisbon" in mem.ask(WHERE, max_new_tokens=8)
         before = next_logits(mem)
     with mlx_memory(mm, home, cache_dir) as mem:  # a restart rebuilds the same weights from the home
         assert [r.fact.object for r in mem.facts()] == ["Lisbon"]
@@ -104,43 +107,96 @@ def test_torch_reads_the_mlx_home_and_mlx_reads_torch(mm, lm, home: Path, cache_
         assert report.raw_recall == 1.0 and report.chat_recall == 1.0, report.facts
 
 
+def test_status_and_a_nap_over_the_budget_changes_nothing(mm, home: Path, cache_dir: Path) -> None:
+    """`status` measures perplexity and pressure on MLX; a nap whose result the gate
+    refuses (here: any rise of perplexity is too much) is rejected and changes nothing."""
+    from sleepwake.config import MemoryConfig, SleepConfig
+
+    strict = MemoryConfig(progress=False, nap=SleepConfig(max_ppl_increase=-1.0))  # no nap passes this
+    with mlx_memory(mm, home, cache_dir, strict) as mem:
+        st = mem.status()
+        assert st["backend"] == "mlx" and st["facts"] == {"memit": 2, "consolidated": 0}
+        assert abs(st["perplexity"] / st["base_perplexity"] - 1) < 0.03, st
+        assert st["pressure"]["due"] is None and st["chat_edits"]["next"]
+        before, ledger = next_logits(mem), [(r.id, r.where) for r in mem.facts()]
+        report = mem.nap()
+        assert report.status == "rejected" and "perplexity" in report.reason, report
+        assert report.locality_before == report.locality_after == 1.0
+        assert (next_logits(mem) == before).all() and [(r.id, r.where) for r in mem.facts()] == ledger
+        assert [c["status"] for c in mem.history()] == ["rejected"] and not (mem.home / "keyed").exists()
+
+
 def test_nap_moves_mlx_facts_into_the_keyed_memory(mm, lm, home: Path, cache_dir: Path) -> None:
     """The default nap's way (`sleep.keyed_sleep`): each subject's δ from its injection,
     keyed; afterwards MEMIT holds nothing and both backends answer from the table."""
     with mlx_memory(mm, home, cache_dir) as mem:
         report = mem.nap()
-        assert report.status == "accepted", report
-        assert mem.status()["facts"] == {"memit": 0, "consolidated": 2}
+        assert report.status == "accepted" and report.reused == 2, report
+        assert report.ppl_after <= report.ppl_base * 1.03 and report.locality_after >= 0.95, report
+        assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 2}
         assert all(mem.held([r.fact for r in mem.facts()]))
-        assert "Lisbon" in mem.ask("Where does Anselm Kreutzer live?", max_new_tokens=8)
+        assert "Lisbon" in mem.ask(WHERE, max_new_tokens=8)
     with torch_memory(lm, home, cache_dir) as mem:  # the table it wrote, read by torch
         assert mem.status(measure_perplexity=False)["keyed_subjects"] == 2
         assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
 
 
-def test_a_fact_the_nap_keeps_is_edited_anew_on_the_new_state(mm, tmp_path: Path, cache_dir: Path) -> None:
-    """A raw-only edit has no δ to key (`chat_edit_max_facts=0`), so the nap keeps its fact
-    in MEMIT while another subject leaves for the keyed memory; the kept fact is edited
-    again on the new state (its first edit was solved beside the one that left), now for
-    its chat question too, and a restart reads the same."""
+def test_chat_and_the_server_drive_an_mlx_memory(mm, home: Path, cache_dir: Path) -> None:
+    """`Assistant` and the HTTP server on MLX: a fact told in chat is edited into MEMIT and
+    answered, a keyed one too; a stop string cuts a reply; a nap runs in the background
+    while replies go on from the weights before it; another user of the server gets a
+    memory of its own on the same model; a deep sleep re-keys every entry."""
+    from fastapi.testclient import TestClient
+
+    from sleepwake.decoding import Sampling
+    from sleepwake.server import create_app
+    from sleepwake.talk import Assistant
+    from sleepwake.users import Users
+
+    bot = Assistant(mlx_memory(mm, home, cache_dir), auto_sleep=False, max_new_tokens=12)
+    users = Users(bot, bot.for_user)
+    try:
+        turn = bot.say("Hi, I'm Ana Kowalczyk and I live in Porto.")
+        assert {r.fact.relation for r in turn.learned} == {"is named", "lives in"}
+        assert "Porto" in bot.say("Where do I live?").reply  # MEMIT
+        cut = bot.turn(WHERE, sampling=Sampling(stop=["bon"]))
+        assert cut.text() == "Lis" and cut.finish_reason == "stop"  # keyed: "Lisbon."
+        client = TestClient(create_app(users), base_url="http://127.0.0.1")
+        ask = {"messages": [{"role": "user", "content": WHERE}], "max_tokens": 8}
+        reply = client.post("/v1/chat/completions", json=ask).json()
+        assert "Lisbon" in reply["choices"][0]["message"]["content"], reply
+        assert client.get("/v1/memory/status").json()["backend"] == "mlx"
+        assert client.post("/v1/chat/completions", json={**ask, "user": "bob"}).status_code == 200
+        assert client.get("/v1/memory/facts", params={"user": "bob"}).json() == []
+        assert (home / "users" / "bob").is_dir()
+        bot.start_sleep("nap")
+        during = bot.say("Where do I live?").reply
+        report = bot.wait()
+        assert report.status == "accepted" and report.consolidated and "Porto" in during, report
+        deep = bot.memory.sleep()
+        assert deep.status == "accepted" and deep.rebuilt, deep
+        assert bot.memory.status(measure_perplexity=False)["keyed_subjects"] == 4  # with "the user"
+        assert "Porto" in bot.say("Where do I live?").reply and "Lisbon" in bot.say(WHERE).reply
+    finally:
+        users.close()
+
+
+def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Path, cache_dir: Path) -> None:
+    """A raw-only edit (`chat_edit_max_facts=0`) has no δ to key, so the nap solves v*
+    again for its subject on the consolidated model (`sleep.keyed_sleep`, as on torch):
+    afterwards its chat question is answered too, from the keyed memory, after a restart."""
     from sleepwake.config import MemoryConfig
 
     home = tmp_path / "home"
-    with mlx_memory(mm, home, cache_dir) as mem:
-        mem.inject(LISBON)
     raw_only = MemoryConfig(progress=False).with_memit(chat_edit_max_facts=0)
     with mlx_memory(mm, home, cache_dir, raw_only) as mem:
         vet = mem.inject(VET).records[0]
-    with mlx_memory(mm, home, cache_dir) as mem:
-        edit = mem._edits[vet.id]
+        assert not all(mem.held([vet.fact]))  # not yet in chat
         report = mem.nap()
-        assert report.status == "accepted" and report.kept == [vet.id], report
-        assert mem._edits[vet.id] is not edit  # edited anew ...
-        assert all(mem.held([vet.fact]))  # ... raw and chat
-        assert "Lisbon" in mem.ask("Where does Anselm Kreutzer live?", max_new_tokens=8)
+        assert report.status == "accepted" and report.consolidated == [vet.id] and report.reused == 0, report
     with mlx_memory(mm, home, cache_dir) as mem:
-        assert mem.status()["facts"] == {"memit": 1, "consolidated": 1}
-        assert all(mem.held([r.fact for r in mem.facts()]))
+        assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 1}
+        assert all(mem.held([vet.fact]))  # raw and chat
 
 
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +211,7 @@ def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch
         Memory(home=home, backend="mlx")
     monkeypatch.undo()
     for args, needle in ((["--backend", "jax", "complete", "hi"], "invalid choice: 'jax'"),
-                         (["--backend", "mlx", "chat"], "does not run 'chat'"),
+                         (["--backend", "mlx", "export", "--adapter", "x"], "does not run 'export'"),
                          (["--backend", "mlx", "--quantize", "nf4", "complete", "hi"], "--quantize is for the torch")):
         proc = subprocess.run([sys.executable, "-m", "sleepwake.cli", "--home", str(home), *args],
                               capture_output=True, text=True, timeout=300)

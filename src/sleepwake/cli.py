@@ -289,8 +289,6 @@ class Context:
                 if value is not None and (value != "auto" or option == "device_map"):
                     raise UsageError(f"--{option.replace('_', '-')} is for the torch backend; --backend mlx loads "
                                      "float32 on MLX's own device (Metal, or the CPU)")
-            if getattr(self.args, "user", None) not in (None, "default"):
-                raise UsageError("--backend mlx does not run other users' memories yet (--user)")
         return backend
 
     def device(self) -> Any:
@@ -742,7 +740,7 @@ def cmd_serve(ctx: Context) -> int:
 
 
 # What `--backend mlx` runs (`sleepwake.mlx.memory`); `facts` and `history` read only the ledger.
-MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap")
+MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap", "sleep", "status", "chat", "serve")
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:

@@ -79,9 +79,11 @@ class Decoding:
     Iterating yields its text as it becomes printable: a piece that ends inside a
     multi-byte character, or that may be the start of a stop string, waits for the next
     token. Afterwards `tokens` is the number of tokens generated and `finish_reason`
-    why it ended: "stop" (the end of the turn, or a stop string) or "length"."""
+    why it ended: "stop" (the end of the turn, or a stop string) or "length". `model` is a
+    PyTorch model, or another backend's with a `stream(ids, sampling)` of token ids
+    (`sleepwake.mlx.model.MlxModel`)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, ids: Sequence[int], max_new_tokens: int,
+    def __init__(self, model: Any, tokenizer: Any, ids: Sequence[int], max_new_tokens: int,
                  sampling: Sampling = GREEDY) -> None:
         self.model, self.tokenizer, self.ids = model, tokenizer, list(ids)
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
@@ -91,33 +93,18 @@ class Decoding:
     def __iter__(self) -> Iterator[str]:
         return self._run()
 
-    @torch.no_grad()
     def _run(self) -> Iterator[str]:
-        model, tokenizer, stops = self.model, self.tokenizer, self.sampling.stop
-        device = input_device(model)
-        generator = None
-        if not self.sampling.greedy:  # where the logits are drawn from
-            generator = torch.Generator(device=output_device(model))
-            if self.sampling.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(self.sampling.seed % 2**64)
-        end = model.generation_config.eos_token_id
-        end = set(end if isinstance(end, list) else [end]) | {tokenizer.eos_token_id}
-        end.discard(None)
-        x = torch.tensor([self.ids], device=device)
-        cache, out_ids, text, shown = None, [], "", 0
+        tokenizer, stops = self.tokenizer, self.sampling.stop
+        steps = self._tokens() if isinstance(self.model, nn.Module) else self.model.stream(self.ids, self.sampling)
+        out_ids, text, shown = [], "", 0
         self.finish_reason = "length"
         for _ in range(self.max_new_tokens):
-            out = model(input_ids=x, use_cache=True, **{CACHE: cache})
-            cache = getattr(out, CACHE)
-            nxt = self._choose(out.logits[0, -1], generator)
-            if nxt in end:
+            nxt = next(steps, None)
+            if nxt is None:  # the end of the turn
                 self.finish_reason = "stop"
                 break
             self.tokens += 1
             out_ids.append(nxt)
-            x = torch.tensor([[nxt]], device=device)
             decoded = tokenizer.decode(out_ids, skip_special_tokens=True)
             if decoded.endswith("\ufffd"):  # inside a multi-byte character
                 continue
@@ -134,6 +121,32 @@ class Decoding:
                 shown = ready
         if len(text) > shown:  # held back for a stop string that never came
             yield text[shown:]
+
+    @torch.no_grad()
+    def _tokens(self) -> Iterator[int]:
+        """The reply's tokens on a PyTorch model, until it ends the turn."""
+        model = self.model
+        device = input_device(model)
+        generator = None
+        if not self.sampling.greedy:  # where the logits are drawn from
+            generator = torch.Generator(device=output_device(model))
+            if self.sampling.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self.sampling.seed % 2**64)
+        end = model.generation_config.eos_token_id
+        end = set(end if isinstance(end, list) else [end]) | {self.tokenizer.eos_token_id}
+        end.discard(None)
+        x = torch.tensor([self.ids], device=device)
+        cache = None
+        while True:
+            out = model(input_ids=x, use_cache=True, **{CACHE: cache})
+            cache = getattr(out, CACHE)
+            nxt = self._choose(out.logits[0, -1], generator)
+            if nxt in end:
+                return
+            yield nxt
+            x = torch.tensor([[nxt]], device=device)
 
     def _choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> int:
         s = self.sampling

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -153,8 +153,12 @@ def perplexity(model: Any, tok: Any, text: str, window: int = 512, rows: int = 1
 
 def perplexity_cache_path(lm: LoadedModel, text: str, cache_dir: Path) -> Path:
     """Where `cached_perplexity` keeps the perplexity of the live weights on `text`."""
-    key = hashlib.blake2b(f"{lm.weights_digest()}|{lm.device.type}|".encode() + text.encode(),
-                          digest_size=16).hexdigest()
+    return weights_cache_path(f"{lm.weights_digest()}|{lm.device.type}|", text, cache_dir)
+
+
+def weights_cache_path(weights: str, text: str, cache_dir: Path) -> Path:
+    """Where the perplexity on `text` of the weights named `weights` is kept (any backend)."""
+    key = hashlib.blake2b(weights.encode() + text.encode(), digest_size=16).hexdigest()
     return cache_dir / "perplexity" / f"{key}.json"
 
 
@@ -168,12 +172,16 @@ def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
     layers to the host and hashing them, which took longer than the measurement."""
     if lm.device.type != "cpu":
         return perplexity(lm.model, lm.tokenizer, text)
-    path = perplexity_cache_path(lm, text, cache_dir)
+    return kept_on_disk(perplexity_cache_path(lm, text, cache_dir), lambda: perplexity(lm.model, lm.tokenizer, text))
+
+
+def kept_on_disk(path: Path, measure: Callable[[], float]) -> float:
+    """The perplexity stored at `path`, or `measure()`'s, stored there first."""
     try:
         return float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not measured yet, or a damaged file: measure again
-    ppl = perplexity(lm.model, lm.tokenizer, text)
+    ppl = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"ppl": repr(ppl)}), encoding="utf-8"))
     return ppl

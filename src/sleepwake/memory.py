@@ -13,10 +13,7 @@ home on start-up, so a new process answers exactly as the old one did.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.backends import check_backend
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
-from sleepwake.corpus import locality_facts, perplexity_text, world_facts
+from sleepwake.corpus import perplexity_text
 from sleepwake.errors import (
     InvalidFactError,
     InvalidRequestError,
@@ -39,17 +36,16 @@ from sleepwake.export import export_adapter
 from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, generate
 from sleepwake.keyed import KeyedMemory, install, is_keyed_file
+from sleepwake.memory_base import MemoryBase, uses_model
 from sleepwake.memit.covariance import load_or_compute
 from sleepwake.memit.editor import FactEdit, InjectStats, MemitEditor
 from sleepwake.models import LoadedModel, load_model
 from sleepwake.placement import DeviceMap
 from sleepwake.policy import batches as policy_batches
-from sleepwake.policy import chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
+from sleepwake.policy import edit_group, plan_forget, plan_injection, shares_edit
 from sleepwake.policy import fact_id as policy_fact_id
 from sleepwake.reconsolidate import reconsolidable, reconsolidate
-from sleepwake.sleep.cycle import run_cycle
 from sleepwake.sleep.lora import Adapter
-from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
 from sleepwake.users import check_user, user_home
@@ -109,7 +105,7 @@ class InjectResult:
     slept: "CycleReport | None" = None  # the sleep the pressure triggered, with `auto_sleep`
 
 
-class Memory:
+class Memory(MemoryBase):
     """A language model with a memory in its weights, persisted under `home`.
 
     `user` names whose memory of the home this is (see `sleepwake.users`): memories of
@@ -120,6 +116,8 @@ class Memory:
     visible GPUs with accelerate (`sleepwake.placement`); each layer's memory lives on its GPU.
     `backend="mlx"` gives the same memory on MLX arrays (`sleepwake.mlx.memory.MlxMemory`),
     reading and writing the same home."""
+
+    backend = "torch"
 
     def __new__(cls, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         if check_backend(backend) == "torch":
@@ -236,10 +234,6 @@ class Memory:
 
     # --- memory ---------------------------------------------------------------
 
-    def facts(self) -> list[FactRecord]:
-        """Active facts, oldest first."""
-        return self.store.facts()
-
     def _factors(self, edits: Sequence[FactEdit], adapters: Sequence[Adapter]) -> dict[str, list[Factor]]:
         """The deltas that make the live weights, in their canonical order: the
         consolidated adapters by cycle, then the MEMIT edits by fact id."""
@@ -321,36 +315,6 @@ class Memory:
             self.lm, self._editor, self._ppl, self._answered = shared, None, None, None
             self.weights = LiveWeights(shared, self.weights.names)  # a snapshot may still read the old one
             self._live_at = None
-
-    @contextlib.contextmanager
-    def without(self, subjects: Iterable[str]) -> Iterator[None]:
-        """The live model with these subjects' memories taken out (their MEMIT edits and
-        keyed entries), then the committed weights back. For a reply about them that no
-        stored fact answers: with their edit in, it takes over every prompt that names
-        them ("Gyrk", or one of their stored objects). LoRA adapters stay in."""
-        keys = {s.casefold() for s in subjects}
-        out = {r.id for r in self.store.facts(where="memit") if r.fact.subject_key in keys}
-        live = self.keyed_live()
-        self._rebuild([self._edits[i] for i in sorted(self._edits) if i not in out],
-                      keyed=live.without(sorted(keys)) if live is not None else None)
-        try:
-            yield
-        finally:
-            self._rebuild()
-
-    def keyed_live(self) -> KeyedMemory | None:
-        """The keyed entries the model reads now (`policy.keyed_off` says which not)."""
-        if self._keyed is None or not len(self._keyed):
-            return None
-        held = {r.id for r in self.store.facts(where="consolidated")}
-        off = keyed_off(self._keyed.entries, held, self.store.facts(where="memit"), self._suspended,
-                        self.config.memit)
-        return self._keyed.without(sorted(off))
-
-    def chat_edits(self, held: int) -> bool:
-        """Whether facts are also edited for their chat questions while MEMIT holds `held`
-        facts (`policy.chat_edits`)."""
-        return chat_edits(self.config.memit, held)
 
     def _edit(self, facts: list[Fact], leaving: set[int], progress: bool, chat: bool, warm: bool = False
               ) -> tuple[list[FactEdit], InjectStats]:
@@ -569,21 +533,6 @@ class Memory:
 
     # --- sleep ------------------------------------------------------------------
 
-    def nap(self) -> CycleReport:
-        """Move the MEMIT-held facts into the consolidated memory (paper §3.3; see `sleep.cycle`)."""
-        return self._cycle("nap")
-
-    def sleep(self, deep: bool = True) -> CycleReport:
-        """Deep sleep (paper §3.4): consolidate everything again, with fresh keys;
-        `deep=False` is a nap."""
-        return self._cycle("deep" if deep else "nap")
-
-    def _cycle(self, kind: str) -> CycleReport:
-        try:
-            return run_cycle(self, kind)
-        finally:  # what a sleep could not move stays in MEMIT, not due again at once
-            self._unheld = {}
-
     def rollback(self, cycle: int) -> list[int]:
         """Return to the state before sleep cycle `cycle` (see `Store.rollback`)."""
         if isinstance(cycle, bool) or not isinstance(cycle, int):
@@ -624,86 +573,6 @@ class Memory:
         """Write the whole learned memory as one PEFT LoRA adapter directory (`export`)."""
         return export_adapter(self, path, max_rank)
 
-    def history(self) -> list[dict]:
-        """Every sleep cycle with its inputs and measured results, oldest first."""
-        return self.store.cycles()
-
-    def base_perplexity(self) -> float:
-        """PPL₀ of eq. 6: the unedited model's perplexity (measured once, kept in the home)."""
-        cached = self.store.meta("ppl0")
-        if cached is None:
-            try:
-                self._rebuild([], [], None)
-                cached = repr(self.perplexity())
-            finally:
-                self._rebuild()
-            self.store.set_meta("ppl0", cached)
-        return float(cached)
-
-    def gate_facts(self) -> list[Fact]:
-        """The real-world facts the base model completes, kept out of the locality
-        benchmark's set (so that benchmark stays a fair test): what the budget's locality
-        gate checks (`BudgetConfig.min_locality`). Found once per home."""
-        bench = {f.key for f in locality_facts()}
-        world = [f for f in world_facts() if f.key not in bench]
-        cached = self.store.meta("gate_facts")
-        if cached is None:
-            try:
-                self._rebuild([], [], None)
-                known = held(self.model, self.tokenizer, world, chat=False)
-            finally:
-                self._rebuild()
-            cached = json.dumps([i for i, ok in enumerate(known) if ok])
-            self.store.set_meta("gate_facts", cached)
-        return [world[i] for i in json.loads(cached) if i < len(world)]
-
-    def locality(self) -> float:
-        """Share of `gate_facts` the live model still completes as the base model does."""
-        facts = self.gate_facts()
-        return sum(held(self.model, self.tokenizer, facts, chat=False)) / len(facts) if facts else 1.0
-
-    def status(self, measure_perplexity: bool = True) -> dict[str, Any]:
-        """Sleep pressure and its parts, and how many facts live where."""
-        memit = self.store.facts(where="memit")
-        since = self.store.meta("awake_since")
-        start = float(since) if since else min((r.created_at for r in memit), default=time.time())
-        if since and memit:
-            start = max(start, min(r.created_at for r in memit))
-        elapsed = time.time() - start if memit else 0.0
-        ppl = self.perplexity() if measure_perplexity else None
-        ppl0 = self.base_perplexity() if measure_perplexity else None
-        naps, last_rejected, moved = since_deep(self.store.cycles())
-        consolidated = len(self.store.facts(where="consolidated"))
-        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected,
-                     self.unheld(memit), moved, consolidated)
-        return {
-            "facts": {"memit": len(memit), "consolidated": consolidated},
-            "adapters": len(self._adapters),
-            "keyed_subjects": len(self._keyed) if self._keyed is not None else 0,
-            "awake_s": elapsed,
-            "perplexity": ppl,
-            "base_perplexity": ppl0,
-            "pressure": p.to_dict(),
-            "naps_since_deep": naps,
-            "consolidated_since_deep": moved,
-            "rebuild_pending": self.store.meta("rebuild_pending") == "1",
-            # Whether the next fact is also edited for its chat question, and up to how many held facts.
-            "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts
-                           if self.config.memit.chat_edit else 0},
-        }
-
-    def unheld(self, memit: Sequence[FactRecord] | None = None) -> int:
-        """MEMIT-held facts that the check after their injection (or a later one) found
-        unanswered, since the last sleep; this process's knowledge only."""
-        records = self.store.facts(where="memit") if memit is None else memit
-        return sum(self._unheld.get(r.fact.key) == r.id for r in records)
-
-    def sleep_if_due(self) -> CycleReport | None:
-        """Nap or deep sleep when the pressure calls for it (called after `inject`
-        when `config.auto_sleep` is on)."""
-        due = self.status()["pressure"]["due"]
-        return self._cycle(due) if due else None
-
     # --- using the model ------------------------------------------------------
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
@@ -724,6 +593,11 @@ class Memory:
         report = evaluate_facts(self.model, self.tokenizer, as_facts(facts), None, progress=self.progress)
         report.ppl = self.perplexity()
         return report
+
+    def held(self, facts: Sequence[Fact], chat: bool = True) -> list[bool]:
+        """Whether the live model writes each fact's object after its prompt (and, with
+        `chat`, its chat question): `evaluate.held`."""
+        return held(self.model, self.tokenizer, facts, chat=chat)
 
     def perplexity(self) -> float:
         """Perplexity of the live model on the fixed reference text. Kept until the
@@ -752,28 +626,8 @@ def _put_back(lm: LoadedModel, weights: LiveWeights, installed: tuple[Any, dict[
     install(lm, *installed)
 
 
-def _live(method: Callable) -> Callable:
-    """`method` holding the model's lock, with this memory's weights live (`activate`)."""
-
-    @functools.wraps(method)
-    def call(self: Memory, *args: Any, **kwargs: Any) -> Any:
-        with self.lm.lock:
-            if self._depth == 0:
-                self.activate()
-            self._depth += 1
-            try:
-                return method(self, *args, **kwargs)
-            except BaseException:
-                self._live_at = None  # whatever the model holds now, the next call rebuilds
-                raise
-            finally:
-                self._depth -= 1
-
-    return call
-
-
 # Every method that reads or writes the model (`status` reads it through `perplexity`).
 for _name in ("covariances", "editor", "edit_among", "inject", "forget", "nap", "sleep", "rollback",
               "export_adapter", "base_perplexity", "gate_facts", "locality", "sleep_if_due", "complete", "ask",
-              "evaluate", "perplexity"):
-    setattr(Memory, _name, _live(getattr(Memory, _name)))
+              "evaluate", "perplexity", "held"):
+    setattr(Memory, _name, uses_model(getattr(Memory, _name)))

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jinja2 import TemplateError
-from torch import nn
 
 from sleepwake.decoding import GREEDY, Decoding, Sampling, first_stop, stop_prefix
 from sleepwake.errors import InvalidFactError, InvalidRequestError, SleepRunningError, SleepwakeError
@@ -169,6 +168,7 @@ class Assistant:
             memory.config = replace(memory.config, auto_sleep=False)
         self.max_new_tokens = max_new_tokens
         self.lm = memory.lm  # the loaded model, which other users' assistants may share
+        self.model = memory.model  # what replies run on: the loaded model's network (PyTorch) or itself (MLX)
         # This user's memory and store. Not an RLock: it is released by another thread than
         # took it (the sleep thread, or whichever thread finishes reading a streamed reply).
         # The model itself is `lm.lock`'s, taken after this one.
@@ -189,7 +189,7 @@ class Assistant:
         loaded model (see `sleepwake.users`): that user's memory is opened, or made."""
         mem = self.memory
         other = Memory(self.lm, home=mem.root, user=user, config=replace(mem.config, auto_sleep=False),
-                       cache_dir=mem.cache_dir, progress=mem.progress)
+                       cache_dir=mem.cache_dir, progress=mem.progress, backend=mem.backend)
         try:
             return Assistant(other, **{**self._settings, "auto_sleep": self.auto_sleep})
         except BaseException:
@@ -254,7 +254,7 @@ class Assistant:
             raise InvalidRequestError(f"max_new_tokens must be a positive integer, got {n!r}")
         return n
 
-    def _reply(self, model: nn.Module, plan: Plan | None, known: Known, ids: list[int], n: int,
+    def _reply(self, model: Any, plan: Plan | None, known: Known, ids: list[int], n: int,
                sampling: Sampling) -> Decoding | _Composed:
         """The reply: the model on the chat, or for a question about the user or a known
         person (`plan`), the memory's answers to its own questions."""
@@ -318,7 +318,7 @@ class Assistant:
         text = "\n".join(lines) + "\nAnswer:"  # the Q/A frame `chat_text` uses for base models
         return list(tok(text)["input_ids"])
 
-    def _model(self) -> tuple[nn.Module, Any]:
+    def _model(self) -> tuple[Any, Any]:
         """The model a reply is generated with, and how to release it: the loaded model
         under its lock, with this user's weights live — during a sleep, those before it."""
         while True:
@@ -338,7 +338,7 @@ class Assistant:
                     raise
             time.sleep(0.01)  # a sleep is starting: its snapshot is on the way
 
-    def _hold(self, activate: Callable[[], None], release: Callable[[], None]) -> tuple[nn.Module, Any]:
+    def _hold(self, activate: Callable[[], None], release: Callable[[], None]) -> tuple[Any, Any]:
         """Take the model's lock, `activate` weights, and hand the hold to the reply."""
         self.lm.lock.acquire()
         try:
@@ -347,7 +347,7 @@ class Assistant:
             self.lm.lock.release()
             raise
         self.lm.lock.detach()  # released by whichever thread ends the reply
-        return self.lm.model, release
+        return self.model, release
 
     def _acquire_live(self) -> bool:
         """Take the lock on the live model, unless a sleep holds it: then False at once

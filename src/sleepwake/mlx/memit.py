@@ -135,10 +135,11 @@ def _make_groups(mm: MlxModel, seqs: list[tuple[int, ...]], places: list[list[tu
 
 
 def _targets(mm: MlxModel, requests: Sequence[EditRequest], slot_delta: list[int], slot_rows: list[int],
-             slot_cols: list[int], last: int, cfg: MemitConfig, budget: int
-             ) -> tuple[np.ndarray, np.ndarray, float, float, int]:
+             slot_cols: list[int], last: int, cfg: MemitConfig, budget: int,
+             init: dict[str, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray, float, float, int]:
     """v* (eq. 1): per slot the target hidden state h + δ and δ at layer `last`, the mean
-    loss before and after, and the steps taken."""
+    loss before and after, and the steps taken. `init` (subject keys only): a starting δ
+    per subject, as `memit.targets.compute_targets` takes it."""
     tok = mm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_req, n_delta = len(requests), max(slot_delta) + 1
@@ -202,7 +203,13 @@ def _targets(mm: MlxModel, requests: Sequence[EditRequest], slot_delta: list[int
 
     step = mx.value_and_grad(loss_fn)
     opt = optim.Adam(learning_rate=cfg.v_lr, bias_correction=True)
-    params = {"delta": mx.zeros((n_delta, h.shape[1]))}
+    start = np.zeros((n_delta, h.shape[1]), dtype=np.float32)
+    if init and cfg.key_positions == "subject":
+        for r, d in zip(slot_rows, slot_delta):
+            if requests[r].subject in init:
+                start[d] = init[requests[r].subject].float().numpy()
+    norms = mx.linalg.norm(mx.array(start), axis=-1, keepdims=True)  # into the ball ‖δ‖ ≤ c‖h‖
+    params = {"delta": mx.array(start) * mx.where(norms > max_norm, max_norm / mx.maximum(norms, 1e-12), 1.0)}
     uses = [sorted({r for r, d in zip(slot_rows, slot_delta) if d == k}) for k in range(n_delta)]
     frozen = np.zeros(n_delta, dtype=bool)
     loss_before = loss_after = float("nan")
@@ -237,9 +244,10 @@ class MlxEditor:
         self.cov_inv = cov_inv if cov_inv is not None else {l: inverse_covariance(covs[l]) for l in self.layers}
 
     def edit(self, facts: Sequence[Fact], previous: Sequence[FactEdit], add: Callable[[int, torch.Tensor], None],
-             *, chat: bool) -> tuple[list[FactEdit], InjectStats]:
+             *, chat: bool, init: dict[str, torch.Tensor] | None = None) -> tuple[list[FactEdit], InjectStats]:
         """One FactEdit per fact; each layer's update goes into the model through `add(layer,
-        ΔW)` before the next layer is solved. `previous`: the active edits (eq. 5)."""
+        ΔW)` before the next layer is solved. `previous`: the active edits (eq. 5); `init`:
+        where v* starts per subject (`_targets`)."""
         cfg = replace(self.cfg, chat_edit=chat)
         t0 = time.perf_counter()
         mm, last = self.mm, self.layers[-1]
@@ -247,7 +255,7 @@ class MlxEditor:
         slots = make_slots(requests, cfg, torch.device("cpu"))
         s_rows, s_cols, s_delta = slots.rows.tolist(), slots.cols.tolist(), slots.delta.tolist()
         values, deltas, before, after, steps = _targets(mm, requests, s_delta, s_rows, s_cols, last, cfg,
-                                                        step_budget(slots, cfg))
+                                                        step_budget(slots, cfg), init)
         v_seconds = time.perf_counter() - t0
         last_slot = [0] * len(requests)
         for r, c in zip(s_rows, s_cols):
@@ -275,6 +283,24 @@ class MlxEditor:
             add(layer, a @ b)
         stats = InjectStats(time.perf_counter() - t0, v_seconds, before, after, steps, len(slot_fact), chat=chat)
         return edits, stats
+
+    def subject_deltas(self, facts: Sequence[Fact], clamp_norm_factor: float | None = None,
+                       init: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, ReadKeys]]:
+        """v* for `facts` on the live model, raw prompts and chat questions both, without
+        writing anything: per subject, δ at the last edited layer and the keys it is read
+        at (`memit.editor.MemitEditor.subject_deltas`, what a keyed sleep solves)."""
+        cfg = replace(self.cfg, chat_edit=True, key_positions="subject",
+                      clamp_norm_factor=clamp_norm_factor or self.cfg.clamp_norm_factor)
+        requests = build_requests(facts, self.mm.tokenizer, cfg)
+        slots = make_slots(requests, cfg, torch.device("cpu"))
+        s_rows, s_delta = slots.rows.tolist(), slots.delta.tolist()
+        _, deltas, _, _, _ = _targets(self.mm, requests, s_delta, s_rows, slots.cols.tolist(), self.layers[-1], cfg,
+                                      step_budget(slots, cfg), init)
+        out: dict[str, torch.Tensor] = {}
+        for s, r in enumerate(slots.request.tolist()):
+            out.setdefault(requests[r].subject, torch.from_numpy(deltas[s].copy()))
+        return out, self.subject_keys(facts)
 
     def subject_keys(self, facts: Sequence[Fact]) -> dict[str, ReadKeys]:
         """Where the live model reads each subject of `facts` (raw prompt and chat question),

@@ -6,42 +6,49 @@ weights are rebuilt from them the same way (base + the active edits' A·B in fac
 summed by the same float32 product), so either backend answers a home the other wrote.
 
 What runs here: inject (MEMIT on MLX: v*, Ĉ, the shared solve), forget, complete, ask,
-evaluate (raw and chat recall), and a nap into the keyed memory that keys the δ each
-subject's injection solved. Not yet on MLX: the injection guard's second try, editing
-held facts again raw-only past the chat-edit limit (later batches are raw-only), solving
-v* again in a sleep, the sleep's perplexity and locality budget, deep sleep, LoRA sleep
-and homes holding LoRA adapters, export, users sharing one model (the memory made or
-rebuilt last on an `MlxModel` owns its weights: use one at a time), and the server.
+evaluate (raw and chat recall), status and the sleep pressure (`MemoryBase`), naps and
+deep sleeps into the keyed memory (`sleep.keyed_sleep`, the torch backend's own code:
+v* solved again where an injection's δ does not serve, the perplexity and locality
+budget), and what `talk.Assistant` and the server ask of a memory (`activate`,
+`snapshot`, `apart`, `without`), for several users on one `MlxModel`. Not yet on MLX:
+the injection guard's second try, editing held facts again raw-only past the chat-edit
+limit (later batches are raw-only), v*'s warm start from a subject's held δ,
+reconsolidation (a fact about a keyed subject goes to MEMIT), LoRA sleep and homes
+holding LoRA adapters, rollback, and export.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import AbstractSet, Any, Sequence
 
 import mlx.core as mx
 import torch
 
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
+from sleepwake.corpus import perplexity_text
 from sleepwake.errors import InvalidFactError, UnsupportedError
-from sleepwake.evaluate import EvalReport, FactResult
+from sleepwake.evaluate import EvalReport, FactResult, kept_on_disk, weights_cache_path
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, encode_target
-from sleepwake.keyed import Entry, KeyedMemory, is_keyed_file
+from sleepwake.keyed import KeyedMemory, is_keyed_file
 from sleepwake.memit.editor import FactEdit, InjectStats
 from sleepwake.memory import FactLike, InjectResult, as_facts, check_text
+from sleepwake.memory_base import MemoryBase, uses_model
 from sleepwake.mlx.memit import MlxEditor, covariances, to_mx
-from sleepwake.mlx.model import KeyedTable, MlxModel, load_mlx_model
-from sleepwake.policy import batches, chat_edits, edit_group, keyed_off, plan_forget, plan_injection, shares_edit
+from sleepwake.mlx.model import KeyedTable, Live, MlxModel, load_mlx_model
+from sleepwake.policy import batches, edit_group, plan_forget, plan_injection, shares_edit
 from sleepwake.policy import fact_id as policy_fact_id
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, Store
 from sleepwake.users import check_user, user_home
 
 
-class MlxMemory:
+class MlxMemory(MemoryBase):
     """A model on MLX with a memory in its weights, persisted under `home` (see the module)."""
 
     backend = "mlx"
@@ -51,13 +58,18 @@ class MlxMemory:
                  cache_dir: str | os.PathLike[str] | None = None, progress: bool | None = None,
                  user: str | None = None) -> None:
         self.user = check_user(user)
-        root = Path(home).expanduser() if home is not None else default_home()
+        self.root = root = Path(home).expanduser() if home is not None else default_home()
         self.config = config or MemoryConfig()
         self.progress = self.config.progress if progress is None else progress
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.mm = model if isinstance(model, MlxModel) else load_mlx_model(model, cache_dir=self.cache_dir,
                                                                            progress=self.progress)
         self.store = Store(user_home(root, self.user), self.mm.fingerprint, self.mm.name, lock_home=root)
+        self._live_at: int | None = None  # `mm.version` when this memory last made its weights live
+        self._depth = 0  # calls of this memory under way (`uses_model`): only the outermost activates
+        self._unheld: dict[tuple[str, str], int] = {}  # the guard's findings: none on MLX
+        self._ppl: tuple[str, float] | None = None  # (weights digest, perplexity)
+        self._editor: MlxEditor | None = None
         try:
             self.layers = tuple(self.config.memit.layers or self.mm.default_layers())
             bad = [l for l in self.layers if not 0 <= l < self.mm.n_layers]
@@ -67,13 +79,23 @@ class MlxMemory:
                 raise UnsupportedError("this home's consolidated memory holds LoRA adapters, which the MLX "
                                        "backend does not read yet: use the torch backend")
             self._edits: dict[int, FactEdit] = {r.id: self.store.load_edit(r.id) for r in self.store.facts(where="memit")}
-            self._suspended: set[str] = set()
-            self._load_keyed()
-            self._rebuild()
+            self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
+            self._load_consolidated()
+            with self.mm.lock:
+                self._rebuild()
         except BaseException:
             self.store.close()
             raise
-        self._editor: MlxEditor | None = None
+
+    @property
+    def lm(self) -> MlxModel:
+        """The loaded model, which other users' memories may share (`LoadedModel` on torch)."""
+        return self.mm
+
+    @property
+    def model(self) -> MlxModel:
+        """What replies run on (`decoding.Decoding` reads its `stream`)."""
+        return self.mm
 
     @property
     def home(self) -> Path:
@@ -97,71 +119,111 @@ class MlxMemory:
 
     # --- the live weights --------------------------------------------------------
 
-    def _load_keyed(self) -> None:
+    def _load_consolidated(self) -> None:
+        """The newest keyed table (a home with LoRA adapters is refused at the start)."""
         tables = [p for _, p in self.store.active_adapters() if is_keyed_file(p)]
         self._keyed: KeyedMemory | None = KeyedMemory.load(tables[-1]) if tables else None
+        self._adapters: list[Any] = []
 
-    def keyed_live(self) -> KeyedMemory | None:
-        """The keyed entries the model reads now (`Memory.keyed_live`)."""
-        if self._keyed is None or not len(self._keyed):
-            return None
-        held = {r.id for r in self.store.facts(where="consolidated")}
-        off = keyed_off(self._keyed.entries, held, self.store.facts(where="memit"), self._suspended,
-                        self.config.memit)
-        return self._keyed.without(sorted(off))
-
-    def _rebuild(self, edits: Sequence[FactEdit] | None = None, keyed: KeyedMemory | None | str = "live") -> None:
+    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Any] | None = None,
+                 keyed: KeyedMemory | None | str = "live") -> None:
         """Live model = base + `edits` (default: the committed ones, in fact order), reading
-        `keyed` (default: the live keyed entries)."""
+        `keyed` (default: the live keyed entries); `adapters` is always empty on MLX."""
+        if edits is None and keyed == "live":
+            self._suspended = set()
         if edits is None:
             edits = [self._edits[i] for i in sorted(self._edits)]
-        memit: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in sorted({l for e in edits for l in e.a}):
-            parts = [(e.a[layer], e.b[layer]) for e in edits if layer in e.a]
-            memit[layer] = (torch.cat([a for a, _ in parts], dim=1).float(), torch.cat([b for _, b in parts]).float())
-        self._sums = {l: torch.mm(a, b) for l, (a, b) in memit.items()}  # as `weights.LiveWeights.rebuild`
-        for layer in range(self.mm.n_layers):
-            self.mm.set_delta(layer, to_mx(self._sums[layer]) if layer in self._sums else None)
-        table = self.keyed_live() if keyed == "live" else keyed
-        self.mm.taps.keyed = _table(table) if table is not None and len(table) else None
-        self.mm.taps.memit = {l: (to_mx(a), to_mx(b)) for l, (a, b) in memit.items()} if self.mm.taps.keyed else {}
+        self._sums = {l: torch.mm(a, b) for l, (a, b) in _per_layer(edits).items()}  # as `LiveWeights.rebuild`
+        self._read(self.keyed_live() if keyed == "live" else keyed, edits)
+        self._live = Live({l: to_mx(d) for l, d in self._sums.items()}, self.mm.taps.keyed, self.mm.taps.memit)
+        self._live_at = self.mm.load(self._live)
+
+    def _read(self, table: KeyedMemory | None, edits: Sequence[FactEdit]) -> None:
+        """Make the model read the keyed `table`, with the MEMIT factors of `edits` taken
+        back out where an entry reads (`keyed.install`)."""
+        self._installed = table if table is not None and len(table) else None
+        self.mm.taps.keyed = _table(self._installed) if self._installed is not None else None
+        self.mm.taps.memit = {l: (to_mx(a), to_mx(b)) for l, (a, b) in _per_layer(edits).items()} \
+            if self._installed is not None else {}
 
     def _add(self, layer: int, delta: torch.Tensor) -> None:
         """A layer's update while a batch is solved layer by layer."""
         self._sums[layer] = self._sums[layer] + delta if layer in self._sums else delta
         self.mm.set_delta(layer, to_mx(self._sums[layer]))
 
+    def _digest(self) -> str:
+        """A name for the weights live now: the model, the keyed table read, each delta sum."""
+        h = hashlib.blake2b(self.mm.fingerprint.encode(), digest_size=16)
+        h.update((self._installed.digest() if self._installed is not None else "").encode())
+        for layer in sorted(self._sums):
+            h.update(str(layer).encode())
+            h.update(self._sums[layer].contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    # --- users sharing one model -----------------------------------------------------
+
+    def activate(self) -> None:
+        """Make this memory's weights the live ones of its model, if they are not (another
+        user's memory may have made its own live since): `Memory.activate`."""
+        if self._live_at != self.mm.version:
+            self._rebuild()
+
+    def snapshot(self) -> Callable[[], None]:
+        """A function that makes the weights live now live again on this model, called
+        holding its lock: what this user's replies read while a sleep runs `apart`."""
+        self.activate()
+        mm, live, at = self.mm, self._live, [self.mm.version]
+
+        def put_back() -> None:
+            if mm.version != at[0]:
+                at[0] = mm.load(live)
+
+        return put_back
+
+    @contextlib.contextmanager
+    def apart(self) -> Iterator[None]:
+        """Within the block this memory works on a private copy of its model (a sleep's),
+        whose new weights go live on the shared model at its next use (`Memory.apart`)."""
+        shared = self.mm
+        with shared.lock:
+            self.activate()
+            private = shared.private_copy()
+        self.mm, self._editor, self._ppl = private, None, None
+        try:
+            with private.lock:
+                self._rebuild()
+            yield
+        finally:
+            self.mm, self._editor, self._ppl = shared, None, None
+            self._live_at = None
+
     # --- memory ------------------------------------------------------------------
 
-    def facts(self) -> list[FactRecord]:
-        """Active facts, oldest first."""
-        return self.store.facts()
-
-    def chat_edits(self, held: int) -> bool:
-        return chat_edits(self.config.memit, held)
-
-    def _edit(self, facts: list[Fact], leaving: set[int], chat: bool, keyed: KeyedMemory | None | str = "live"
-              ) -> tuple[list[FactEdit], InjectStats]:
-        """MEMIT edits of `facts` once the edits of `leaving` are out of the weights, the
-        other active edits' keys held fixed (eq. 5), the model reading `keyed` (default: the
-        live entries). A consolidated fact of a subject edited now is carried along
-        (`Memory.edit_among`): its entry is off while the subject is in MEMIT."""
+    def edit_among(self, facts: list[Fact], fixed: list[FactEdit], leaving: AbstractSet[int] = frozenset(),
+                   progress: bool = False, *, chat: bool, init: dict[str, torch.Tensor] | None = None
+                   ) -> tuple[list[FactEdit], InjectStats]:
+        """MEMIT edits of `facts` on the live weights, the keys of `fixed` held fixed (eq. 5),
+        the subjects' keyed entries off; a consolidated fact of a subject edited now is
+        carried along in its first new edit (`Memory.edit_among`)."""
         cfg = self.config.memit
-        subjects = {edit_group(f, cfg) for f in facts}
+        groups = {edit_group(f, cfg) for f in facts}
         carried = [r for r in self.store.facts(where="consolidated")
-                   if r.id not in leaving and edit_group(r.fact, cfg) in subjects]
-        fixed = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
-        self._suspended = subjects
-        try:
-            self._rebuild(fixed, keyed)
-            edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, self._add, chat=chat)
-        finally:
-            self._suspended = set()
+                   if r.id not in leaving and edit_group(r.fact, cfg) in groups]
+        if self._installed is not None:  # their entries are off while they are edited (and in MEMIT after)
+            self._suspended |= groups
+            self._read(self._installed.without(sorted(str(g) for g in groups)), fixed)
+        edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, self._add, chat=chat, init=init)
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):
             first = next(i for i, f in enumerate(facts) if shares_edit(f, r.fact, cfg))
             own[first] = own[first].joined(e)
         return own, stats
+
+    def _edit(self, facts: list[Fact], leaving: set[int], chat: bool) -> tuple[list[FactEdit], InjectStats]:
+        """MEMIT edits of `facts` once the edits of `leaving` are out of the weights."""
+        fixed = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
+        self._rebuild(fixed)
+        return self.edit_among(facts, fixed, leaving, chat=chat)
 
     def inject(self, facts: FactLike | Sequence[FactLike]) -> InjectResult:
         """Write facts into the weights now (`Memory.inject`, without its guard)."""
@@ -193,7 +255,8 @@ class MlxMemory:
             self._rebuild()
             records += recs
             stats.append(st)
-        return InjectResult(records, plan.skipped, stats)
+        slept = self.sleep_if_due() if self.config.auto_sleep and records else None
+        return InjectResult(records, plan.skipped, stats, slept)
 
     def forget(self, fact_id: int) -> FactRecord:
         """Remove a fact (`Memory.forget`): its delta leaves the weights, its edit file is
@@ -218,83 +281,13 @@ class MlxMemory:
         self._rebuild()
         return rec
 
-    # --- sleep ---------------------------------------------------------------------
-
-    def nap(self) -> CycleReport:
-        """Move MEMIT-held subjects into the keyed memory (`sleep.keyed_sleep`, its
-        reuse path): each subject whose injection solved one δ for all its facts, raw and
-        chat, gets an entry with that δ and the keys read on the model with MEMIT off; a
-        subject the entry answers (every fact, raw and chat, teacher-forced) leaves MEMIT,
-        the others stay in MEMIT, edited anew on the new state (as `sleep.commit.rewrite_kept`
-        on torch): their old edits leaned on the edits that left (40 held facts,
-        benchmarks/mlx_bench.py: 25 keyed, and 14 of the 15 kept were lost before they were
-        edited anew). Unlike the torch nap, a subject is not solved again for its entry, and
-        no perplexity or locality budget is measured here."""
-        t0 = time.perf_counter()
-        memit = self.store.facts(where="memit")
-        if not memit:
-            return CycleReport(None, "nap", "nothing to do", reason="no facts in MEMIT")
-        cycle = self.store.begin_cycle("nap")
-        report = CycleReport(cycle, "nap", "running")
-        try:
-            return self._nap(cycle, memit, report, t0)
-        except BaseException:
-            self._rebuild()
-            self.store.end_cycle(cycle, "rejected", {**report.to_dict(), "reason": "failed"})
-            raise
-
-    def _nap(self, cycle: int, memit: list[FactRecord], report: CycleReport, t0: float) -> CycleReport:
-        old = self._keyed or KeyedMemory(self.layers[-1], self.layers[0], self.config.keyed_threshold)
-        moving: dict[str, list[FactRecord]] = {}
-        for r in memit:
-            moving.setdefault(r.fact.subject_key, []).append(r)
-        for r in self.store.facts(where="consolidated"):  # a subject's held facts go with its MEMIT ones
-            if r.fact.subject_key in moving:
-                moving[r.fact.subject_key].insert(0, r)
-        keep = old.without(sorted(moving))
-        self._rebuild([], keep)  # MEMIT off
-        reusable: dict[str, torch.Tensor] = {}
-        for s, recs in moving.items():
-            vs = [self._edits[r.id].v for r in recs if r.where == "memit" and r.id in self._edits]
-            deltas = [next(iter(v.values())) for v in vs if v]
-            if deltas and len(deltas) == len(vs) and all(torch.equal(d, deltas[0]) for d in deltas[1:]):
-                reusable[s] = deltas[0]
-        keys = self.editor().subject_keys([r.fact for s in reusable for r in moving[s]]) if reusable else {}
-        table = keep.with_entries([Entry(s, d, keys[s], tuple(sorted(r.id for r in moving[s])))
-                                   for s, d in reusable.items()])
-        self._rebuild([], table)
-        ok = {s: s in reusable and all(self.held([r.fact for r in moving[s]])) for s in moving}
-        failed = [s for s in moving if not ok[s]]
-        table = table.without(failed).with_entries([old.entries[s] for s in failed if s in old.entries])
-        passed = [r.id for s in moving if ok[s] for r in moving[s] if r.where == "memit"]
-        report.kept = [r.id for s in failed for r in moving[s] if r.where == "memit"]
-        report.consolidated, report.reused = passed, len(reusable)
-        report.chat_recall = report.raw_recall = len(passed) / len(memit)
-        report.seconds = time.perf_counter() - t0
-        if not passed:
-            report.reason = "no subject was answered by its keyed entry"
-            report.status = "rejected"
-            self._rebuild()
-            self.store.end_cycle(cycle, "rejected", report.to_dict())
-            return report
-        kept = [r for s in failed for r in moving[s] if r.where == "memit"]
-        rewritten: dict[int, FactEdit] = {}
-        if kept:  # edited again on the new state, as `sleep.commit.rewrite_kept` does on torch
-            live = table.without(sorted({str(edit_group(r.fact, self.config.memit)) for r in kept}))
-            edits, _ = self._edit([r.fact for r in kept], set(passed) | {r.id for r in kept},
-                                  self.chat_edits(len(kept)), keyed=live)
-            rewritten = {r.id: e for r, e in zip(kept, edits)}
-        table.save(self.store.keyed_path(cycle))
-        report.status = "accepted"
-        self.store.end_cycle(cycle, "accepted", report.to_dict(), adapter=True, consolidated=passed, keyed=True,
-                             rewritten=rewritten, erase_superseded=self.store.meta("rebuild_pending") == "1")
-        self.store.set_meta("awake_since", repr(time.time()))
-        self._load_keyed()
-        for i in passed:
-            self._edits.pop(i, None)
-        self._edits.update(rewritten)
-        self._rebuild()
-        return report
+    def _cycle(self, kind: str) -> CycleReport:
+        """A nap or deep sleep into the keyed memory (`sleep.cycle.run_cycle`); LoRA sleep is
+        refused before anything changes."""
+        if self.config.consolidation != "keyed" or self.config.memit.key_positions != "subject":
+            raise UnsupportedError("the MLX backend sleeps into the keyed memory only (consolidation='keyed', "
+                                   "key_positions='subject'): LoRA sleep runs on the torch backend")
+        return super()._cycle(kind)
 
     # --- using the model -------------------------------------------------------------
 
@@ -311,8 +304,19 @@ class MlxMemory:
             for text, target, is_chat in form:
                 p = encode(tok, text, chat=is_chat)
                 seqs.append((p + encode_target(tok, text, target, chat=is_chat), len(p)))
-            ok = [a and b for a, b in zip(ok, self.mm.object_is_top(seqs))]
+            for s in range(0, len(seqs), 32):
+                ok[s:s + 32] = [a and b for a, b in zip(ok[s:s + 32], self.mm.object_is_top(seqs[s:s + 32]))]
         return ok
+
+    def perplexity(self) -> float:
+        """Perplexity of the live model on the fixed reference text, kept until the weights
+        change, and on disk for these weights (`evaluate.cached_perplexity`)."""
+        digest = self._digest()
+        if self._ppl is None or self._ppl[0] != digest:
+            text = perplexity_text()
+            path = weights_cache_path(f"{digest}|mlx|", text, self.cache_dir)
+            self._ppl = (digest, kept_on_disk(path, lambda: self.mm.perplexity(encode(self.tokenizer, text))))
+        return self._ppl[1]
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Greedy raw continuation of `prompt` (the MEMIT pathway)."""
@@ -326,7 +330,7 @@ class MlxMemory:
         return self.mm.generate(ids, max_new_tokens or self.config.generation.max_new_tokens).strip()
 
     def evaluate(self, facts: FactLike | Sequence[FactLike], max_new_tokens: int = 16) -> EvalReport:
-        """Raw and chat recall of `facts` (`evaluate.evaluate_facts`; perplexity not measured)."""
+        """Raw and chat recall of `facts` (`Memory.evaluate`; perplexity is `perplexity()`'s)."""
         facts = as_facts(facts)
         tok = self.tokenizer
         results = []
@@ -339,12 +343,6 @@ class MlxMemory:
         n = len(results)
         return EvalReport(n, sum(r.raw_ok for r in results) / n, sum(r.chat_ok for r in results) / n, None, results)
 
-    def status(self) -> dict[str, Any]:
-        """How many facts live where (the sleep pressure is not computed on MLX yet)."""
-        return {"backend": "mlx", "facts": {"memit": len(self.store.facts(where="memit")),
-                                            "consolidated": len(self.store.facts(where="consolidated"))},
-                "keyed_subjects": len(self._keyed) if self._keyed is not None else 0}
-
     def close(self) -> None:
         self.store.close()
 
@@ -353,6 +351,21 @@ class MlxMemory:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Every method that reads or writes the model, as on torch (`memory_base.uses_model`).
+for _name in ("editor", "edit_among", "inject", "forget", "nap", "sleep", "base_perplexity", "gate_facts",
+              "locality", "sleep_if_due", "complete", "ask", "evaluate", "perplexity", "held"):
+    setattr(MlxMemory, _name, uses_model(getattr(MlxMemory, _name)))
+
+
+def _per_layer(edits: Sequence[FactEdit]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The edits' factors per layer, side by side in fact order, in float32."""
+    out = {}
+    for layer in sorted({l for e in edits for l in e.a}):
+        parts = [(e.a[layer], e.b[layer]) for e in edits if layer in e.a]
+        out[layer] = (torch.cat([a for a, _ in parts], dim=1).float(), torch.cat([b for _, b in parts]).float())
+    return out
 
 
 def _table(memory: KeyedMemory) -> KeyedTable:

@@ -4,15 +4,21 @@ mlx-lm gives the model definition (Llama: the default SmolLM2-135M); nothing her
 hub. What the PyTorch backend does with forward hooks (read a down-projection's input,
 add δ after a layer, the keyed memory) is done by two thin wrappers that read one shared
 `Taps` object, so plain `model(ids, cache=...)` calls, generation included, see it.
+
+Memories share an `MlxModel` as they share a `LoadedModel` on PyTorch: each makes its own
+weights live (`Live`, `version`) under the model's `lock`; a sleep runs on a
+`private_copy`, which shares the base arrays (MLX arrays are immutable: nothing is copied).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,9 +26,10 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model as mlx_lm_load
 
+from sleepwake.decoding import GREEDY, Sampling
 from sleepwake.facts import mentions_for_good
 from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
-from sleepwake.models import converted, default_layers
+from sleepwake.models import ModelLock, converted, default_layers
 
 SUPPORTED = ("llama",)  # the model types whose blocks and MLP mlx-lm lays out as this module expects
 
@@ -61,7 +68,10 @@ class Taps:
         many tokens back ≥ head threshold)."""
         t = self.keyed
         unit = x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-        seen = unit if self.tail is None or not self.continuing else mx.concatenate([self.tail, unit], axis=1)
+        if self.tail is None or not self.continuing:
+            seen = unit
+        else:  # after a cached prefix; one prefix row serves every row of a batch (v*'s shared chat prefix)
+            seen = mx.concatenate([mx.broadcast_to(self.tail, (unit.shape[0], *self.tail.shape[1:])), unit], axis=1)
         n, total = unit.shape[1], seen.shape[1]
         sims = unit @ t.keys.T
         ok = sims >= t.threshold
@@ -79,6 +89,16 @@ class Taps:
         best = mx.max(score, axis=-1)
         hit = mx.isfinite(best)
         self.hit = (t.owner[mx.argmax(score, axis=-1)], hit) if bool(mx.any(hit)) else None
+
+
+@dataclass
+class Live:
+    """What a memory makes the model read: each layer's down-projection delta (base + it),
+    the keyed table and the MEMIT factors it takes back out where an entry reads."""
+
+    deltas: dict[int, mx.array]
+    keyed: KeyedTable | None
+    memit: dict[int, tuple[mx.array, mx.array]]
 
 
 class _Down(nn.Module):
@@ -136,6 +156,9 @@ class MlxModel:
         self.model, self.tokenizer, self.name, self.fingerprint, self.path = model, tokenizer, name, fingerprint, path
         self.taps = Taps()
         self.shared: dict = {}  # what the memories made on this model compute once (Ĉ⁻¹)
+        self.lock = ModelLock()
+        self.version = 0  # bumped whenever a memory makes its weights live (`load`)
+        self._params = model.parameters()  # the base arrays, for a private copy
         inner = model.model
         self.n_layers = len(inner.layers)
         for i, block in enumerate(inner.layers):
@@ -156,6 +179,23 @@ class MlxModel:
     def set_delta(self, layer: int, delta: mx.array | None) -> None:
         """The layer's down-projection = base + `delta` (d_out × d_in), or base."""
         self.down(layer).weight = self.base[layer] if delta is None else self.base[layer] + delta
+
+    def load(self, live: Live) -> int:
+        """Make `live` the model's weights; returns the new `version`."""
+        for layer in range(self.n_layers):
+            self.set_delta(layer, live.deltas.get(layer))
+        self.taps.keyed, self.taps.memit = live.keyed, live.memit
+        self.version += 1
+        return self.version
+
+    def private_copy(self) -> "MlxModel":
+        """The same model on its own weights and taps (a sleep's), sharing the base arrays,
+        the tokenizer and what memories computed once on it (`shared`)."""
+        net = type(self.model)(self.model.args)
+        net.update(self._params)
+        copy = MlxModel(net, self.tokenizer, self.name, self.fingerprint, self.path)
+        copy.shared = self.shared
+        return copy
 
     # --- forward passes -------------------------------------------------------------
 
@@ -195,18 +235,52 @@ class MlxModel:
         """Greedy continuation of one encoded prompt, decoded without special tokens;
         `until` (an expected object) ends it once it names the object for good, as
         `inference.generate` does for recall checks."""
-        cache = make_prompt_cache(self.model)
         out: list[int] = []
-        logits = self.model(mx.array([list(ids)]), cache=cache)
-        for _ in range(max_new_tokens):
-            tok = int(mx.argmax(logits[0, -1]))
-            if tok in self.eos:
-                break
+        for tok in itertools.islice(self.stream(ids, GREEDY), max_new_tokens):
             out.append(tok)
             if until is not None and mentions_for_good(self.tokenizer.decode(out, skip_special_tokens=True), until):
                 break
-            logits = self.model(mx.array([[tok]]), cache=cache)
         return self.tokenizer.decode(out, skip_special_tokens=True)
+
+    def stream(self, ids: Sequence[int], sampling: Sampling) -> Iterator[int]:
+        """The tokens of a reply to the prompt `ids`, one per step, until the model ends the
+        turn: greedy, or drawn at the sampling's temperature within its top-p (numpy's own
+        generator, seeded by `sampling.seed`: the global random state is not touched).
+        What `decoding.Decoding` reads on MLX."""
+        rng = None if sampling.greedy else np.random.default_rng(
+            None if sampling.seed is None else sampling.seed % 2**64)
+        cache = make_prompt_cache(self.model)
+        logits = self.model(mx.array([list(ids)]), cache=cache)
+        while True:
+            last = logits[0, -1]
+            if rng is None:
+                tok = int(mx.argmax(last))
+            else:
+                p = np.array(mx.softmax(last.astype(mx.float32) / sampling.temperature), dtype=np.float64)
+                if sampling.top_p < 1:  # the most likely tokens, until their probability reaches top_p
+                    order = np.argsort(-p)
+                    top = np.zeros_like(p)
+                    keep = order[np.cumsum(p[order]) - p[order] < sampling.top_p]
+                    top[keep] = p[keep]
+                    p = top
+                tok = int(rng.choice(len(p), p=p / p.sum()))
+            if tok in self.eos:
+                return
+            yield tok
+            logits = self.model(mx.array([[tok]]), cache=cache)
+
+    def perplexity(self, ids: Sequence[int], window: int = 512) -> float:
+        """Token-level perplexity of `ids` in non-overlapping windows (`evaluate.perplexity`)."""
+        nll, count = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            chunk = list(ids[start:start + window + 1])
+            if len(chunk) < 2:
+                break
+            logits = self.logits(self.blocks(self.embed(mx.array([chunk[:-1]])), 0, self.n_layers))[0]
+            logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            nll -= float(mx.take_along_axis(logp, mx.array(chunk[1:])[:, None], axis=1).sum())
+            count += len(chunk) - 1
+        return math.exp(nll / count)
 
     def object_is_top(self, seqs: Sequence[tuple[Sequence[int], int]]) -> list[bool]:
         """For each (ids, prompt length): is every token after the prompt the top prediction?

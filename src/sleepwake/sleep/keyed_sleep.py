@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.policy import edit_group
@@ -124,7 +123,7 @@ def _answered(mem: Memory, groups: dict[str, list[FactRecord]]) -> dict[str, boo
     facts = [(s, r.fact) for s, rs in groups.items() for r in rs]
     if not facts:
         return {}
-    ok = held(mem.model, mem.tokenizer, [f for _, f in facts], chat=True)
+    ok = mem.held([f for _, f in facts], chat=True)
     out: dict[str, bool] = {s: True for s in groups}
     for (s, _), good in zip(facts, ok):
         out[s] = out[s] and good

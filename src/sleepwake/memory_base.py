@@ -1,0 +1,184 @@
+"""What a memory does the same way on every backend (`Memory` on PyTorch, `MlxMemory` on
+MLX): the ledger's views, the sleep pressure, the budget's measures, and sleep cycles.
+
+A backend's memory class inherits `MemoryBase` and gives it these seams: `store`,
+`config`, `lm` (with `lock`), `_keyed`, `_adapters`, `_edits`, `_suspended`, `_unheld`,
+`_rebuild(edits, adapters, keyed)`, `held(facts, chat)`, `perplexity()`, `activate()`,
+and what `sleep.keyed_sleep` asks of it (`editor()`, `edit_among`, `_load_consolidated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from sleepwake.corpus import locality_facts, world_facts
+from sleepwake.facts import Fact
+from sleepwake.keyed import KeyedMemory
+from sleepwake.policy import chat_edits, keyed_off
+from sleepwake.sleep.cycle import run_cycle
+from sleepwake.sleep.pressure import pressure, since_deep
+from sleepwake.sleep.report import CycleReport
+from sleepwake.store import FactRecord
+
+
+class MemoryBase:
+    """The backend-independent part of a memory (see the module)."""
+
+    def facts(self) -> list[FactRecord]:
+        """Active facts, oldest first."""
+        return self.store.facts()
+
+    def history(self) -> list[dict]:
+        """Every sleep cycle with its inputs and measured results, oldest first."""
+        return self.store.cycles()
+
+    def keyed_live(self) -> KeyedMemory | None:
+        """The keyed entries the model reads now (`policy.keyed_off` says which not)."""
+        if self._keyed is None or not len(self._keyed):
+            return None
+        held = {r.id for r in self.store.facts(where="consolidated")}
+        off = keyed_off(self._keyed.entries, held, self.store.facts(where="memit"), self._suspended,
+                        self.config.memit)
+        return self._keyed.without(sorted(off))
+
+    def chat_edits(self, held: int) -> bool:
+        """Whether facts are also edited for their chat questions while MEMIT holds `held`
+        facts (`policy.chat_edits`)."""
+        return chat_edits(self.config.memit, held)
+
+    @contextlib.contextmanager
+    def without(self, subjects: Iterable[str]) -> Iterator[None]:
+        """The live model with these subjects' memories taken out (their MEMIT edits and
+        keyed entries), then the committed weights back. For a reply about them that no
+        stored fact answers: with their edit in, it takes over every prompt that names
+        them ("Gyrk", or one of their stored objects). LoRA adapters stay in."""
+        keys = {s.casefold() for s in subjects}
+        out = {r.id for r in self.store.facts(where="memit") if r.fact.subject_key in keys}
+        live = self.keyed_live()
+        self._rebuild([self._edits[i] for i in sorted(self._edits) if i not in out],
+                      keyed=live.without(sorted(keys)) if live is not None else None)
+        try:
+            yield
+        finally:
+            self._rebuild()
+
+    # --- sleep ------------------------------------------------------------------
+
+    def nap(self) -> CycleReport:
+        """Move the MEMIT-held facts into the consolidated memory (paper §3.3; see `sleep.cycle`)."""
+        return self._cycle("nap")
+
+    def sleep(self, deep: bool = True) -> CycleReport:
+        """Deep sleep (paper §3.4): consolidate everything again, with fresh keys;
+        `deep=False` is a nap."""
+        return self._cycle("deep" if deep else "nap")
+
+    def _cycle(self, kind: str) -> CycleReport:
+        try:
+            return run_cycle(self, kind)
+        finally:  # what a sleep could not move stays in MEMIT, not due again at once
+            self._unheld = {}
+
+    def sleep_if_due(self) -> CycleReport | None:
+        """Nap or deep sleep when the pressure calls for it (called after `inject`
+        when `config.auto_sleep` is on)."""
+        due = self.status()["pressure"]["due"]
+        return self._cycle(due) if due else None
+
+    # --- the budget's measures and the pressure ------------------------------------
+
+    def base_perplexity(self) -> float:
+        """PPL₀ of eq. 6: the unedited model's perplexity (measured once, kept in the home)."""
+        cached = self.store.meta("ppl0")
+        if cached is None:
+            try:
+                self._rebuild([], [], None)
+                cached = repr(self.perplexity())
+            finally:
+                self._rebuild()
+            self.store.set_meta("ppl0", cached)
+        return float(cached)
+
+    def gate_facts(self) -> list[Fact]:
+        """The real-world facts the base model completes, kept out of the locality
+        benchmark's set (so that benchmark stays a fair test): what the budget's locality
+        gate checks (`BudgetConfig.min_locality`). Found once per home."""
+        bench = {f.key for f in locality_facts()}
+        world = [f for f in world_facts() if f.key not in bench]
+        cached = self.store.meta("gate_facts")
+        if cached is None:
+            try:
+                self._rebuild([], [], None)
+                known = self.held(world, chat=False)
+            finally:
+                self._rebuild()
+            cached = json.dumps([i for i, ok in enumerate(known) if ok])
+            self.store.set_meta("gate_facts", cached)
+        return [world[i] for i in json.loads(cached) if i < len(world)]
+
+    def locality(self) -> float:
+        """Share of `gate_facts` the live model still completes as the base model does."""
+        facts = self.gate_facts()
+        return sum(self.held(facts, chat=False)) / len(facts) if facts else 1.0
+
+    def status(self, measure_perplexity: bool = True) -> dict[str, Any]:
+        """Sleep pressure and its parts, and how many facts live where."""
+        memit = self.store.facts(where="memit")
+        since = self.store.meta("awake_since")
+        start = float(since) if since else min((r.created_at for r in memit), default=time.time())
+        if since and memit:
+            start = max(start, min(r.created_at for r in memit))
+        elapsed = time.time() - start if memit else 0.0
+        ppl = self.perplexity() if measure_perplexity else None
+        ppl0 = self.base_perplexity() if measure_perplexity else None
+        naps, last_rejected, moved = since_deep(self.store.cycles())
+        consolidated = len(self.store.facts(where="consolidated"))
+        p = pressure(len(memit), elapsed, ppl, ppl0, self.config.pressure, naps, last_rejected,
+                     self.unheld(memit), moved, consolidated)
+        return {
+            "backend": self.backend,
+            "facts": {"memit": len(memit), "consolidated": consolidated},
+            "adapters": len(self._adapters),
+            "keyed_subjects": len(self._keyed) if self._keyed is not None else 0,
+            "awake_s": elapsed,
+            "perplexity": ppl,
+            "base_perplexity": ppl0,
+            "pressure": p.to_dict(),
+            "naps_since_deep": naps,
+            "consolidated_since_deep": moved,
+            "rebuild_pending": self.store.meta("rebuild_pending") == "1",
+            # Whether the next fact is also edited for its chat question, and up to how many held facts.
+            "chat_edits": {"next": self.chat_edits(len(memit) + 1), "limit": self.config.memit.chat_edit_max_facts
+                           if self.config.memit.chat_edit else 0},
+        }
+
+    def unheld(self, memit: Sequence[FactRecord] | None = None) -> int:
+        """MEMIT-held facts that the check after their injection (or a later one) found
+        unanswered, since the last sleep; this process's knowledge only."""
+        records = self.store.facts(where="memit") if memit is None else memit
+        return sum(self._unheld.get(r.fact.key) == r.id for r in records)
+
+
+def uses_model(method: Callable) -> Callable:
+    """`method` holding the model's lock, with this memory's weights live (`activate`)."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.lm.lock:
+            if self._depth == 0:
+                self.activate()
+            self._depth += 1
+            try:
+                return method(self, *args, **kwargs)
+            except BaseException:
+                self._live_at = None  # whatever the model holds now, the next call rebuilds
+                raise
+            finally:
+                self._depth -= 1
+
+    return call
