@@ -181,6 +181,17 @@ def test_chat_and_the_server_drive_an_mlx_memory(mm, home: Path, cache_dir: Path
         users.close()
 
 
+def test_cli_chat_and_status_on_mlx(home: Path, cache_dir: Path) -> None:
+    """`sleepwake --backend mlx chat`, driven by a script, answers from the home the test
+    above left (MEMIT and keyed facts); `/status` reads the memory."""
+    script = "Where do I live?\nWhere does Anselm Kreutzer live?\n/status\n"
+    proc = subprocess.run([sys.executable, "-m", "sleepwake.cli", "--home", str(home), "--backend", "mlx", "-q",
+                           "chat", "--max-new-tokens", "12"], input=script, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Porto" in proc.stdout and "Lisbon" in proc.stdout and "4 consolidated" in proc.stdout, proc.stdout
+
+
 def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Path, cache_dir: Path) -> None:
     """A raw-only edit (`chat_edit_max_facts=0`) has no δ to key, so the nap solves v*
     again for its subject on the consolidated model (`sleep.keyed_sleep`, as on torch):
