@@ -41,11 +41,24 @@ def copy(home, tmp_path):
     return tmp_path / "home"
 
 
-def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(keyed_home, make_memory, tmp_path):
-    home = copy(keyed_home, tmp_path)
+@pytest.fixture(scope="module")
+def reconsolidated(keyed_home, tmp_path_factory, lm, cache_dir):
+    """A copy of `keyed_home` told LATER[0], which goes into Kofi's entry: (home, the
+    injection's result, Kofi's δ before it). Two tests start from this state."""
+    from sleepwake.memory import Memory
+
+    home = copy(keyed_home, tmp_path_factory.mktemp("reconsolidated"))
+    with Memory(lm, home=home, config=MemoryConfig(progress=False), cache_dir=cache_dir, progress=False) as mem:
+        old_delta = mem._keyed.entries["kofi asante"].delta.clone()
+        return home, mem.inject(LATER[0]), old_delta
+
+
+def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(reconsolidated, make_memory,
+                                                                                 tmp_path):
+    home = copy(reconsolidated[0], tmp_path)
     mem = make_memory(home)
-    old_delta = mem._keyed.entries["kofi asante"].delta.clone()
-    results = [mem.inject(f) for f in LATER]  # told one at a time
+    old_delta = reconsolidated[2]
+    results = [reconsolidated[1], mem.inject(LATER[1])]  # told one at a time
     assert [r.records[0].where for r in results] == ["consolidated", "consolidated"]
     assert [r.stats[0].reconsolidated for r in results] == [1, 1] and not any(r.slept for r in results)
     assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 6}
@@ -95,11 +108,11 @@ def test_a_forgotten_fact_leaves_no_table_behind(keyed_home, make_memory, tmp_pa
     assert all(answered(mem, [*PERSON[1:], OTHER]))
 
 
-def test_a_rollback_of_a_reconsolidation_edits_its_facts_into_memit(keyed_home, make_memory, tmp_path):
-    home = copy(keyed_home, tmp_path)
+def test_a_rollback_of_a_reconsolidation_edits_its_facts_into_memit(reconsolidated, make_memory, tmp_path):
+    home = copy(reconsolidated[0], tmp_path)
     mem = make_memory(home)
-    mem.inject(LATER[0])
     cycle = mem.history()[-1]["id"]
+    assert mem.history()[-1]["kind"] == "reconsolidate"  # LATER[0]'s
     assert mem.rollback(cycle) == [cycle]
     assert {r.fact.relation: r.where for r in mem.facts()}["has a parrot named"] == "memit"
     assert mem.store.edit_path(mem.facts()[-1].id).is_file()
@@ -109,14 +122,15 @@ def test_a_rollback_of_a_reconsolidation_edits_its_facts_into_memit(keyed_home, 
 
 
 
-def test_without_reconsolidation_a_nap_solves_the_person_again_from_the_old_entry(make_memory):
+def test_without_reconsolidation_a_nap_solves_the_person_again_from_the_old_entry(keyed_home, make_memory,
+                                                                                   tmp_path):
     """`reconsolidate=False`: new facts of a keyed person go through MEMIT with all the
     person's facts, and the nap after solves the person's δ again (warm from the old
-    entry, `keyed_sleep._starts`); all five facts are answered after it."""
+    entry, `keyed_sleep._starts`); all five facts are answered after it. (The person was
+    napped into the keyed memory as `keyed_home` did it: the setting only changes injection.)"""
     cfg = MemoryConfig(progress=False, reconsolidate=False)
-    mem = make_memory(config=cfg)
-    mem.inject(PERSON)
-    assert mem.nap().status == "accepted"
+    mem = make_memory(copy(keyed_home, tmp_path), config=cfg)
+    assert {r.where for r in mem.facts()} == {"consolidated"}
     assert [r.where for r in mem.inject(LATER).records] == ["memit", "memit"]
     rep = mem.nap()
     assert rep.status == "accepted", rep.reason
