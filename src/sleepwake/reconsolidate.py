@@ -24,7 +24,6 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from sleepwake.evaluate import held
 from sleepwake.facts import Fact
 from sleepwake.keyed import Entry
 from sleepwake.memit.editor import InjectStats
@@ -75,7 +74,7 @@ def reconsolidate(mem: Memory, facts: list[Fact], active: dict[tuple[str, str], 
     entries = {s: Entry(s, deltas[s], keys[s]) for s in new}
     mem._rebuild(None, None, live.with_entries(list(entries.values())))
     answered = dict.fromkeys(new, True)
-    for f, ok in zip(everything, held(mem.model, mem.tokenizer, everything, chat=True)):
+    for f, ok in zip(everything, mem.held(everything, chat=True)):
         answered[f.subject_key] = answered[f.subject_key] and ok
     mem._rebuild()
     passed = [s for s in new if answered[s]]

@@ -5,16 +5,15 @@ safetensors per fact (the factors A, B, the keys K and δ), and the keyed tables
 weights are rebuilt from them the same way (base + the active edits' A·B in fact order,
 summed by the same float32 product), so either backend answers a home the other wrote.
 
-What runs here: inject (MEMIT on MLX: v*, Ĉ, the shared solve), forget, complete, ask,
-evaluate (raw and chat recall), status and the sleep pressure (`MemoryBase`), naps and
-deep sleeps into the keyed memory (`sleep.keyed_sleep`, the torch backend's own code:
-v* solved again where an injection's δ does not serve, the perplexity and locality
-budget), and what `talk.Assistant` and the server ask of a memory (`activate`,
-`snapshot`, `apart`, `without`), for several users on one `MlxModel`. Not yet on MLX:
-the injection guard's second try, editing held facts again raw-only past the chat-edit
-limit (later batches are raw-only), v*'s warm start from a subject's held δ,
-reconsolidation (a fact about a keyed subject goes to MEMIT), LoRA sleep and homes
-holding LoRA adapters, rollback, and export.
+What runs here is the torch backend's own code above a few seams: injection and forgetting
+(`writes.Writes`: batches, the guard's second try, raw-only re-edits past the chat-edit
+limit, v*'s warm start, reconsolidation into the keyed memory, rollback), status and the
+sleep pressure, naps and deep sleeps into the keyed memory with their perplexity and
+locality budget (`memory_base.MemoryBase`, `sleep.keyed_sleep`), and what
+`talk.Assistant` and the server ask of a memory (`activate`, `snapshot`, `apart`,
+`without`), for several users on one `MlxModel`. MLX's own: MEMIT's v*, Ĉ and keys
+(`mlx.memit`), the live weights (`_rebuild`, `edit_among`), recall checks, generation and
+perplexity. Not yet on MLX: LoRA sleep and homes holding LoRA adapters, and export.
 """
 
 from __future__ import annotations
@@ -37,18 +36,17 @@ from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, encode_target
 from sleepwake.keyed import KeyedMemory, is_keyed_file
 from sleepwake.memit.editor import FactEdit, InjectStats
-from sleepwake.memory import FactLike, InjectResult, as_facts, check_text
 from sleepwake.memory_base import MemoryBase, uses_model
 from sleepwake.mlx.memit import MlxEditor, covariances, to_mx
 from sleepwake.mlx.model import KeyedTable, Live, MlxModel, load_mlx_model
-from sleepwake.policy import batches, edit_group, plan_forget, plan_injection, shares_edit
-from sleepwake.policy import fact_id as policy_fact_id
+from sleepwake.policy import edit_group, shares_edit
 from sleepwake.sleep.report import CycleReport
-from sleepwake.store import FactRecord, Store
+from sleepwake.store import Store
 from sleepwake.users import check_user, user_home
+from sleepwake.writes import FactLike, Writes, as_facts, check_text
 
 
-class MlxMemory(MemoryBase):
+class MlxMemory(Writes, MemoryBase):
     """A model on MLX with a memory in its weights, persisted under `home` (see the module)."""
 
     backend = "mlx"
@@ -65,9 +63,10 @@ class MlxMemory(MemoryBase):
         self.mm = model if isinstance(model, MlxModel) else load_mlx_model(model, cache_dir=self.cache_dir,
                                                                            progress=self.progress)
         self.store = Store(user_home(root, self.user), self.mm.fingerprint, self.mm.name, lock_home=root)
-        self._live_at: int | None = None  # `mm.version` when this memory last made its weights live
+        self._live_at: int | None = None  # `mm.weights_version` when this memory last made its weights live
         self._depth = 0  # calls of this memory under way (`uses_model`): only the outermost activates
-        self._unheld: dict[tuple[str, str], int] = {}  # the guard's findings: none on MLX
+        self._unheld: dict[tuple[str, str], int] = {}  # fact key -> id of a MEMIT fact found unanswered
+        self._answered: tuple[int, bool, dict[tuple[str, str], bool]] | None = None  # the guard's last check
         self._ppl: tuple[str, float] | None = None  # (weights digest, perplexity)
         self._editor: MlxEditor | None = None
         try:
@@ -78,7 +77,7 @@ class MlxMemory(MemoryBase):
             if any(not is_keyed_file(p) for _, p in self.store.active_adapters()):
                 raise UnsupportedError("this home's consolidated memory holds LoRA adapters, which the MLX "
                                        "backend does not read yet: use the torch backend")
-            self._edits: dict[int, FactEdit] = {r.id: self.store.load_edit(r.id) for r in self.store.facts(where="memit")}
+            self._edits: dict[int, FactEdit] = self._load_edits()
             self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
             self._load_consolidated()
             with self.mm.lock:
@@ -86,6 +85,7 @@ class MlxMemory(MemoryBase):
         except BaseException:
             self.store.close()
             raise
+        self._edit_missing()
 
     @property
     def lm(self) -> MlxModel:
@@ -118,6 +118,10 @@ class MlxMemory(MemoryBase):
         return self._editor
 
     # --- the live weights --------------------------------------------------------
+
+    def _load_edits(self) -> dict[int, FactEdit]:
+        """The stored edits of the MEMIT-held facts (those that have one, `_edit_missing`)."""
+        return {r.id: self.store.load_edit(r.id) for r in self.store.facts(where="memit") if r.id in self._with_edit()}
 
     def _load_consolidated(self) -> None:
         """The newest keyed table (a home with LoRA adapters is refused at the start)."""
@@ -165,17 +169,17 @@ class MlxMemory(MemoryBase):
     def activate(self) -> None:
         """Make this memory's weights the live ones of its model, if they are not (another
         user's memory may have made its own live since): `Memory.activate`."""
-        if self._live_at != self.mm.version:
+        if self._live_at != self.mm.weights_version:
             self._rebuild()
 
     def snapshot(self) -> Callable[[], None]:
         """A function that makes the weights live now live again on this model, called
         holding its lock: what this user's replies read while a sleep runs `apart`."""
         self.activate()
-        mm, live, at = self.mm, self._live, [self.mm.version]
+        mm, live, at = self.mm, self._live, [self.mm.weights_version]
 
         def put_back() -> None:
-            if mm.version != at[0]:
+            if mm.weights_version != at[0]:
                 at[0] = mm.load(live)
 
         return put_back
@@ -218,68 +222,6 @@ class MlxMemory(MemoryBase):
             first = next(i for i, f in enumerate(facts) if shares_edit(f, r.fact, cfg))
             own[first] = own[first].joined(e)
         return own, stats
-
-    def _edit(self, facts: list[Fact], leaving: set[int], chat: bool) -> tuple[list[FactEdit], InjectStats]:
-        """MEMIT edits of `facts` once the edits of `leaving` are out of the weights."""
-        fixed = [self._edits[i] for i in sorted(self._edits) if i not in leaving]
-        self._rebuild(fixed)
-        return self.edit_among(facts, fixed, leaving, chat=chat)
-
-    def inject(self, facts: FactLike | Sequence[FactLike]) -> InjectResult:
-        """Write facts into the weights now (`Memory.inject`, without its guard)."""
-        active = {r.fact.key: r for r in self.store.facts()}
-        plan = plan_injection(as_facts(facts), active)
-        records: list[FactRecord] = []
-        stats: list[InjectStats] = []
-        for batch in batches(plan.todo, self.config.batch_size, self.config.memit):
-            keys = {f.key for f in batch}
-            replaces = [active[f.key].id if f.key in active else None for f in batch]
-            others = [r for r in active.values() if r.where == "memit" and r.fact.key not in keys]
-            again = [r for r in others if any(shares_edit(r.fact, f, self.config.memit) for f in batch)]
-            leaving = {i for i in replaces if i is not None} | {r.id for r in again}
-            try:
-                edits, st = self._edit(batch + [r.fact for r in again], leaving,
-                                       self.chat_edits(len(others) + len(batch)))
-                rewritten = {r.id: e for r, e in zip(again, edits[len(batch):])}
-                recs = self.store.commit_injection(batch, edits[: len(batch)], replaces, rewritten)
-            except BaseException:
-                self._rebuild()
-                raise
-            for i in replaces:
-                if i is not None:
-                    self._edits.pop(i, None)
-            self._edits.update(rewritten)
-            for rec, e in zip(recs, edits):
-                self._edits[rec.id] = e
-                active[rec.fact.key] = rec
-            self._rebuild()
-            records += recs
-            stats.append(st)
-        slept = self.sleep_if_due() if self.config.auto_sleep and records else None
-        return InjectResult(records, plan.skipped, stats, slept)
-
-    def forget(self, fact_id: int) -> FactRecord:
-        """Remove a fact (`Memory.forget`): its delta leaves the weights, its edit file is
-        deleted; its subject's other facts are edited again without it."""
-        fact_id = policy_fact_id(fact_id)
-        keyed = {c for c, p in self.store.consolidating_cycles() if is_keyed_file(p)}
-        plan = plan_forget(self.store.get(fact_id), self.store.facts(where="memit"),
-                           self.store.facts(where="consolidated"), keyed, self.config.memit)
-        try:
-            rewritten: dict[int, FactEdit] = {}
-            if plan.redo:
-                held = len(self.store.facts(where="memit")) - 1 + len(plan.back)
-                edits, _ = self._edit([r.fact for r in plan.redo], {fact_id, *(r.id for r in plan.redo)},
-                                      self.chat_edits(held))
-                rewritten = {r.id: e for r, e in zip(plan.redo, edits)}
-            rec = self.store.forget(fact_id, rewritten, to_memit=[r.id for r in plan.back])
-        except BaseException:
-            self._rebuild()
-            raise
-        self._edits.pop(fact_id, None)
-        self._edits.update(rewritten)
-        self._rebuild()
-        return rec
 
     def _cycle(self, kind: str) -> CycleReport:
         """A nap or deep sleep into the keyed memory (`sleep.cycle.run_cycle`); LoRA sleep is
@@ -354,7 +296,7 @@ class MlxMemory(MemoryBase):
 
 
 # Every method that reads or writes the model, as on torch (`memory_base.uses_model`).
-for _name in ("editor", "edit_among", "inject", "forget", "nap", "sleep", "base_perplexity", "gate_facts",
+for _name in ("editor", "edit_among", "inject", "forget", "rollback", "nap", "sleep", "base_perplexity", "gate_facts",
               "locality", "sleep_if_due", "complete", "ask", "evaluate", "perplexity", "held"):
     setattr(MlxMemory, _name, uses_model(getattr(MlxMemory, _name)))
 

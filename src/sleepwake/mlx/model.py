@@ -6,7 +6,7 @@ add δ after a layer, the keyed memory) is done by two thin wrappers that read o
 `Taps` object, so plain `model(ids, cache=...)` calls, generation included, see it.
 
 Memories share an `MlxModel` as they share a `LoadedModel` on PyTorch: each makes its own
-weights live (`Live`, `version`) under the model's `lock`; a sleep runs on a
+weights live (`Live`, `weights_version`) under the model's `lock`; a sleep runs on a
 `private_copy`, which shares the base arrays (MLX arrays are immutable: nothing is copied).
 """
 
@@ -158,7 +158,7 @@ class MlxModel:
         self.taps = Taps()
         self.shared: dict = {}  # what the memories made on this model compute once (Ĉ⁻¹)
         self.lock = ModelLock()
-        self.version = 0  # bumped whenever a memory makes its weights live (`load`)
+        self.weights_version = 0  # bumped whenever a memory makes its weights live (`load`)
         self._params = model.parameters()  # the base arrays, for a private copy
         inner = model.model
         self.n_layers = len(inner.layers)
@@ -191,12 +191,12 @@ class MlxModel:
         self.down(layer).weight = self.base[layer] if delta is None else self.base[layer] + delta
 
     def load(self, live: Live) -> int:
-        """Make `live` the model's weights; returns the new `version`."""
+        """Make `live` the model's weights; returns the new `weights_version`."""
         for layer in range(self.n_layers):
             self.set_delta(layer, live.deltas.get(layer))
         self.taps.keyed, self.taps.memit = live.keyed, live.memit
-        self.version += 1
-        return self.version
+        self.weights_version += 1
+        return self.weights_version
 
     def private_copy(self) -> "MlxModel":
         """The same model on its own weights and taps (a sleep's), sharing the base arrays,
