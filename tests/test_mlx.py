@@ -145,7 +145,8 @@ def test_chat_and_the_server_drive_an_mlx_memory(mm, home: Path, cache_dir: Path
     """`Assistant` and the HTTP server on MLX: a fact told in chat is edited into MEMIT and
     answered, a keyed one too; a stop string cuts a reply; a nap runs in the background
     while replies go on from the weights before it; another user of the server gets a
-    memory of its own on the same model; a deep sleep re-keys every entry."""
+    memory of its own on the same model; a deep sleep re-keys every entry, and a rollback
+    takes it back."""
     from fastapi.testclient import TestClient
 
     from sleepwake.decoding import Sampling
@@ -176,6 +177,7 @@ def test_chat_and_the_server_drive_an_mlx_memory(mm, home: Path, cache_dir: Path
         deep = bot.memory.sleep()
         assert deep.status == "accepted" and deep.rebuilt, deep
         assert bot.memory.status(measure_perplexity=False)["keyed_subjects"] == 4  # with "the user"
+        assert bot.memory.rollback(deep.id) == [deep.id]  # back to the nap's table
         assert "Porto" in bot.say("Where do I live?").reply and "Lisbon" in bot.say(WHERE).reply
     finally:
         users.close()

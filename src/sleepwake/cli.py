@@ -740,7 +740,7 @@ def cmd_serve(ctx: Context) -> int:
 
 
 # What `--backend mlx` runs (`sleepwake.mlx.memory`); `facts` and `history` read only the ledger.
-MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap", "sleep", "status", "chat", "serve")
+MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap", "sleep", "rollback", "status", "chat", "serve")
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
