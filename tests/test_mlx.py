@@ -194,6 +194,20 @@ def test_cli_chat_and_status_on_mlx(home: Path, cache_dir: Path) -> None:
     assert "Porto" in proc.stdout and "Lisbon" in proc.stdout and "4 consolidated" in proc.stdout, proc.stdout
 
 
+def test_export_on_mlx_writes_the_adapter_torch_writes(mm, lm, home: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """`export` of the home above (its keyed memory solved into a LoRA part) on MLX gives
+    the PEFT adapter the torch backend gives, named for the model in transformers."""
+    from safetensors.torch import load_file
+
+    with mlx_memory(mm, home, cache_dir) as mem:
+        ours = load_file(mem.export_adapter(tmp_path / "mlx") / "adapter_model.safetensors")
+    with torch_memory(lm, home, cache_dir) as mem:
+        theirs = load_file(mem.export_adapter(tmp_path / "torch") / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs) and any("layers.11.mlp.down_proj.lora_A" in k for k in ours)
+    for k, t in theirs.items():
+        assert (ours[k] - t).abs().max() <= 1e-4 * t.abs().max(), k
+
+
 def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Path, cache_dir: Path) -> None:
     """A raw-only edit (`chat_edit_max_facts=0`) has no δ to key, so the nap solves v*
     again for its subject on the consolidated model (`sleep.keyed_sleep`, as on torch):
@@ -243,7 +257,7 @@ def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch
         Memory(home=home, backend="mlx")
     monkeypatch.undo()
     for args, needle in ((["--backend", "jax", "complete", "hi"], "invalid choice: 'jax'"),
-                         (["--backend", "mlx", "export", "--adapter", "x"], "does not run 'export'"),
+                         (["--backend", "mlx", "--device-map", "auto", "status"], "--device-map is for the torch"),
                          (["--backend", "mlx", "--quantize", "nf4", "complete", "hi"], "--quantize is for the torch")):
         proc = subprocess.run([sys.executable, "-m", "sleepwake.cli", "--home", str(home), *args],
                               capture_output=True, text=True, timeout=300)

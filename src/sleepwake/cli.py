@@ -271,7 +271,7 @@ class Context:
                       device_map=device_map)
 
     def backend(self) -> str:
-        """--backend, importable here and able to run this command; else a usage error,
+        """--backend, importable here, without another backend's options; else a usage error,
         before anything loads."""
         from sleepwake.backends import check_backend
         from sleepwake.errors import InvalidRequestError
@@ -281,9 +281,6 @@ class Context:
         except InvalidRequestError as exc:
             raise UsageError(f"--backend {self.args.backend}: {exc}") from None
         if backend == "mlx":
-            command = self.args.command
-            if command not in MLX_COMMANDS:
-                raise UsageError(f"--backend mlx does not run '{command}' yet; it runs: {', '.join(MLX_COMMANDS)}")
             for option in ("quantize", "device", "device_map"):
                 value = getattr(self.args, option, None)
                 if value is not None and (value != "auto" or option == "device_map"):
@@ -739,10 +736,6 @@ def cmd_serve(ctx: Context) -> int:
 # --- parser ------------------------------------------------------------------------
 
 
-# What `--backend mlx` runs (`sleepwake.mlx.memory`); `facts` and `history` read only the ledger.
-MLX_COMMANDS = ("inject", "forget", "complete", "ask", "eval", "nap", "sleep", "rollback", "status", "chat", "serve")
-
-
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument("--home", metavar="DIR", default=default,
@@ -772,7 +765,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--backend", choices=["torch", "mlx"], default=default,
                         help="array library the model runs on: torch (the default) or mlx (Apple's MLX: Metal on "
                              "Apple silicon, the CPU through mlx-cpu on Linux; needs mlx and mlx-lm). A home "
-                             f"works with either. MLX runs: {', '.join(MLX_COMMANDS)}")
+                             "works with either; MLX runs every command, on homes without LoRA adapters")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")

@@ -13,7 +13,8 @@ locality budget (`memory_base.MemoryBase`, `sleep.keyed_sleep`), and what
 `talk.Assistant` and the server ask of a memory (`activate`, `snapshot`, `apart`,
 `without`), for several users on one `MlxModel`. MLX's own: MEMIT's v*, Ĉ and keys
 (`mlx.memit`), the live weights (`_rebuild`, `edit_among`), recall checks, generation and
-perplexity. Not yet on MLX: LoRA sleep and homes holding LoRA adapters, and export.
+perplexity; `export` writes the PyTorch names (`mlx.model.TorchNames`). Not yet on MLX:
+LoRA sleep and homes holding LoRA adapters.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import perplexity_text
 from sleepwake.errors import InvalidFactError, UnsupportedError
 from sleepwake.evaluate import EvalReport, FactResult, kept_on_disk, weights_cache_path
+from sleepwake.export import export_adapter
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, encode_target
 from sleepwake.keyed import KeyedMemory, is_keyed_file
@@ -104,6 +106,10 @@ class MlxMemory(Writes, MemoryBase):
     @property
     def tokenizer(self) -> Any:
         return self.mm.tokenizer
+
+    def covariances(self) -> dict[int, torch.Tensor]:
+        """Ĉ per edited layer, from the cache the torch backend shares (`Memory.covariances`)."""
+        return covariances(self.mm, self.layers, self.config.memit, self.cache_dir)
 
     def editor(self) -> MlxEditor:
         """The MEMIT editor, built on first use; its Ĉ⁻¹ is kept on the model for every
@@ -285,6 +291,10 @@ class MlxMemory(Writes, MemoryBase):
         n = len(results)
         return EvalReport(n, sum(r.raw_ok for r in results) / n, sum(r.chat_ok for r in results) / n, None, results)
 
+    def export_adapter(self, path: str | os.PathLike[str], max_rank: int | None = None) -> Path:
+        """Write the whole learned memory as one PEFT LoRA adapter directory (`Memory.export_adapter`)."""
+        return export_adapter(self, path, max_rank)
+
     def close(self) -> None:
         self.store.close()
 
@@ -296,7 +306,7 @@ class MlxMemory(Writes, MemoryBase):
 
 
 # Every method that reads or writes the model, as on torch (`memory_base.uses_model`).
-for _name in ("editor", "edit_among", "inject", "forget", "rollback", "nap", "sleep", "base_perplexity", "gate_facts",
+for _name in ("covariances", "editor", "edit_among", "inject", "forget", "rollback", "export_adapter", "nap", "sleep", "base_perplexity", "gate_facts",
               "locality", "sleep_if_due", "complete", "ask", "evaluate", "perplexity", "held"):
     setattr(MlxMemory, _name, uses_model(getattr(MlxMemory, _name)))
 

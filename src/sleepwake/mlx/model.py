@@ -147,6 +147,30 @@ class _Block(nn.Module):
         return h
 
 
+class TorchNames:
+    """An MLX model's down-projections as `models.Architecture` names them for PyTorch: what
+    a LoRA adapter written from an MLX memory (`export`) is keyed by, so PEFT loads it onto
+    the same model in transformers. Everything lives on the CPU."""
+
+    def __init__(self, mm: "MlxModel") -> None:
+        self._mm = mm
+
+    def down_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.down_proj"  # Llama's and Gemma's, in transformers
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return tuple(self._mm.down(int(name.split(".")[2])).weight.shape)
+
+    def device(self, name: str) -> torch.device:
+        return torch.device("cpu")
+
+    def layer_device(self, layer: int) -> torch.device:
+        return torch.device("cpu")
+
+    def post_norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self._mm.post_norm(layer)
+
+
 class MlxModel:
     """The default model (or another Llama-type one) on MLX, with the names the store needs.
 
@@ -160,6 +184,7 @@ class MlxModel:
         self.lock = ModelLock()
         self.weights_version = 0  # bumped whenever a memory makes its weights live (`load`)
         self._params = model.parameters()  # the base arrays, for a private copy
+        self.arch = TorchNames(self)
         inner = model.model
         self.n_layers = len(inner.layers)
         for i, block in enumerate(inner.layers):
@@ -176,6 +201,10 @@ class MlxModel:
 
     def down(self, layer: int) -> nn.Linear:
         return self.model.model.layers[layer].block.mlp.down_proj.linear
+
+    def base_weight(self, layer: int) -> torch.Tensor:
+        """A layer's unedited down-projection weight (d_out × d_in), as torch."""
+        return torch.from_numpy(np.array(self.base[layer], dtype=np.float32))
 
     def post_norm(self, layer: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The norm between the layer's down-projection and the residual stream (Gemma's
