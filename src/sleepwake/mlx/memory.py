@@ -118,8 +118,7 @@ class MlxMemory(Writes, MemoryBase):
             cfg = self.config.memit
             key = (self.layers, cfg.cov_texts, cfg.cov_max_tokens)
             if key not in self.mm.shared:
-                self.mm.shared[key] = MlxEditor(self.mm, self.layers, covariances(self.mm, self.layers, cfg,
-                                                                                   self.cache_dir), cfg).cov_inv
+                self.mm.shared[key] = MlxEditor(self.mm, self.layers, self.covariances(), cfg).cov_inv
             self._editor = MlxEditor(self.mm, self.layers, None, cfg, cov_inv=self.mm.shared[key])
         return self._editor
 
