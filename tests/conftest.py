@@ -22,17 +22,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# Per-file totals of `--durations` in a full `make test` (two workers, 2-core CPU shared with
-# other work, warm cache; seconds): memory 313, talk 261, sleep 256, keyed 255, quantize 193,
-# users 180, cli 165, benchmarks 160, many_facts 153, server 127, home 102, first_person 87,
-# architectures 76, web 53, gemma 53, mlx 52; the rest under 2. reconsolidate: ~200 alone
-# (not yet timed in a full run). Gemma goes before its rank:
+# Per-file totals of `--durations` (two workers, 2-core CPU shared with other work, warm cache;
+# seconds), estimated from single files run after Ĉ⁻¹ and the gate facts were shared: sleep ~350,
+# memory ~300, talk ~300, reconsolidate ~260, mlx ~210, keyed ~200, quantize ~190, many_facts 143,
+# benchmarks 115, cli 94, users 81, server 71, architectures 65, home 42, first_person 41, web 30,
+# gemma 27, device_map 25; the rest under 5. Gemma goes before its rank:
 # on a cold cache (a fresh clone, as in CI) its test also converts the model and computes Ĉ.
-LONGEST_FIRST = ("test_memory.py", "test_talk.py", "test_sleep.py", "test_keyed.py", "test_reconsolidate.py",
-                 "test_quantize.py", "test_users.py", "test_cli.py", "test_benchmarks.py", "test_many_facts.py",
-                 "test_gemma.py",
-                 "test_server.py", "test_home.py", "test_first_person.py", "test_architectures.py",
-                 "test_web.py", "test_mlx.py")
+LONGEST_FIRST = ("test_sleep.py", "test_memory.py", "test_talk.py", "test_reconsolidate.py", "test_mlx.py",
+                 "test_keyed.py", "test_quantize.py", "test_many_facts.py", "test_benchmarks.py", "test_cli.py",
+                 "test_users.py", "test_gemma.py",
+                 "test_server.py", "test_architectures.py", "test_home.py", "test_first_person.py",
+                 "test_web.py", "test_device_map.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
