@@ -10,8 +10,10 @@ consolidation) and recall after it. Then each backend reads the other's home and
 recalls its held facts (the shared store). Ĉ comes from the cache both backends share
 (computed first if absent; not timed).
 
-On MLX, `Memory(backend="mlx")` runs without the injection guard and measures no
-perplexity (`sleepwake.mlx.memory`); the torch run keeps its defaults (guard on).
+Both backends run the same injection and sleep code (`sleepwake.writes`,
+`sleepwake.memory_base`: guard on, the nap's perplexity and locality budget); the
+results in results/mlx-smollm2-cpu*.json were measured before the MLX backend had the
+guard and the budget.
 """
 
 from __future__ import annotations
