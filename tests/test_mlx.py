@@ -245,6 +245,25 @@ def test_gemma_on_mlx_edits_through_its_post_norm(tmp_path: Path, cache_dir: Pat
         assert "Lisbon" in mem.ask(WHERE, max_new_tokens=6)
 
 
+def test_mlx_reads_a_home_whose_sleep_left_a_lora_adapter(mm, lm, tmp_path: Path, cache_dir: Path) -> None:
+    """A torch nap with `consolidation="lora"` leaves a LoRA adapter on down-projections;
+    MLX makes it part of its live weights: the logits torch gives, and the fact recalled."""
+    from sleepwake.config import MemoryConfig, SleepConfig
+    from sleepwake.memory import Memory
+
+    home = tmp_path / "home"
+    lm.reset_weights()
+    lora = MemoryConfig(progress=False, consolidation="lora", nap=SleepConfig(epochs=1))
+    with Memory(lm, home=home, config=lora, cache_dir=cache_dir, progress=False) as mem:
+        mem.inject(LISBON)
+        assert mem.nap().status == "accepted"
+        on_torch = next_logits(mem)
+    with mlx_memory(mm, home, cache_dir) as mem:
+        assert mem.status(measure_perplexity=False)["adapters"] == 1
+        assert abs(next_logits(mem) - on_torch).max() < 1e-2 * abs(on_torch).max()
+        assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
+
+
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sleepwake.memory import Memory
 

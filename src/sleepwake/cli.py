@@ -765,7 +765,7 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--backend", choices=["torch", "mlx"], default=default,
                         help="array library the model runs on: torch (the default) or mlx (Apple's MLX: Metal on "
                              "Apple silicon, the CPU through mlx-cpu on Linux; needs mlx and mlx-lm). A home "
-                             "works with either; MLX runs every command, on homes without LoRA adapters")
+                             "works with either; MLX runs every command (sleeps into the keyed memory)")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")

@@ -13,8 +13,8 @@ locality budget (`memory_base.MemoryBase`, `sleep.keyed_sleep`), and what
 `talk.Assistant` and the server ask of a memory (`activate`, `snapshot`, `apart`,
 `without`), for several users on one `MlxModel`. MLX's own: MEMIT's v*, Ĉ and keys
 (`mlx.memit`), the live weights (`_rebuild`, `edit_among`), recall checks, generation and
-perplexity; `export` writes the PyTorch names (`mlx.model.TorchNames`). Not yet on MLX:
-LoRA sleep and homes holding LoRA adapters.
+perplexity; `export` writes the PyTorch names (`mlx.model.TorchNames`), by which a home's
+LoRA adapters (a torch sleep's) are read too. Not yet on MLX: LoRA sleep.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from sleepwake.memory_base import MemoryBase, uses_model
 from sleepwake.mlx.memit import MlxEditor, covariances, to_mx
 from sleepwake.mlx.model import KeyedTable, Live, MlxModel, load_mlx_model
 from sleepwake.policy import edit_group, shares_edit
+from sleepwake.sleep.lora import Adapter
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import Store
 from sleepwake.users import check_user, user_home
@@ -72,13 +73,11 @@ class MlxMemory(Writes, MemoryBase):
         self._ppl: tuple[str, float] | None = None  # (weights digest, perplexity)
         self._editor: MlxEditor | None = None
         try:
+            self.interrupted = self.store.mark_interrupted()  # sleeps a dead process left unfinished
             self.layers = tuple(self.config.memit.layers or self.mm.default_layers())
             bad = [l for l in self.layers if not 0 <= l < self.mm.n_layers]
             if bad:
                 raise InvalidFactError(f"layers {bad} out of range: the model has {self.mm.n_layers} layers")
-            if any(not is_keyed_file(p) for _, p in self.store.active_adapters()):
-                raise UnsupportedError("this home's consolidated memory holds LoRA adapters, which the MLX "
-                                       "backend does not read yet: use the torch backend")
             self._edits: dict[int, FactEdit] = self._load_edits()
             self._suspended: set[object] = set()  # subjects being edited now: their keyed entries are off
             self._load_consolidated()
@@ -129,20 +128,36 @@ class MlxMemory(Writes, MemoryBase):
         return {r.id: self.store.load_edit(r.id) for r in self.store.facts(where="memit") if r.id in self._with_edit()}
 
     def _load_consolidated(self) -> None:
-        """The newest keyed table (a home with LoRA adapters is refused at the start)."""
-        tables = [p for _, p in self.store.active_adapters() if is_keyed_file(p)]
+        """The consolidated memory as the ledger has it: LoRA adapters (a torch sleep's,
+        `consolidation="lora"`: on down-projections only) and the newest keyed table."""
+        active = self.store.active_adapters()
+        adapters = [Adapter.load(p) for _, p in active if not is_keyed_file(p)]
+        other = sorted({n for a in adapters for n in a.names if self.mm.arch.layer_of(n) is None})
+        if other:
+            raise UnsupportedError(f"this home's LoRA adapters change {', '.join(other)}, which the MLX backend "
+                                   "does not read (only down-projections): use the torch backend")
+        self._adapters = adapters
+        tables = [p for _, p in active if is_keyed_file(p)]
         self._keyed: KeyedMemory | None = KeyedMemory.load(tables[-1]) if tables else None
-        self._adapters: list[Any] = []
 
-    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Any] | None = None,
+    def _rebuild(self, edits: Sequence[FactEdit] | None = None, adapters: Sequence[Adapter] | None = None,
                  keyed: KeyedMemory | None | str = "live") -> None:
-        """Live model = base + `edits` (default: the committed ones, in fact order), reading
-        `keyed` (default: the live keyed entries); `adapters` is always empty on MLX."""
-        if edits is None and keyed == "live":
+        """Live model = base + `adapters` (default: the consolidated ones) + `edits`
+        (default: the committed ones, in fact order), in that order as on torch, reading
+        `keyed` (default: the live keyed entries)."""
+        if edits is None and adapters is None and keyed == "live":
             self._suspended = set()
         if edits is None:
             edits = [self._edits[i] for i in sorted(self._edits)]
-        self._sums = {l: torch.mm(a, b) for l, (a, b) in _per_layer(edits).items()}  # as `LiveWeights.rebuild`
+        parts: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for adapter in self._adapters if adapters is None else adapters:
+            for name, (a, b) in adapter.factors().items():
+                parts.setdefault(self.mm.arch.layer_of(name), []).append((a.float(), b.float()))
+        for layer, ab in _per_layer(edits).items():
+            parts.setdefault(layer, []).append(ab)
+        # One product of the factors side by side per layer, as `LiveWeights.rebuild`.
+        self._sums = {l: torch.mm(torch.cat([a for a, _ in p], dim=1), torch.cat([b for _, b in p]))
+                      for l, p in sorted(parts.items())}
         self._read(self.keyed_live() if keyed == "live" else keyed, edits)
         self._live = Live({l: to_mx(d) for l, d in self._sums.items()}, self.mm.taps.keyed, self.mm.taps.memit)
         self._live_at = self.mm.load(self._live)
@@ -216,11 +231,14 @@ class MlxMemory(Writes, MemoryBase):
         carried along in its first new edit (`Memory.edit_among`)."""
         cfg = self.config.memit
         groups = {edit_group(f, cfg) for f in facts}
-        carried = [r for r in self.store.facts(where="consolidated")
-                   if r.id not in leaving and edit_group(r.fact, cfg) in groups]
+        held = [r for r in self.store.facts(where="consolidated") if r.id not in leaving]
+        carried = [r for r in held if edit_group(r.fact, cfg) in groups]
         if self._installed is not None:  # their entries are off while they are edited (and in MEMIT after)
             self._suspended |= groups
             self._read(self._installed.without(sorted(str(g) for g in groups)), fixed)
+        # Consolidated facts still in weights (LoRA) keep their keys fixed; keyed ones have no weights.
+        in_weights = [r for r in held if r.cycle is None or r.cycle not in self._keyed_cycles()]
+        fixed = fixed + [self.store.load_edit(r.id) for r in in_weights if edit_group(r.fact, cfg) not in groups]
         edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, self._add, chat=chat, init=init)
         own = edits[: len(facts)]
         for r, e in zip(carried, edits[len(facts):]):

@@ -158,6 +158,12 @@ class TorchNames:
     def down_name(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.down_proj"  # Llama's and Gemma's, in transformers
 
+    def layer_of(self, name: str) -> int | None:
+        """The layer whose down-projection `name` is, or None for any other module."""
+        parts = name.split(".")
+        ok = len(parts) == 5 and parts[3:] == ["mlp", "down_proj"] and parts[2].isdigit()
+        return int(parts[2]) if ok and self.down_name(int(parts[2])) == name else None
+
     def shape(self, name: str) -> tuple[int, int]:
         return tuple(self._mm.down(int(name.split(".")[2])).weight.shape)
 
