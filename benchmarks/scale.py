@@ -252,6 +252,8 @@ def main() -> None:
         device_map = check_device_map(args.device_map)
     except ValueError as exc:
         ap.error(f"--device-map: {exc}")
+    if args.quantize and (device_map or args.model):
+        ap.error("--quantize is for random weights on one device (not with --model or --device-map)")
     if args.model:
         if not args.deep:
             ap.error("--model is for --deep only")
@@ -271,8 +273,6 @@ def main() -> None:
         tok.pad_token = tok.eos_token
     cfg = LlamaConfig(**SHAPES[args.shape])
     torch.manual_seed(0)
-    if args.quantize and (device_map or args.model):
-        ap.error("--quantize is for random weights on one device")
     if args.quantize:
         model, build_s = timed(lambda: random_nf4(cfg, device))
     else:

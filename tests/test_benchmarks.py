@@ -419,3 +419,12 @@ def test_scale_builds_random_nf4_weights_one_map_at_a_time(tmp_path):
     down.delta = torch.zeros(cfg.hidden_size, cfg.intermediate_size)
     down.delta[0, 0] = 5.0
     assert not torch.equal(model(ids).logits, out)  # the delta beside the 4-bit map acts
+
+
+def test_scale_refuses_quantize_with_a_real_model_or_a_device_map_before_loading():
+    import subprocess
+
+    for extra in (["--model", "no-such-model", "--deep", "10"], ["--device-map", "auto"]):
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--quantize", "nf4", *extra],
+                              capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
+        assert proc.returncode == 2 and "--quantize is for random weights" in proc.stderr, proc.stderr
