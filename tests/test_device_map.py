@@ -93,7 +93,8 @@ def test_inject_recall_restart(tiny: Path, tmp_path: Path) -> None:
         device = mem.lm.arch.layer_device(layer)
         assert {edit.a[layer].device, edit.b[layer].device, edit.k[layer].device} == {device}
         assert mem.weights.sum[mem.lm.arch.down_name(layer)].device == device
-        assert mem.covariances()[layer].device == device
+        assert mem.editor().cov_inv[layer].device == device  # Ĉ⁻¹ where the solve runs; Ĉ on the host
+        assert mem.covariances()[layer].device.type == "cpu"
     weights = {l: mem.lm.arch.down_weight(l).clone() for l in TEST_LAYERS}
     mem.close()
 

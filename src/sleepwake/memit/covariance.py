@@ -93,11 +93,14 @@ def load_or_compute(
     max_tokens: int,
     progress: bool = True,
 ) -> dict[int, torch.Tensor]:
-    """Cached Ĉ per layer, on the layer's device; the missing layers are computed together in one pass."""
+    """Cached Ĉ per layer, on the host; the missing layers are computed together in one pass.
+
+    Only Ĉ⁻¹ is used on the layer's device (MEMIT's solve), so a GPU holds one d×d matrix
+    per edited layer, not two: 24.5 GiB less for 70B's eight layers of 28,672 inputs."""
     covs = cached(tokenizer, layers, fingerprint=fingerprint, cache_dir=cache_dir, n_texts=n_texts,
                   max_tokens=max_tokens, compute=lambda missing, texts: compute_covariance(
                       model, arch, tokenizer, missing, texts, max_tokens=max_tokens, progress=progress))
-    return {l: c.to(arch.layer_device(l)) for l, c in covs.items()}
+    return {l: c.cpu() for l, c in covs.items()}
 
 
 Compute = Callable[[list[int], list[str]], tuple[dict[int, torch.Tensor], int]]

@@ -130,7 +130,8 @@ class MemitEditor:
         self.tokenizer = tokenizer
         self.layers = tuple(sorted(layers))
         self.cfg = cfg
-        self.cov_inv = cov_inv if cov_inv is not None else {l: inverse_covariance(covariances[l]) for l in self.layers}
+        self.cov_inv = cov_inv if cov_inv is not None else {
+            l: inverse_covariance(covariances[l].to(arch.layer_device(l))) for l in self.layers}
         self.weights = weights
 
     def edit(

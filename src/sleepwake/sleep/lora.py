@@ -156,7 +156,9 @@ def output_penalty(covariances: dict[str, torch.Tensor], base: dict[str, torch.T
     """adapter ↦ weight · Σ E‖ΔW·k‖² / E‖W·k‖² over ordinary keys k (Ĉ = E[k kᵀ] per
     module): how much the adapter changes what the modules output on everyday text.
     Uses tr(BA Ĉ AᵀBᵀ) = tr(BᵀB · AĈAᵀ), which costs r×r, not d×d, products. Each
-    module's term is computed on its own device (`Ĉ` is there), and summed on the first's."""
+    module's term is computed on its weight's device (Ĉ, kept on the host, is moved there
+    for the training), and summed on the first's."""
+    covariances = {n: c.to(base[n].device) for n, c in covariances.items()}
     norm = {n: torch.trace(base[n].float() @ c @ base[n].float().t()) for n, c in covariances.items()}
 
     def penalty(adapter: Adapter) -> torch.Tensor:
