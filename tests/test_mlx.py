@@ -1,7 +1,8 @@
 """The MLX backend (`--backend mlx`, issue 27 §2) on the real default model, through mlx-cpu
 on Linux: inject → recall, restart, a home written by torch read by MLX and the reverse,
 status, a nap over the budget rejected, a nap into the keyed memory, a deep sleep, chat and
-the server (another user included), and bad input. One MLX model and one home for the
+the server (another user included), LoRA sleep on MLX (its adapter read by torch, and a
+torch one by MLX), and bad input. One MLX model and one home for the
 module (an injection on this CPU takes tens of seconds); perplexities are cached on disk
 by weights, as on torch."""
 
@@ -262,6 +263,82 @@ def test_mlx_reads_a_home_whose_sleep_left_a_lora_adapter(mm, lm, tmp_path: Path
         assert mem.status(measure_perplexity=False)["adapters"] == 1
         assert abs(next_logits(mem) - on_torch).max() < 1e-2 * abs(on_torch).max()
         assert "Lisbon" in mem.complete("Anselm Kreutzer lives in", max_new_tokens=6)
+
+
+CELLO = "Ilse Brandvold | plays the | cello"
+
+
+def test_a_lora_nap_on_mlx_and_torch_reads_its_adapter(mm, lm, tmp_path: Path, cache_dir: Path) -> None:
+    """`consolidation="lora"` on MLX (`mlx.lora`): a nap trains the LoRA part on MLX (kept
+    here whatever validation says, so the adapter holds it) and consolidates the facts:
+    chat recall with MEMIT empty, after a restart too; torch reads the adapter this MLX
+    sleep wrote and answers alike; a deep sleep with dreams rebuilds it on MLX."""
+    from sleepwake.config import MemoryConfig, SleepConfig
+    from sleepwake.facts import Fact
+
+    home, facts = tmp_path / "home", [Fact.parse(f) for f in (LISBON, VET, CELLO)]
+    lora = MemoryConfig(progress=False, consolidation="lora", nap=SleepConfig(keep_training_only_if_better=False),
+                        deep=SleepConfig(epochs=1, dreams=2))
+    with mlx_memory(mm, home, cache_dir, lora) as mem:
+        ids = [r.id for r in mem.inject(facts).records]
+        report = mem.nap()
+        assert report.status == "accepted" and report.consolidated == ids and report.train_steps, report
+        assert not report.trained_part_dropped and report.ppl_after <= report.ppl_base * 1.03, report
+        assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 3}
+        assert mem.evaluate(facts).chat_recall == 1.0  # MEMIT holds nothing: the adapter answers
+        before = next_logits(mem)
+    with mlx_memory(mm, home, cache_dir, lora) as mem:  # a restart reads the adapter
+        assert mem.status(measure_perplexity=False)["adapters"] == 1 and (next_logits(mem) == before).all()
+        answers = [mem.ask(f.chat_question(), max_new_tokens=8) for f in facts]
+        assert all(f.object in a for f, a in zip(facts, answers)), answers
+    with torch_memory(lm, home, cache_dir) as mem:  # the adapter an MLX sleep wrote, read by torch
+        assert abs(next_logits(mem) - before).max() < 1e-2 * abs(before).max()
+        assert [mem.ask(f.chat_question(), max_new_tokens=8) for f in facts] == answers
+    with mlx_memory(mm, home, cache_dir, lora) as mem:
+        deep = mem.sleep()
+        assert deep.status == "accepted" and deep.rebuilt and deep.held_recall_after == 1.0, deep
+        assert mem.evaluate(facts).chat_recall == 1.0
+
+
+def test_mlx_lora_training_has_the_torch_objective(mm, lm, tmp_path: Path, cache_dir: Path) -> None:
+    """The same adapter trained on the same examples (answers, and a dream with its
+    teacher) with the same fixed part and output penalty: the same initial adapter, the
+    same teacher and the same losses on both backends, to float tolerance."""
+    import torch
+
+    from sleepwake.config import SleepConfig
+    from sleepwake.facts import Fact
+    from sleepwake.inference import chat_text, encode, encode_target
+    from sleepwake.mlx.lora import MlxSleep
+    from sleepwake.sleep.cycle import TorchSleep
+    from sleepwake.sleep.data import examples, fact_pairs
+    from sleepwake.sleep.lora import Adapter, Example
+
+    tok = lm.tokenizer
+    q = "What is the capital of France?"
+    dream = Example(tuple(encode(tok, chat_text(tok, q), chat=True))
+                    + tuple(encode_target(tok, chat_text(tok, q), "Paris.", chat=True)), ())
+    taught = examples(fact_pairs(Fact.parse(LISBON)), tok) + [dream]
+    cfg = SleepConfig(batch_size=3, epochs=1)
+    runs = []
+    with torch_memory(lm, tmp_path / "torch", cache_dir) as tm, mlx_memory(mm, tmp_path / "mlx", cache_dir) as xm:
+        names = [lm.arch.down_name(l) for l in tm.layers[:2]]
+        covs = {n: tm.covariances()[l] for n, l in zip(names, tm.layers)}
+        gen = torch.Generator().manual_seed(1)
+        fixed = {n: torch.randn(lm.arch.shape(n)[0], 2, generator=gen) * 0.02 for n in names}
+        for ops in (TorchSleep(tm), MlxSleep(xm)):
+            soft = ops.soft_targets([dream], 0)
+            fresh = ops.new_adapter(names, 8, 16.0, seed=3)
+            part = Adapter({n: torch.ones(2, lm.arch.shape(n)[1]) * 0.01 for n in names}, dict(fixed), 2, 2.0)
+            stats = ops.train(part, fresh, taught, teacher=[None] * (len(taught) - 1) + soft, cfg=cfg,
+                              covariances=covs, pad_id=0, seed=5, desc="test")
+            runs.append((soft[0], fresh, stats))
+    (st, ft, a), (sx, fx, b) = runs
+    assert torch.equal(st.index.sort(-1).values, sx.index.sort(-1).values)
+    assert (st.logp.sort(-1).values - sx.logp.sort(-1).values).abs().max() < 1e-3
+    assert a.steps == b.steps == 2 and abs(a.loss_first - b.loss_first) < 1e-3 * a.loss_first, (a, b)
+    assert abs(a.loss_last - b.loss_last) < 1e-3 * a.loss_last and b.loss_last != b.loss_first, (a, b)
+    assert all((ft.b[n] - fx.b[n]).norm() < 0.05 * ft.b[n].norm() for n in names)
 
 
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

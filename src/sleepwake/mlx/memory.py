@@ -8,13 +8,13 @@ summed by the same float32 product), so either backend answers a home the other 
 What runs here is the torch backend's own code above a few seams: injection and forgetting
 (`writes.Writes`: batches, the guard's second try, raw-only re-edits past the chat-edit
 limit, v*'s warm start, reconsolidation into the keyed memory, rollback), status and the
-sleep pressure, naps and deep sleeps into the keyed memory with their perplexity and
-locality budget (`memory_base.MemoryBase`, `sleep.keyed_sleep`), and what
+sleep pressure, naps and deep sleeps into the keyed memory or a LoRA adapter with their
+perplexity and locality budget (`memory_base.MemoryBase`, `sleep.keyed_sleep`, `sleep.cycle`), and what
 `talk.Assistant` and the server ask of a memory (`activate`, `snapshot`, `apart`,
 `without`), for several users on one `MlxModel`. MLX's own: MEMIT's v*, Ĉ and keys
 (`mlx.memit`), the live weights (`_rebuild`, `edit_among`), recall checks, generation and
-perplexity; `export` writes the PyTorch names (`mlx.model.TorchNames`), by which a home's
-LoRA adapters (a torch sleep's) are read too. Not yet on MLX: LoRA sleep.
+perplexity, a LoRA sleep's training (`mlx.lora`); `export` writes the PyTorch names
+(`mlx.model.TorchNames`), by which a home's LoRA adapters (either backend's sleep's) are read too.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from sleepwake.inference import chat_text, encode, encode_target
 from sleepwake.keyed import KeyedMemory, is_keyed_file
 from sleepwake.memit.editor import FactEdit, InjectStats
 from sleepwake.memory_base import MemoryBase, uses_model
+from sleepwake.mlx.lora import MlxSleep
 from sleepwake.mlx.memit import MlxEditor, covariances, to_mx
 from sleepwake.mlx.model import KeyedTable, Live, MlxModel, load_mlx_model
 from sleepwake.policy import edit_group, shares_edit
 from sleepwake.sleep.lora import Adapter
-from sleepwake.sleep.report import CycleReport
 from sleepwake.store import Store
 from sleepwake.users import check_user, user_home
 from sleepwake.writes import FactLike, Writes, as_facts, check_text
@@ -53,6 +53,7 @@ class MlxMemory(Writes, MemoryBase):
     """A model on MLX with a memory in its weights, persisted under `home` (see the module)."""
 
     backend = "mlx"
+    lora_sleep = MlxSleep  # what a LoRA sleep runs on this backend's model (`sleep.cycle.LoraSleep`)
 
     def __init__(self, model: str | os.PathLike[str] | MlxModel | None = None,
                  home: str | os.PathLike[str] | None = None, *, config: MemoryConfig | None = None,
@@ -245,14 +246,6 @@ class MlxMemory(Writes, MemoryBase):
             first = next(i for i, f in enumerate(facts) if shares_edit(f, r.fact, cfg))
             own[first] = own[first].joined(e)
         return own, stats
-
-    def _cycle(self, kind: str) -> CycleReport:
-        """A nap or deep sleep into the keyed memory (`sleep.cycle.run_cycle`); LoRA sleep is
-        refused before anything changes."""
-        if self.config.consolidation != "keyed" or self.config.memit.key_positions != "subject":
-            raise UnsupportedError("the MLX backend sleeps into the keyed memory only (consolidation='keyed', "
-                                   "key_positions='subject'): LoRA sleep runs on the torch backend")
-        return super()._cycle(kind)
 
     # --- using the model -------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class Taps:
     add: dict[int, mx.array] = field(default_factory=dict)  # layer -> added to its block's output
     keyed: KeyedTable | None = None
     memit: dict[int, tuple[mx.array, mx.array]] = field(default_factory=dict)  # layer -> (A, B) of the live sums
+    lora: dict[int, list[tuple[mx.array, mx.array]]] = field(default_factory=dict)  # layer -> [(L, R)]: + x·Rᵀ·Lᵀ
     hit: tuple[mx.array, mx.array] | None = None  # per position: the keyed δ row, and whether one matched
     tail: mx.array | None = None  # the last unit keys of a cached decode, where heads are read
     continuing: bool = False
@@ -103,7 +104,8 @@ class Live:
 
 
 class _Down(nn.Module):
-    """A down-projection that shows its input to the taps (the MEMIT key) and, where the
+    """A down-projection that shows its input to the taps (the MEMIT key), adds the LoRA
+    parts a sleep trains (`mlx.lora`: factors, so gradients reach them) and, where the
     keyed memory reads a position, takes that layer's MEMIT delta back out there."""
 
     def __init__(self, linear: nn.Module, layer: int, taps: Taps) -> None:
@@ -116,6 +118,8 @@ class _Down(nn.Module):
         if taps.keyed is not None and layer == taps.keyed.match_layer:
             taps.match(x)
         out = self.linear(x)
+        for left, right in taps.lora.get(layer, ()):
+            out = out + (x @ right.T) @ left.T
         if taps.hit is not None and layer in taps.memit:
             a, b = taps.memit[layer]
             out = out - ((x @ b.T) @ a.T) * taps.hit[1][..., None]

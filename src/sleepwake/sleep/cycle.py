@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from sleepwake.config import SleepConfig
 from sleepwake.evaluate import EvalReport, evaluate_facts
+from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
 from sleepwake.policy import edit_group
@@ -45,6 +48,8 @@ from sleepwake.sleep.keyed_sleep import consolidate_keyed
 from sleepwake.sleep.lora import (
     Adapter,
     Example,
+    Soft,
+    TrainStats,
     attached,
     combine,
     from_factors,
@@ -58,6 +63,57 @@ from sleepwake.sleep.report import CycleReport, over_budget
 if TYPE_CHECKING:
     from sleepwake.memory import Memory
     from sleepwake.store import FactRecord
+
+
+class LoraSleep(Protocol):
+    """What a LoRA sleep runs on a backend's model; the rest of the cycle is shared. A
+    memory class names its own as `lora_sleep` (`sleepwake.mlx.lora.MlxSleep`); torch's
+    `Memory` names none and gets `TorchSleep`."""
+
+    def recall(self, facts: Sequence[Fact]) -> EvalReport: ...
+
+    def answers(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]: ...
+
+    def soft_targets(self, examples: Sequence[Example], pad_id: int) -> list[Soft]: ...
+
+    def new_adapter(self, names: Sequence[str], r: int, alpha: float, seed: int) -> Adapter: ...
+
+    def train(self, fixed: Adapter, fresh: Adapter, examples: Sequence[Example], *, teacher: Sequence[Soft | None],
+              cfg: SleepConfig, covariances: dict[str, torch.Tensor], pad_id: int, seed: int,
+              desc: str) -> TrainStats:
+        """Train `fresh` in place on `examples` with `fixed` added, under the output
+        penalty over `covariances` (Ĉ per module name) when `cfg.cov_penalty` is on."""
+        ...
+
+
+class TorchSleep:
+    """`LoraSleep` on a PyTorch model (`sleep.lora`, `evaluate`, `inference`)."""
+
+    def __init__(self, mem: Memory) -> None:
+        self.mem = mem
+
+    def recall(self, facts: Sequence[Fact]) -> EvalReport:
+        return evaluate_facts(self.mem.model, self.mem.tokenizer, facts, None, progress=False)
+
+    def answers(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[str]:
+        return generate(self.mem.model, self.mem.tokenizer, prompts, max_new_tokens=max_new_tokens)
+
+    def soft_targets(self, examples: Sequence[Example], pad_id: int) -> list[Soft]:
+        return soft_targets(self.mem.model, examples, pad_id=pad_id)
+
+    def new_adapter(self, names: Sequence[str], r: int, alpha: float, seed: int) -> Adapter:
+        return new_adapter(self.mem.model, names, r, alpha, seed=seed)
+
+    def train(self, fixed: Adapter, fresh: Adapter, examples: Sequence[Example], *, teacher: Sequence[Soft | None],
+              cfg: SleepConfig, covariances: dict[str, torch.Tensor], pad_id: int, seed: int,
+              desc: str) -> TrainStats:
+        mem = self.mem
+        penalty = output_penalty(covariances, {n: mem.lm.base_weight(n) for n in fresh.names},
+                                 cfg.cov_penalty) if cfg.cov_penalty else None
+        with attached(mem.model, fixed):
+            return train(mem.model, fresh, examples, pad_id=pad_id, lr=cfg.lr, epochs=cfg.epochs,
+                         batch_size=cfg.batch_size, teacher=teacher, penalty=penalty, seed=seed,
+                         progress=mem.progress, desc=desc)
 
 
 def takeover(mem: Memory, edits: dict[int, FactEdit]) -> Adapter | None:
@@ -114,7 +170,8 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
                  rebuild: bool) -> CycleReport:
     t0 = time.perf_counter()
     cfg = mem.config.nap if kind == "nap" else mem.config.deep
-    store, model, tok = mem.store, mem.model, mem.tokenizer
+    store, tok = mem.store, mem.tokenizer
+    ops: LoraSleep = getattr(mem, "lora_sleep", TorchSleep)(mem)
     report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
                          ppl_base=mem.base_perplexity(), locality_before=mem.locality())
     mark = [t0]
@@ -125,8 +182,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         mark[0] = now
 
     if held:
-        report.held_recall_before = evaluate_facts(model, tok, [r.fact for r in held], None,
-                                                   progress=False).chat_recall
+        report.held_recall_before = ops.recall([r.fact for r in held]).chat_recall
     stored = {r.id: store.load_edit(r.id, mem.lm.arch.layer_device) for r in held}
     base_adapters = [] if rebuild else list(mem._adapters)
 
@@ -148,18 +204,17 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     if cfg.dreams:
         qs = dream_questions(cfg.dreams, cycle, [r.fact for r in held])
         prompts = [encode(tok, chat_text(tok, q), chat=True) for q in qs]
-        answers = generate(model, tok, prompts, max_new_tokens=mem.config.generation.max_new_tokens)
+        answers = ops.answers(prompts, mem.config.generation.max_new_tokens)
         dreams = [Example(tuple(p) + tuple(encode_target(tok, chat_text(tok, q), a, chat=True)), ())
                   for p, q, a in zip(prompts, qs, answers)]
-        soft = soft_targets(model, dreams, pad_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
+        soft = ops.soft_targets(dreams, tok.pad_token_id if tok.pad_token_id is not None else 0)
 
     # Train the fresh part with every MEMIT edit off.
     names = transfer.names
     layer_of = {mem.lm.arch.down_name(l): l for l in mem.layers}
     covs = mem.covariances()
-    penalty = output_penalty({n: covs[layer_of[n]] for n in names if n in layer_of},
-                             {n: mem.lm.base_weight(n) for n in names}, cfg.cov_penalty) if cfg.cov_penalty else None
-    fresh = new_adapter(model, names, cfg.rank, cfg.alpha, seed=cycle)
+    covs = {n: covs[layer_of[n]] for n in names if n in layer_of}
+    fresh = ops.new_adapter(names, cfg.rank, cfg.alpha, seed=cycle)
     pairs = [p for r in memit + held for p in fact_pairs(r.fact, r.id)]
     scored = curate(store.exchanges(), store.curated_before(), mem.config.curation) if kind == "deep" else []
     talk = conversation_pairs(scored)
@@ -170,10 +225,8 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     taught = examples(pairs + talk + [p for _, p in replay], tok)
     phase("prepare")
-    with attached(model, transfer):
-        stats = train(model, fresh, taught + dreams, pad_id=pad, lr=cfg.lr, epochs=cfg.epochs,
-                      batch_size=cfg.batch_size, teacher=[None] * len(taught) + soft, penalty=penalty,
-                      seed=cycle, progress=mem.progress, desc=kind)
+    stats = ops.train(transfer, fresh, taught + dreams, teacher=[None] * len(taught) + soft, cfg=cfg,
+                      covariances=covs, pad_id=pad, seed=cycle, desc=kind)
     report.train_steps, report.train_loss = stats.steps, (stats.loss_first, stats.loss_last)
     phase("train")
 
@@ -185,7 +238,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
 
     def validate(adapter: Adapter) -> tuple[EvalReport, list[int], int]:
         mem._rebuild([], [*base_adapters, adapter])
-        res = evaluate_facts(model, tok, [r.fact for r in facts], None, progress=False)
+        res = ops.recall([r.fact for r in facts])
         ok: dict[object, bool] = {}
         for r, fr in zip(facts, res.facts):
             group = edit_group(r.fact, mem.config.memit)
@@ -221,8 +274,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [mem._edits[i] for i in passed])
     if again:
         mem._rebuild([again[i] for i in sorted(again)], adapters)
-        report.kept_recall = evaluate_facts(model, tok, [r.fact for r in memit if r.id in again], None,
-                                            progress=False).chat_recall
+        report.kept_recall = ops.recall([r.fact for r in memit if r.id in again]).chat_recall
     phase("edit kept facts again")
     report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
     phase("measure")

@@ -226,19 +226,25 @@ def attached(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> Iterat
 
 
 def new_adapter(model: nn.Module, names: Sequence[str], r: int, alpha: float, seed: int) -> Adapter:
-    """A fresh adapter: A as PEFT initialises it (Kaiming-uniform), B zero, so it starts as a no-op."""
+    """A fresh adapter on `model`'s modules `names`, each where the module computes (`fresh_adapter`)."""
+    mods = {n: model.get_submodule(n) for n in names}
+    return fresh_adapter({n: linear_shape(m) for n, m in mods.items()}, r, alpha, seed,
+                         lambda n: module_device(mods[n]),
+                         frozenset(n for n, m in mods.items() if type(m).__name__ == "Conv1D"))
+
+
+def fresh_adapter(shapes: dict[str, tuple[int, int]], r: int, alpha: float, seed: int, device: Where[str] = "cpu",
+                  conv1d: frozenset[str] = frozenset()) -> Adapter:
+    """A fresh adapter for modules of these (d_out, d_in) shapes: A as PEFT initialises it
+    (Kaiming-uniform), B zero, so it starts as a no-op. The same `seed` gives the same
+    adapter on every backend."""
     gen = torch.Generator().manual_seed(seed)
-    a, b, conv1d = {}, {}, set()
-    for n in names:
-        mod = model.get_submodule(n)
-        device = module_device(mod)
-        d_out, d_in = linear_shape(mod)
+    a, b = {}, {}
+    for n, (d_out, d_in) in shapes.items():
         bound = 1 / math.sqrt(d_in)  # kaiming_uniform_(a=√5) on an (r × d_in) matrix
-        a[n] = ((torch.rand(r, d_in, generator=gen) * 2 - 1) * bound).to(device)
-        b[n] = torch.zeros(d_out, r, device=device)
-        if type(mod).__name__ == "Conv1D":
-            conv1d.add(n)
-    return Adapter(a, b, r, alpha, frozenset(conv1d))
+        a[n] = ((torch.rand(r, d_in, generator=gen) * 2 - 1) * bound).to(place(device, n))
+        b[n] = torch.zeros(d_out, r, device=place(device, n))
+    return Adapter(a, b, r, alpha, conv1d)
 
 
 def _batch(examples: Sequence[Example], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
