@@ -20,6 +20,10 @@
    already consolidated facts fall below τ times their recall before.
 4. Commit: adapter directory, then one ledger transaction; then the live weights.
 
+What runs on the model itself — recall checks, dreams and their teacher, the training —
+goes through the backend's `LoraSleep` (`TorchSleep`, or MLX's `mlx.lora.MlxSleep`);
+the steps above are the same code on every backend.
+
 The paper trains a LoRA from scratch at this point (§3.3); on this model that taught
 no facts at its learning rate and leaked the new objects into other answers at
 higher ones (BENCHMARKS.md), which the take-over avoids.
