@@ -112,6 +112,25 @@ def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_me
     assert mem.status(measure_perplexity=False)["pressure"]["due"] is None  # the nap relieved the pressure
 
 
+def test_the_locality_gate_checks_many_real_facts_apart_from_the_benchmark(napped, make_memory, tmp_path):
+    """The budget's locality gate (`BudgetConfig.min_locality`) reads real-world facts the
+    base model completes, none of the locality benchmark's, kept in the home; an edit that
+    breaks one of them shows in it (it held one fact on this model until session 29)."""
+    from sleepwake.corpus import locality_facts
+
+    home, report, _, _ = napped
+    mem = make_memory(copy_of(home, tmp_path))
+    gate = mem.gate_facts()
+    assert len(gate) >= 50, len(gate)
+    assert not {f.key for f in gate} & {f.key for f in locality_facts()}
+    assert mem.store.meta("locality_gate") is not None  # found once, at the nap
+    assert report.locality_after >= 0.95
+    before = mem.locality()
+    target = gate[0]
+    mem.inject(Fact(target.subject, target.relation, "Zanzibar"))
+    assert mem.locality() <= before - 1 / len(gate) + 1e-9
+
+
 def test_new_facts_after_a_nap_leave_consolidated_facts_alone(napped, make_memory, tmp_path):
     """A MEMIT edit after a nap keeps the consolidated facts' keys fixed (eq. 5), so it
     does not write over what the adapter holds."""

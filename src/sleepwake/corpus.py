@@ -35,6 +35,14 @@ def world_facts() -> list[Fact]:
     return [Fact.from_dict(json.loads(line)) for line in _read("world_facts.jsonl").splitlines() if line.strip()]
 
 
+def gate_candidates() -> list[Fact]:
+    """More real-world facts, of kinds the other sets lack, for the budget's locality gate
+    alone (`MemoryBase.gate_facts` keeps those the base model completes). The other sets'
+    facts a small model knows are nearly all in `locality_facts`, which the gate leaves to
+    the benchmark: without these the default model's gate held one fact."""
+    return [Fact.from_dict(json.loads(line)) for line in _read("gate_facts.jsonl").splitlines() if line.strip()]
+
+
 def locality_facts() -> list[Fact]:
     """Real-world facts the unedited default model completes correctly."""
     return [Fact.from_dict(json.loads(line)) for line in _read("locality_facts.jsonl").splitlines() if line.strip()]
