@@ -101,6 +101,7 @@ def test_usage_errors_exit_2(cache_dir: Path, tmp_path: Path) -> None:
     assert_clean_error(run_cli("eval", home=home), 2, "--facts")
     assert_clean_error(run_cli("--device", "tpu", "complete", "x", home=home), 2, "--device", "tpu")
     assert_clean_error(run_cli("serve", "--unknown", "guess", home=home), 2, "--unknown", "guess")
+    assert_clean_error(run_cli("--consolidation", "adapter", "nap", home=home), 2, "--consolidation", "adapter")
     import torch
 
     if not torch.cuda.is_available():  # refused before the model loads or the home is made

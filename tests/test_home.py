@@ -153,7 +153,7 @@ def wait_awake(client: httpx.Client, limit: float = 600) -> dict:
 
 def test_a_server_nap_survives_cli_commands_run_beside_it(tmp_path, cache_dir):
     home = tmp_path / "home"
-    server = Server(home, "--sleep-epochs", "2")
+    server = Server(home, "--consolidation", "lora", "--sleep-epochs", "2")  # the paper's sleep, from the CLI
     try:
         with httpx.Client(base_url=server.url, timeout=600) as client:
             assert client.post("/v1/memory/facts", json=FACTS).status_code == 201
@@ -177,6 +177,7 @@ def test_a_server_nap_survives_cli_commands_run_beside_it(tmp_path, cache_dir):
             assert status["last_error"] is None and status["last_cycle"]["status"] == "accepted", status
             history = client.get("/v1/memory/history").json()
             assert [(c["kind"], c["status"]) for c in history] == [("nap", "accepted")]
+            assert (home / "adapters" / "cycle-000001").is_dir() and not (home / "keyed").exists()
 
             # Awake again: the CLI's inject goes through the server, which answers with it at once.
             late = run_cli("inject", f"{LATE['subject']} | {LATE['relation']} | {LATE['object']}", home=home)

@@ -260,12 +260,16 @@ class Context:
         quantize = self.quantize()
         self._check_free()
         self.status(f"sleepwake: loading {self.args.model or 'the default model'} (memory: {self.home}) …")
+        from dataclasses import replace
+
         from sleepwake.config import MemoryConfig
         from sleepwake.memory import Memory
 
         config = MemoryConfig().with_memit(chat_edit=False) if self.args.raw_only else None
         if config is None and self.args.chat_edit_limit is not None:
             config = MemoryConfig().with_memit(chat_edit_max_facts=self.args.chat_edit_limit)
+        if getattr(self.args, "consolidation", None):
+            config = replace(config or MemoryConfig(), consolidation=self.args.consolidation)
         return Memory(self.args.model, home=self.root, config=config, device=device, progress=self.progress,
                       user=getattr(self.args, "user", None), quantize=quantize, backend=backend,
                       device_map=device_map)
@@ -765,7 +769,11 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument("--backend", choices=["torch", "mlx"], default=default,
                         help="array library the model runs on: torch (the default) or mlx (Apple's MLX: Metal on "
                              "Apple silicon, the CPU through mlx-cpu on Linux; needs mlx and mlx-lm). A home "
-                             "works with either; MLX runs every command (sleeps into the keyed memory)")
+                             "works with either; MLX runs every command and both sleeps")
+    parser.add_argument("--consolidation", choices=["keyed", "lora"], default=default,
+                        help="where sleep moves facts: keyed (the default: one entry per subject, read where "
+                             "its key is) or lora (the paper's: a LoRA adapter trained with replay, on either "
+                             "backend)")
     parser.add_argument("--chat-edit-limit", type=_count, metavar="N", default=default,
                         help="edit facts for chat questions too only while MEMIT holds at most N facts "
                              "(default 40); past it, every fact MEMIT holds is edited for raw prompts only")
