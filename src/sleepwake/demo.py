@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from sleepwake.cli import _fmt_float, _marks, _one_line, _short, fact_text, table
+from sleepwake.cli.output import fact_text, fmt_float, marks, one_line, short, table
 from sleepwake.errors import SleepwakeError
 from sleepwake.facts import Fact
 
@@ -37,28 +37,28 @@ def _section(out: Any, title: str) -> None:
     print(f"\n{title}\n{RULE}", file=out, flush=True)
 
 
-def _show(out: Any, report: Any, marks: tuple[str, str]) -> None:
-    ok, bad = marks
-    rows = [[ok if r.raw_ok else bad, f"{r.subject} {r.relation}", "→", _short(r.raw_completion, 44)]
+def _show(out: Any, report: Any, signs: tuple[str, str]) -> None:
+    ok, bad = signs
+    rows = [[ok if r.raw_ok else bad, f"{r.subject} {r.relation}", "→", short(r.raw_completion, 44)]
             for r in report.facts]
     print("  raw completion (greedy)", file=out)
     for line in table(rows):
         print("    " + line, file=out)
-    rows = [[ok if r.chat_ok else bad, r.question, "→", _short(r.chat_answer, 44)] for r in report.facts]
+    rows = [[ok if r.chat_ok else bad, r.question, "→", short(r.chat_answer, 44)] for r in report.facts]
     print("  chat answer", file=out)
     for line in table(rows):
         print("    " + line, file=out)
     n = report.n
     raw_n = sum(r.raw_ok for r in report.facts)
     chat_n = sum(r.chat_ok for r in report.facts)
-    print(f"  raw recall {raw_n}/{n}   chat recall {chat_n}/{n}   perplexity {_fmt_float(report.ppl)}",
+    print(f"  raw recall {raw_n}/{n}   chat recall {chat_n}/{n}   perplexity {fmt_float(report.ppl)}",
           file=out, flush=True)
 
 
 def run(home: Path, model: str | None, out: Any) -> None:
     from sleepwake.memory import Memory
 
-    marks = _marks(out)
+    signs = marks(out)
     t_start = time.perf_counter()
     print(f"sleepwake demo: memory in {home}", file=out)
     print("loading the model (the first run also converts the GGUF file) …", file=out, flush=True)
@@ -76,7 +76,7 @@ def run(home: Path, model: str | None, out: Any) -> None:
 
         _section(out, "BEFORE injection")
         before = mem.evaluate(FACTS)
-        _show(out, before, marks)
+        _show(out, before, signs)
 
         _section(out, "Injecting")
         t0 = time.perf_counter()
@@ -97,7 +97,7 @@ def run(home: Path, model: str | None, out: Any) -> None:
 
         _section(out, "AFTER injection")
         after = mem.evaluate(FACTS)
-        _show(out, after, marks)
+        _show(out, after, signs)
 
     _section(out, "Summary")
     n = len(FACTS)
@@ -105,7 +105,7 @@ def run(home: Path, model: str | None, out: Any) -> None:
         ["", "before", "after"],
         ["raw recall", f"{sum(r.raw_ok for r in before.facts)}/{n}", f"{sum(r.raw_ok for r in after.facts)}/{n}"],
         ["chat recall", f"{sum(r.chat_ok for r in before.facts)}/{n}", f"{sum(r.chat_ok for r in after.facts)}/{n}"],
-        ["perplexity", _fmt_float(before.ppl), _fmt_float(after.ppl)],
+        ["perplexity", fmt_float(before.ppl), fmt_float(after.ppl)],
     ]
     widths = [max(len(r[i]) for r in summary) for i in range(3)]
     for r in summary:
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SleepwakeError, OSError) as exc:
         if os.environ.get("SLEEPWAKE_DEBUG"):
             raise
-        print(f"sleepwake demo: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"sleepwake demo: error: {one_line(exc)}", file=sys.stderr)
         return 1
 
 
