@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from sleepwake.facts import Fact
 from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.policy import edit_group
 from sleepwake.sleep.commit import commit, rewrite_kept
@@ -113,9 +112,13 @@ def _starts(old: KeyedMemory, groups: dict[str, list[FactRecord]]) -> dict[str, 
     return out
 
 
-def _rekey(mem: Memory, entry: Entry, facts: list[Fact]) -> Entry:
-    """The entry with its keys read again on the live model (its δ kept)."""
-    return Entry(entry.subject, entry.delta, mem.editor().subject_keys(facts)[entry.subject], entry.facts)
+def _rekeyed(mem: Memory, table: KeyedMemory, held: dict[str, list[FactRecord]]) -> KeyedMemory:
+    """`table`'s entries of subjects still held, their keys read again on the live model
+    (δs kept): one batched pass over all their facts, not a pass per subject."""
+    subjects = [s for s in table.entries if s in held]
+    keys = mem.editor().subject_keys([r.fact for s in subjects for r in held[s]]) if subjects else {}
+    return table.with_entries([Entry(e.subject, e.delta, keys[e.subject], e.facts) for e in table.entries.values()
+                               if e.subject in held], drop=list(table.entries))
 
 
 def _answered(mem: Memory, groups: dict[str, list[FactRecord]]) -> dict[str, bool]:
@@ -152,8 +155,7 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
     keep = old.without([*moving, *stale])
     mem._rebuild([], mem._adapters, keep)
     if kind == "deep" and len(keep):  # keys that are still true, on the model as it is now
-        keep = KeyedMemory(keep.layer, keep.match_layer, keep.threshold, {
-            s: _rekey(mem, e, [r.fact for r in held_now[s]]) for s, e in keep.entries.items() if s in held_now})
+        keep = _rekeyed(mem, keep, held_now)
         mem._rebuild([], mem._adapters, keep)
         if len(keep):
             lost = [s for s, ok in _answered(mem, {s: held_now[s] for s in keep.entries}).items() if not ok]
