@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import CACHE, chat_text, encode, encode_target, generate, head_logits, pad_right
+from sleepwake.inference import chat_text, encode, encode_target, generate, head_logits, pad_right, shared_prefix
 from sleepwake.models import LoadedModel
 from sleepwake.placement import input_device
 from sleepwake.store import write_atomic
@@ -104,20 +104,10 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
     rest runs right-padded after it, which causal attention keeps from the real tokens."""
     device = input_device(model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    shared = min(n for _, n in seqs) - 1  # the position before the first object token is re-run
-    first = seqs[0][0]
-    for ids, _ in seqs[1:]:
-        shared = next((k for k in range(shared) if ids[k] != first[k]), shared)
-    decoder = model.get_decoder()
-    extra: dict[str, Any] = {}
-    if shared >= 8:
-        cache = getattr(decoder(input_ids=torch.tensor([first[:shared]], device=device), use_cache=True), CACHE)
-        cache.batch_repeat_interleave(len(seqs))
-        extra = {CACHE: cache}
-    else:
-        shared = 0
+    # The position before the first object token is re-run.
+    shared, extra = shared_prefix(model, [ids for ids, _ in seqs], min(n for _, n in seqs) - 1)
     batch = pad_right([ids[shared:] for ids, _ in seqs], pad, device)["input_ids"]
-    hidden = decoder(input_ids=batch, use_cache=False, **extra).last_hidden_state
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False, **extra).last_hidden_state
     r = [j for j, (ids, n) in enumerate(seqs) for _ in range(n, len(ids))]
     c = [t - 1 - shared for ids, n in seqs for t in range(n, len(ids))]
     want = torch.tensor([ids[t] for ids, n in seqs for t in range(n, len(ids))])

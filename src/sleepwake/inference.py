@@ -24,6 +24,24 @@ CACHE = "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutpu
 renamed `past_key_values` to `cache`, and warns on every call that uses the old name."""
 
 
+def shared_prefix(model: nn.Module, seqs: Sequence[Sequence[int]], limit: int, min_len: int = 8
+                  ) -> tuple[int, dict[str, Any]]:
+    """The first tokens every one of `seqs` shares (at most `limit`), run once: their count
+    and the forward argument that carries them (their KV cache, one copy per sequence).
+
+    A chat template's system turn is most of a short chat question; batched rows then
+    run only what follows it. (0, {}) where fewer than `min_len` tokens are shared."""
+    first, shared = seqs[0], limit
+    for ids in seqs[1:]:
+        shared = next((k for k in range(shared) if ids[k] != first[k]), shared)
+    if shared < min_len:
+        return 0, {}
+    prefix = torch.tensor([list(first[:shared])], device=input_device(model))
+    cache = getattr(model.get_decoder()(input_ids=prefix, use_cache=True), CACHE)
+    cache.batch_repeat_interleave(len(seqs))
+    return shared, {CACHE: cache}
+
+
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on chosen hidden states only: over every position of every
     sequence it would cost more than the rest of the model on small models."""

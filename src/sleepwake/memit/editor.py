@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
-from sleepwake.inference import attention_kernels, pad_right
+from sleepwake.inference import attention_kernels, pad_right, shared_prefix
 from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
@@ -185,18 +185,27 @@ class MemitEditor:
         device = input_device(self.model)
         at = self.arch.layer_device(layer)  # the keys are read there, and stay there
         keys, heads = [], []
-        for start in range(0, len(requests), 32):
-            part = requests[start:start + 32]
-            batch = pad_right([q.ids[: q.subject_pos + 1] for q in part], pad, device)
+        # Chat questions batched together run their shared system turn once (`shared_prefix`).
+        order = sorted(range(len(requests)), key=lambda i: requests[i].kind)
+        for start in range(0, len(order), 32):
+            part = [requests[i] for i in order[start:start + 32]]
+            seqs = [q.ids[: q.subject_pos + 1] for q in part]
+            head_pos = [q.subject_pos if q.head_pos is None else q.head_pos for q in part]
+            shared, extra = shared_prefix(self.model, seqs, min(head_pos))
+            batch = ({"input_ids": pad_right([s[shared:] for s in seqs], pad, device)["input_ids"], **extra}
+                     if shared else pad_right(seqs, pad, device))
             captured, _ = run_capture(self.model, self.arch, batch, key_layers=(layer,))
             rows = torch.arange(len(part), device=at)
-            cols = torch.tensor([q.subject_pos for q in part], device=at)
-            head_cols = torch.tensor([q.subject_pos if q.head_pos is None else q.head_pos for q in part], device=at)
+            cols = torch.tensor([q.subject_pos - shared for q in part], device=at)
+            head_cols = torch.tensor([p - shared for p in head_pos], device=at)
             keys.append(captured[layer][rows, cols].float())
             has_head = torch.tensor([q.head_pos is not None for q in part], device=at)
             heads.append(captured[layer][rows, head_cols].float() * has_head[:, None])
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+        back = back.to(at)
         backs = torch.tensor([0 if q.head_pos is None else q.subject_pos - q.head_pos for q in requests])
-        return ReadKeys(torch.cat(keys), torch.cat(heads), backs.to(at))
+        return ReadKeys(torch.cat(keys)[back], torch.cat(heads)[back], backs.to(at))
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,
