@@ -112,7 +112,7 @@ def test_nap_moves_facts_into_an_adapter_recalled_with_memit_off(napped, make_me
     assert mem.status(measure_perplexity=False)["pressure"]["due"] is None  # the nap relieved the pressure
 
 
-def test_the_locality_gate_checks_many_real_facts_apart_from_the_benchmark(napped, make_memory, tmp_path):
+def test_the_locality_gate_checks_many_real_facts_apart_from_the_benchmark(napped, make_memory, cache_dir, tmp_path):
     """The budget's locality gate (`BudgetConfig.min_locality`) reads real-world facts the
     base model completes, none of the locality benchmark's, kept in the home; an edit that
     breaks one of them shows in it (it held one fact on this model until session 29)."""
@@ -124,6 +124,8 @@ def test_the_locality_gate_checks_many_real_facts_apart_from_the_benchmark(nappe
     assert len(gate) >= 50, len(gate)
     assert not {f.key for f in gate} & {f.key for f in locality_facts()}
     assert mem.store.meta("locality_gate") is not None  # found once, at the nap
+    # ... and kept in the cache directory for the next process on this model (`_gate_cache_path`)
+    assert mem.store.meta("locality_gate") in {p.read_text(encoding="utf-8") for p in (cache_dir / "gate").glob("*.json")}
     assert report.locality_after >= 0.95
     before = mem.locality()
     target = gate[0]

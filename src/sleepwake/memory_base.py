@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from sleepwake.corpus import gate_candidates, locality_facts, world_facts
@@ -23,7 +25,7 @@ from sleepwake.policy import chat_edits, keyed_off
 from sleepwake.sleep.cycle import run_cycle
 from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
-from sleepwake.store import FactRecord
+from sleepwake.store import FactRecord, write_atomic
 
 
 class MemoryBase:
@@ -116,16 +118,33 @@ class MemoryBase:
         if cached is None:
             cached = self.lm.shared.get("locality_gate")
             if cached is None:
-                try:
-                    self._rebuild([], [], None)
-                    known = self.held(candidates, chat=False)
-                finally:
-                    self._rebuild()
-                cached = self.lm.shared["locality_gate"] = json.dumps(
-                    [f.sentence for f, ok in zip(candidates, known) if ok], ensure_ascii=False)
+                path = self._gate_cache_path(candidates)
+                cached = _read_gate(path)
+                if cached is None:
+                    try:
+                        self._rebuild([], [], None)
+                        known = self.held(candidates, chat=False)
+                    finally:
+                        self._rebuild()
+                    cached = json.dumps([f.sentence for f, ok in zip(candidates, known) if ok], ensure_ascii=False)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_atomic(path, lambda tmp: Path(tmp).write_text(cached, encoding="utf-8"))
+                self.lm.shared["locality_gate"] = cached
             self.store.set_meta("locality_gate", cached)
         kept = set(json.loads(cached))
         return [f for f in candidates if f.sentence in kept]
+
+    def _gate_cache_path(self, candidates: Sequence[Fact]) -> Path:
+        """Where `gate_facts` keeps the candidates the base model completes, under the cache
+        directory, named by what they depend on: the model (its fingerprint), the backend
+        and device type, and the candidates. A new process finds them there instead of
+        asking the base model about every candidate again (~10 s on one CPU thread).
+        Different thread counts could change a borderline answer: the first finding is kept."""
+        device = getattr(getattr(self.lm, "device", None), "type", "")
+        key = hashlib.blake2b(f"{self.lm.fingerprint}|{self.backend}|{device}|".encode(), digest_size=16)
+        for f in candidates:
+            key.update(f.sentence.encode() + b"\n")
+        return Path(self.cache_dir) / "gate" / f"{key.hexdigest()}.json"
 
     def locality(self) -> float:
         """Share of `gate_facts` the live model still completes as the base model does."""
@@ -188,3 +207,14 @@ def uses_model(method: Callable) -> Callable:
                 self._depth -= 1
 
     return call
+
+
+def _read_gate(path: Path) -> str | None:
+    """The gate kept at `path` (a JSON list of sentences), or None: not found yet, or damaged."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if isinstance(json.loads(text), list):
+            return text
+    except (OSError, ValueError):
+        pass
+    return None
