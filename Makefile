@@ -24,7 +24,8 @@ test: setup-test
 scenario: setup-test
 	$(BIN)/python -m pytest -q -s -m scenario
 
-# Issue #25's hundred facts through auto naps, a deep sleep and a restart: too long for `make test` here.
+# Issue #25's hundred facts through auto naps, a deep sleep and a restart, and issue #2's 20 x 3 facts
+# (`make test` runs 9 x 3): too long for `make test` here.
 lifelong: setup-test
 	$(BIN)/python -m pytest -q -s -m lifelong
 

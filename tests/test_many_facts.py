@@ -14,8 +14,15 @@ from sleepwake.synthetic import fictional_facts
 pytestmark = pytest.mark.slow
 
 
-def test_many_facts_about_each_subject(make_memory):
-    """20 subjects × 3 relations, injected over several batches.
+@pytest.mark.parametrize("subjects, batch, min_raw, min_complete", [
+    pytest.param(20, 15, 0.95, 17, marks=pytest.mark.lifelong, id="20x3"),  # ~100 s here: `make lifelong`
+    pytest.param(9, 9, 0.92, 7, id="9x3"),  # the same batches past the limit, at half the cost
+])
+def test_many_facts_about_each_subject(make_memory, subjects, batch, min_raw, min_complete):
+    """20 subjects × 3 relations, injected over several batches (in `make test`, 9 × 3 in
+    batches of 9 with the limit at 9: the same sequence of a chat-edited batch, one past
+    the limit that edits the held facts again raw-only, then raw-only ones; measured
+    there: raw 0.963, 8 of 9 subjects complete).
 
     A subject's three facts share one edit (keys at the subject), written in one batch,
     and its δ gets twice the v* steps (`memit.targets.step_budget`), which lets every
@@ -33,11 +40,12 @@ def test_many_facts_about_each_subject(make_memory):
     from sleepwake.config import MemoryConfig
     from sleepwake.evaluate import raw_completions
 
-    mem = make_memory(config=MemoryConfig(progress=False, batch_size=15).with_memit(chat_edit_max_facts=15))
-    facts = fictional_facts(20, 3, seed=1)
+    mem = make_memory(config=MemoryConfig(progress=False, batch_size=batch).with_memit(chat_edit_max_facts=batch))
+    facts = fictional_facts(subjects, 3, seed=1)
     res = mem.inject(facts)
-    assert [st.raw_only_again for st in res.stats] == [0, 15, 0, 0]
-    assert [st.chat for st in res.stats] == [True, False, False, False]
+    n_batches = -(-len(facts) // batch)
+    assert [st.raw_only_again for st in res.stats] == [0, batch] + [0] * (n_batches - 2)
+    assert [st.chat for st in res.stats] == [True] + [False] * (n_batches - 1)
     for st in res.stats:
         print(f"batch: {st.seconds:.1f} s (v* {st.v_seconds:.1f} s, {st.v_steps} steps), chat {st.chat}, "
               f"{st.raw_only_again} again raw-only, {st.knocked_out} knocked out")
@@ -45,10 +53,10 @@ def test_many_facts_about_each_subject(make_memory):
     ok = [mentions(c, f.object) for f, c in zip(facts, completions)]
     missed = [(f.subject, f.relation, f.object, c) for f, c, good in zip(facts, completions, ok) if not good]
     raw_recall = sum(ok) / len(facts)
-    assert raw_recall >= 0.95, missed
+    assert raw_recall >= min_raw, missed
     by_subject: dict[str, int] = {}
     for f, good in zip(facts, ok):
         by_subject[f.subject] = by_subject.get(f.subject, 0) + good
     complete = sum(v == 3 for v in by_subject.values())
-    print(f"20x3: raw {raw_recall:.3f}, {complete} subjects with all three")
-    assert complete >= 17, missed  # most subjects keep all three facts
+    print(f"{subjects}x3: raw {raw_recall:.3f}, {complete} subjects with all three")
+    assert complete >= min_complete, missed  # most subjects keep all three facts
