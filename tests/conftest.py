@@ -22,17 +22,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# Per-file totals of `--durations` (two workers, 2-core CPU shared with other work, warm cache;
-# seconds), estimated from single files run after Ĉ⁻¹ and the gate facts were shared: sleep ~350,
-# memory ~300, talk ~300, reconsolidate ~260, mlx ~210, keyed ~200, quantize ~190, many_facts 143,
-# benchmarks 115, cli 94, users 81, server 71, architectures 65, home 42, first_person 41, web 30,
-# gemma 27, device_map 25; the rest under 5. Gemma goes before its rank:
-# on a cold cache (a fresh clone, as in CI) its test also converts the model and computes Ĉ.
-LONGEST_FIRST = ("test_sleep.py", "test_memory.py", "test_talk.py", "test_reconsolidate.py", "test_mlx.py",
-                 "test_keyed.py", "test_quantize.py", "test_many_facts.py", "test_benchmarks.py", "test_cli.py",
-                 "test_users.py", "test_gemma.py",
-                 "test_server.py", "test_architectures.py", "test_home.py", "test_first_person.py",
-                 "test_web.py", "test_device_map.py")
+# Per-file totals of `--durations` (two workers, warm cache, seconds; a run on a CPU shared with two
+# benchmark processes, so about twice a quiet machine's, but in proportion): sleep 396, mlx 388,
+# memory 387, talk 343, reconsolidate 305, keyed 275, quantize 271, benchmarks 194, cli 185,
+# server 157, many_facts 143, users 131, home 118, first_person 105, architectures 83, gemma 50,
+# device_map 38, web 37; the rest under 6. This order splits them within 1% between the two
+# workers. Gemma goes before its rank: on a cold cache (a fresh clone, as in CI) its test also
+# converts the model and computes Ĉ.
+LONGEST_FIRST = ("test_sleep.py", "test_mlx.py", "test_memory.py", "test_talk.py", "test_reconsolidate.py",
+                 "test_keyed.py", "test_quantize.py", "test_benchmarks.py", "test_cli.py", "test_gemma.py",
+                 "test_server.py", "test_many_facts.py", "test_users.py", "test_home.py", "test_first_person.py",
+                 "test_architectures.py", "test_web.py", "test_device_map.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
