@@ -165,16 +165,16 @@ def cached_perplexity(lm: LoadedModel, text: str, cache_dir: Path) -> float:
     return kept_on_disk(perplexity_cache_path(lm, text, cache_dir), lambda: perplexity(lm.model, lm.tokenizer, text))
 
 
-def kept_on_disk(path: Path, measure: Callable[[], float], name: str = "ppl") -> float:
-    """The measure (by default the perplexity) stored at `path`, or `measure()`'s, stored there first."""
+def kept_on_disk(path: Path, measure: Callable[[], float]) -> float:
+    """The perplexity stored at `path`, or `measure()`'s, stored there first."""
     try:
-        return float(json.loads(path.read_text(encoding="utf-8"))[name])
+        return float(json.loads(path.read_text(encoding="utf-8"))["ppl"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not measured yet, or a damaged file: measure again
-    value = measure()
+    ppl = measure()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({name: repr(value)}), encoding="utf-8"))
-    return value
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps({"ppl": repr(ppl)}), encoding="utf-8"))
+    return ppl
 
 
 def evaluate_facts(

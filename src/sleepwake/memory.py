@@ -340,12 +340,6 @@ class Memory(Writes, MemoryBase):
         `chat`, its chat question): `evaluate.held`."""
         return held(self.model, self.tokenizer, facts, chat=chat)
 
-    def _weights_name(self) -> str | None:
-        """A name for the live weights for measures kept on disk (`MemoryBase.locality`),
-        as `evaluate.cached_perplexity` names them; None on a GPU, where naming large
-        weights costs more than measuring."""
-        return f"{self.lm.weights_digest()}|{self.lm.device.type}|" if self.lm.device.type == "cpu" else None
-
     def perplexity(self) -> float:
         """Perplexity of the live model on the fixed reference text. Kept until the
         weights change (a nap asks several times on one state), and on disk for these

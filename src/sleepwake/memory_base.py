@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from sleepwake.corpus import gate_candidates, locality_facts, world_facts
-from sleepwake.evaluate import kept_on_disk
 from sleepwake.facts import Fact
 from sleepwake.keyed import KeyedMemory
 from sleepwake.policy import chat_edits, keyed_off
@@ -148,24 +147,9 @@ class MemoryBase:
         return Path(self.cache_dir) / "gate" / f"{key.hexdigest()}.json"
 
     def locality(self) -> float:
-        """Share of `gate_facts` the live model still completes as the base model does.
-        Kept on disk under the cache for these exact weights and gate facts, as perplexity
-        is (`evaluate.kept_on_disk`): a sleep's state before it was most often measured
-        already, as the state after the last one (~2 s on one CPU thread, more on MLX)."""
+        """Share of `gate_facts` the live model still completes as the base model does."""
         facts = self.gate_facts()
-        if not facts:
-            return 1.0
-
-        def measure() -> float:
-            return sum(self.held(facts, chat=False)) / len(facts)
-
-        weights = self._weights_name()
-        if weights is None:
-            return measure()
-        key = hashlib.blake2b(weights.encode(), digest_size=16)
-        for f in facts:
-            key.update(f.sentence.encode() + b"\n")
-        return kept_on_disk(Path(self.cache_dir) / "locality" / f"{key.hexdigest()}.json", measure, "locality")
+        return sum(self.held(facts, chat=False)) / len(facts) if facts else 1.0
 
     def status(self, measure_perplexity: bool = True) -> dict[str, Any]:
         """Sleep pressure and its parts, and how many facts live where."""

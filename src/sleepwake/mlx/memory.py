@@ -266,10 +266,6 @@ class MlxMemory(Writes, MemoryBase):
                 ok[s:s + 32] = [a and b for a, b in zip(ok[s:s + 32], self.mm.object_is_top(seqs[s:s + 32]))]
         return ok
 
-    def _weights_name(self) -> str | None:
-        """A name for the live weights for measures kept on disk (`MemoryBase.locality`)."""
-        return f"{self._digest()}|mlx|"
-
     def perplexity(self) -> float:
         """Perplexity of the live model on the fixed reference text, kept until the weights
         change, and on disk for these weights (`evaluate.cached_perplexity`)."""
