@@ -118,21 +118,27 @@ class MemoryBase:
         if cached is None:
             cached = self.lm.shared.get("locality_gate")
             if cached is None:
-                path = self._gate_cache_path(candidates)
-                cached = _read_gate(path)
-                if cached is None:
-                    try:
-                        self._rebuild([], [], None)
-                        known = self.held(candidates, chat=False)
-                    finally:
-                        self._rebuild()
-                    cached = json.dumps([f.sentence for f, ok in zip(candidates, known) if ok], ensure_ascii=False)
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_atomic(path, lambda tmp: Path(tmp).write_text(cached, encoding="utf-8"))
-                self.lm.shared["locality_gate"] = cached
+                cached = self.lm.shared["locality_gate"] = self._base_gate(candidates)
             self.store.set_meta("locality_gate", cached)
         kept = set(json.loads(cached))
         return [f for f in candidates if f.sentence in kept]
+
+    def _base_gate(self, candidates: Sequence[Fact]) -> str:
+        """The sentences of the `candidates` the base model completes, as a JSON list: read
+        from the cache directory, else asked of the base model and kept there."""
+        path = self._gate_cache_path(candidates)
+        cached = _read_gate(path)
+        if cached is not None:
+            return cached
+        try:
+            self._rebuild([], [], None)
+            known = self.held(candidates, chat=False)
+        finally:
+            self._rebuild()
+        text = json.dumps([f.sentence for f, ok in zip(candidates, known) if ok], ensure_ascii=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return text
 
     def _gate_cache_path(self, candidates: Sequence[Fact]) -> Path:
         """Where `gate_facts` keeps the candidates the base model completes, under the cache

@@ -201,11 +201,9 @@ class MemitEditor:
             keys.append(captured[layer][rows, cols].float())
             has_head = torch.tensor([q.head_pos is not None for q in part], device=at)
             heads.append(captured[layer][rows, head_cols].float() * has_head[:, None])
-        back = torch.empty(len(order), dtype=torch.long)
-        back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-        back = back.to(at)
+        unsort = torch.tensor(order).argsort().to(at)  # back to the requests' order
         backs = torch.tensor([0 if q.head_pos is None else q.subject_pos - q.head_pos for q in requests])
-        return ReadKeys(torch.cat(keys)[back], torch.cat(heads)[back], backs.to(at))
+        return ReadKeys(torch.cat(keys)[unsort], torch.cat(heads)[unsort], backs.to(at))
 
     def _edit(
         self, facts: Sequence[Fact], previous: Sequence[FactEdit], progress: bool, device: torch.device,
