@@ -341,6 +341,32 @@ def test_mlx_lora_training_has_the_torch_objective(mm, lm, tmp_path: Path, cache
     assert all((ft.b[n] - fx.b[n]).norm() < 0.05 * ft.b[n].norm() for n in names)
 
 
+def test_v_star_groups_rows_by_their_shared_prefix(mm) -> None:
+    """Chat questions share a system turn: they run from one KV cache of it, and a raw
+    prompt whose first δ comes late (a long subject) joins the other raw prompts, not
+    them. Each group's hidden states are those of its rows run alone."""
+    import mlx.core as mx
+    import numpy as np
+
+    from sleepwake.mlx.memit import MIN_PREFIX, _make_groups
+
+    system = list(range(1000, 1030))
+    seqs = [tuple(system + [5, 6, 7, 8, 9]), tuple(system + [11, 12, 13]),  # two chat rows
+            tuple(range(2000, 2012)), tuple(range(3000, 3005))]  # a long subject, a short one
+    places = [[(33, 0)], [(31, 1)], [(10, 2)], [(2, 3)]]
+    reads = [(0, 34), (1, 32), (2, 11), (3, 4)]
+    last = 5
+    groups = _make_groups(mm, seqs, places, reads, last, 4, 0)
+    chat, rest = groups
+    assert chat.rows == [0, 1] and chat.p == len(system) >= MIN_PREFIX
+    assert rest.rows == [2, 3] and rest.p == 0
+    for g in groups:
+        for j, i in enumerate(g.rows):
+            alone = np.array(mm.blocks(mm.embed(mx.array([list(seqs[i])])), 0, last + 1))[0, g.p:]
+            got = np.array(g.below)[j, : len(seqs[i]) - g.p]
+            assert np.abs(got - alone).max() < 1e-3 * np.abs(alone).max()
+
+
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sleepwake.memory import Memory
 

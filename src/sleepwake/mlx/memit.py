@@ -30,6 +30,10 @@ from sleepwake.memit.solve import inverse_covariance, solve_update, through_post
 from sleepwake.memit.targets import make_slots, step_budget
 from sleepwake.mlx.model import MlxModel
 
+MIN_PREFIX = 16
+"""Rows whose first δ or read comes this many tokens in, or later, and that share that
+many first tokens, run from one KV cache of their common prefix (`_make_groups`)."""
+
 
 def to_torch(x: mx.array) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32))
@@ -102,14 +106,25 @@ class _Group:
 
 def _make_groups(mm: MlxModel, seqs: list[tuple[int, ...]], places: list[list[tuple[int, int]]],
                  reads: list[tuple[int, int]], last: int, n_delta: int, pad: int) -> list[_Group]:
-    """Chat rows (a long shared prefix) and the others, each with its common fixed prefix."""
+    """Rows that share a long fixed prefix (chat questions after one system turn) run
+    together from its KV cache; the others together from the start. Grouping by the
+    prefix itself, not by where the first δ lands, keeps a raw prompt with a long
+    subject from joining the chat rows and leaving them no common prefix."""
     touch = [min([c for c, _ in places[i]] + [c for r, c in reads if r == i]) for i in range(len(seqs))]
-    kinds = [[i for i in range(len(seqs)) if touch[i] >= 8], [i for i in range(len(seqs)) if touch[i] < 8]]
+    kinds: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(seqs)):
+        kinds.setdefault(tuple(seqs[i][:MIN_PREFIX]) if touch[i] >= MIN_PREFIX else (), []).append(i)
+    rest = kinds.pop((), [])
     out = []
-    for rows in (k for k in kinds if k):
+    for rows in [*kinds.values(), rest]:
+        if not rows:
+            continue
         p = min(touch[i] for i in rows)
         first = seqs[rows[0]]
         p = next((j for j in range(p) if any(seqs[i][j] != first[j] for i in rows)), p)
+        if rows is not rest and p < MIN_PREFIX:  # nothing worth caching: run with the rest
+            rest.extend(rows)
+            continue
         prefix, caches_below = None, None
         if p >= 2:
             caches = [KVCache() for _ in range(mm.n_layers)]
