@@ -69,7 +69,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, cache_dir) -> Iterator[Server]:
-    s = Server(tmp_path_factory.mktemp("serve") / "home", "--token", TOKEN)
+    # A LoRA nap (trained for an epoch) outlasts the chat replies that
+    # `test_chat_is_answered_during_a_nap_and_the_memory_waits_for_it` sends while it runs;
+    # the default keyed nap of one fact can end first on a fast machine.
+    s = Server(tmp_path_factory.mktemp("serve") / "home", "--token", TOKEN, "--consolidation", "lora")
     yield s
     s.stop()
 
