@@ -97,6 +97,18 @@ def test_gemma_gguf_dequantises_to_float32(gemma: Any) -> None:
     assert _known_ok(gemma.model, gemma.tokenizer) == []
 
 
+def test_gemma_gguf_needs_a_transformers_that_converts_it_right() -> None:
+    from sleepwake.models import gguf_conversion_problem
+
+    # 5.17-5.22 gave perplexities of ~475 to ~280,000 on plain English (BENCHMARKS.md).
+    for bad in ("5.17.0", "5.22.2", "4.57.6"):
+        problem = gguf_conversion_problem("gemma3_text", bad)
+        assert problem and bad in problem and "transformers>=5.23" in problem
+    for good in ("5.23.0", "5.25.0", "6.0.0", "5.30.0.dev0"):
+        assert gguf_conversion_problem("gemma3_text", good) is None
+    assert gguf_conversion_problem("llama", "5.17.0") is None  # SmolLM2 converts right there (GPU runs)
+
+
 def test_gemma_memit_injection(gemma: Any, cache_dir: Path, tmp_path: Path) -> None:
     from sleepwake.config import MemoryConfig
     from sleepwake.evaluate import raw_completions

@@ -30,6 +30,28 @@ from sleepwake.config import default_cache_dir
 from sleepwake.errors import InvalidRequestError, ModelNotFoundError, UnsupportedArchitectureError
 from sleepwake.sources import DEFAULT_MODEL, ModelSource, fingerprint, resolve_model
 
+# transformers releases that turn a GGUF file of this architecture into wrong weights:
+# Gemma-3-270M's perplexity on plain English is ~280,000 after 5.17's conversion and ~475
+# after 5.21-5.22's, 17.8 after 5.23's (a GPU run's image had 5.17; BENCHMARKS.md, session 32).
+_GGUF_FIXED_IN: dict[str, tuple[int, int]] = {"gemma3": (5, 23), "gemma3_text": (5, 23)}
+
+
+def gguf_conversion_problem(model_type: str, transformers_version: str) -> str | None:
+    """Why this transformers cannot convert a GGUF file of `model_type` correctly, or None."""
+    fixed = _GGUF_FIXED_IN.get(model_type)
+    if fixed is None:
+        return None
+    try:
+        have = tuple(int(part) for part in transformers_version.split(".")[:2])
+    except ValueError:
+        return None  # a development build: trust it
+    if have >= fixed:
+        return None
+    need = ".".join(map(str, fixed))
+    return (f"transformers {transformers_version} converts {model_type} GGUF files into wrong weights "
+            f"(the model would answer nonsense); upgrade it: pip install 'transformers>={need}'")
+
+
 # Edited layers chosen by a sweep with benchmarks/probe.py (30 facts; 4–11 beat 2–7 and 8–15, BENCHMARKS.md).
 _DEFAULT_LAYERS: dict[str, tuple[int, ...]] = {
     DEFAULT_MODEL: tuple(range(4, 12)),
@@ -296,6 +318,11 @@ def _convert_gguf(source: ModelSource, target: Path) -> None:
             )
     except Exception as exc:  # noqa: BLE001
         raise ModelNotFoundError(f"cannot load GGUF file {source.path}: {exc}") from exc
+    import transformers
+
+    problem = gguf_conversion_problem(model.config.model_type, transformers.__version__)
+    if problem:
+        raise ModelNotFoundError(f"cannot load GGUF file {source.path}: {problem}")
     # The GGUF quantisation note would make a plain from_pretrained try to re-read GGUF.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
