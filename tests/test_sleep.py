@@ -117,20 +117,34 @@ def test_the_locality_gate_checks_many_real_facts_apart_from_the_benchmark(nappe
     base model completes, none of the locality benchmark's, kept in the home; an edit that
     breaks one of them shows in it (it held one fact on this model until session 29)."""
     from sleepwake.corpus import locality_facts
+    from sleepwake.memory_base import GATE_META
 
     home, report, _, _ = napped
     mem = make_memory(copy_of(home, tmp_path))
     gate = mem.gate_facts()
     assert len(gate) >= 50, len(gate)
     assert not {f.key for f in gate} & {f.key for f in locality_facts()}
-    assert mem.store.meta("locality_gate") is not None  # found once, at the nap
+    assert mem.store.meta(GATE_META) is not None  # found once, at the nap
     # ... and kept in the cache directory for the next process on this model (`_gate_cache_path`)
-    assert mem.store.meta("locality_gate") in {p.read_text(encoding="utf-8") for p in (cache_dir / "gate").glob("*.json")}
+    assert mem.store.meta(GATE_META) in {p.read_text(encoding="utf-8") for p in (cache_dir / "gate").glob("*.json")}
     assert report.locality_after >= 0.95
     before = mem.locality()
     target = gate[0]
     mem.inject(Fact(target.subject, target.relation, "Zanzibar"))
-    assert mem.locality() <= before - 1 / len(gate) + 1e-9
+    broken = mem.locality()
+    assert broken <= before - 1 / len(gate) + 1e-9
+    mem.close()
+
+    # Under a budget it cannot meet, a nap is judged against the locality before it, which is
+    # measured then (on the committed state) and only then; the nap's result is what stays live.
+    from sleepwake.config import BudgetConfig
+
+    strict = make_memory(mem.home, MemoryConfig(progress=False, budget=BudgetConfig(min_locality=1.0)))
+    report = strict.nap()
+    assert report.locality_after < 1.0 and report.locality_before == broken, report
+    assert report.status == ("accepted" if report.locality_after >= broken else "rejected"), report
+    assert strict.locality() == (report.locality_after if report.status == "accepted" else broken)
+    assert make_memory(mem.home).locality() == strict.locality()  # the live model is the committed one
 
 
 def test_new_facts_after_a_nap_leave_consolidated_facts_alone(napped, make_memory, tmp_path):
@@ -433,7 +447,7 @@ def test_budget_gate_judges_against_the_base_model_and_refuses_to_ratchet():
 
     budget = BudgetConfig(max_ppl_increase=0.03, min_locality=0.95)
 
-    def rep(before: float, after: float, loc_before: float = 1.0, loc_after: float = 1.0) -> CycleReport:
+    def rep(before: float, after: float, loc_before: float | None = 1.0, loc_after: float = 1.0) -> CycleReport:
         return CycleReport(1, "nap", "rejected", ppl_base=20.0, ppl_before=before, ppl_after=after,
                            locality_before=loc_before, locality_after=loc_after)
 
@@ -444,6 +458,18 @@ def test_budget_gate_judges_against_the_base_model_and_refuses_to_ratchet():
     assert over_budget(rep(22.0, 21.0), budget) == ""  # over budget, but better than before: kept
     assert "locality" in over_budget(rep(20.0, 20.0, 0.97, 0.94), budget)
     assert over_budget(rep(20.0, 20.0, 0.90, 0.93), budget) == ""  # under, but better than before
+    # The locality before a sleep is asked for only when the one after is under the budget.
+    asked = []
+
+    def before() -> float:
+        asked.append(1)
+        return 0.96
+
+    lazy = rep(20.0, 20.0, None, 0.97)
+    assert over_budget(lazy, budget, locality_before=before) == "" and not asked and lazy.locality_before is None
+    lazy = rep(20.0, 20.0, None, 0.94)
+    assert "it was 0.960" in over_budget(lazy, budget, locality_before=before) and asked == [1]
+    assert lazy.locality_before == 0.96
     assert "rose more than 1%" in over_budget(rep(20.0, 20.3), budget, max_step=0.01)  # the sleep's own step
     assert over_budget(rep(20.0, 20.3), budget, max_step=0.05) == ""
     ratchet, ppl = [], 20.0

@@ -4,7 +4,7 @@ commit (files first, then one ledger transaction, then the live model)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sleepwake.memit.editor import FactEdit
@@ -23,6 +23,18 @@ def rewrite_kept(mem: Memory, kept: list[FactRecord], passed: list[FactEdit]) ->
         return {}
     edits, _ = mem.edit_among([r.fact for r in kept], passed, chat=mem.chat_edits(len(kept)))
     return {r.id: e for r, e in zip(kept, edits)}
+
+
+def committed_locality(mem: Memory, candidate: Callable[[], None]) -> Callable[[], float]:
+    """The locality of the model as it was before the sleep (the committed state), for
+    `over_budget`; `candidate` puts the sleep's result back in the live model after."""
+    def measure() -> float:
+        mem._rebuild()
+        try:
+            return mem.locality()
+        finally:
+            candidate()
+    return measure
 
 
 def commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None, passed: list[int],

@@ -44,7 +44,7 @@ from sleepwake.facts import Fact
 from sleepwake.inference import chat_text, encode, encode_target, generate
 from sleepwake.memit.editor import FactEdit
 from sleepwake.policy import edit_group
-from sleepwake.sleep.commit import commit, rewrite_kept
+from sleepwake.sleep.commit import commit, committed_locality, rewrite_kept
 from sleepwake.sleep.curate import curate
 from sleepwake.sleep.curate import pairs as conversation_pairs
 from sleepwake.sleep.data import dream_questions, examples, fact_pairs
@@ -157,7 +157,7 @@ def run_cycle(mem: Memory, kind: str) -> CycleReport:
         if keyed:
             t0 = time.perf_counter()
             report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
-                                 ppl_base=mem.base_perplexity(), locality_before=mem.locality())
+                                 ppl_base=mem.base_perplexity())
             report = consolidate_keyed(mem, kind, cycle, memit, report, t0)
         else:
             report = _consolidate(mem, kind, cycle, memit, held, rebuild)
@@ -177,7 +177,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     store, tok = mem.store, mem.tokenizer
     ops: LoraSleep = getattr(mem, "lora_sleep", TorchSleep)(mem)
     report = CycleReport(cycle, kind, "rejected", rebuilt=rebuild, ppl_before=mem.perplexity(),
-                         ppl_base=mem.base_perplexity(), locality_before=mem.locality())
+                         ppl_base=mem.base_perplexity())
     mark = [t0]
 
     def phase(name: str) -> None:
@@ -281,11 +281,12 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
         report.kept_recall = ops.recall([r.fact for r in memit if r.id in again]).chat_recall
     phase("edit kept facts again")
     report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
+    before = committed_locality(mem, lambda: mem._rebuild([again[i] for i in sorted(again)], adapters))
     phase("measure")
 
     if not passed and not rebuild:
         report.reason = "no fact was answered in chat without its MEMIT edit"
-    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase):
+    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase, before):
         report.reason = reason
     elif held and report.held_recall_after < cfg.tau * report.held_recall_before:
         report.reason = (f"consolidated facts' recall fell from {report.held_recall_before:.2f} to "

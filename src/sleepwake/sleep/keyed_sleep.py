@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.policy import edit_group
-from sleepwake.sleep.commit import commit, rewrite_kept
+from sleepwake.sleep.commit import commit, committed_locality, rewrite_kept
 from sleepwake.sleep.report import CycleReport, over_budget
 
 if TYPE_CHECKING:
@@ -194,11 +194,12 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
     mem._rebuild([again[i] for i in sorted(again)], mem._adapters, table)
     phase("edit kept facts again")
     report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
+    before = committed_locality(mem, lambda: mem._rebuild([again[i] for i in sorted(again)], mem._adapters, table))
     phase("measure")
 
     if memit and not passed and not redo:
         report.reason = "no subject was answered by its keyed entry"
-    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase):
+    elif reason := over_budget(report, mem.config.budget, cfg.max_ppl_increase, before):
         report.reason = reason
     else:
         table.save(store.keyed_path(cycle))
