@@ -15,13 +15,6 @@ def test_prompt_and_target():
     assert f.key == ("anselm kreutzer", "lives in")
 
 
-def test_a_one_word_subject_starts_its_raw_prompt_after_a_line_break():
-    # Its key would be read at the first token, which every text has alike (facts.opening).
-    assert Fact("Bob", "works as", "a pilot").prompt == "\nBob works as"
-    assert Fact("Anselm Kreutzer", "lives in", "Lisbon").prompt == "Anselm Kreutzer lives in"
-    assert Fact("Bob", "works as", "a pilot").sentence == "Bob works as a pilot."
-
-
 def test_parse_cli_form():
     assert Fact.parse("Zofia Wróblewska | lives in | Kraków") == Fact("Zofia Wróblewska", "lives in", "Kraków")
     with pytest.raises(InvalidFactError, match="3 parts"):

@@ -53,19 +53,6 @@ def seeded_memory(seeded, make_memory, tmp_path):
     return make_memory(home)
 
 
-def test_a_one_word_subject_is_learned_without_breaking_the_model(make_memory):
-    """A fact about "Bob" was keyed at the first token of its raw prompt, which every text
-    has alike: the edit fired everywhere (perplexity 22.9 -> 20,463, locality 0.0)."""
-    mem = make_memory()
-    base = mem.base_perplexity()
-    fact = Fact("Bob", "works as", "a pilot")
-    mem.inject(fact)
-    assert mem.perplexity() < base * 1.02 and mem.locality() >= 0.95
-    report = mem.evaluate([fact])
-    assert (report.raw_recall, report.chat_recall) == (1.0, 1.0), report
-    assert mentions(mem.ask("What does Bob work as?", max_new_tokens=8), "pilot")
-
-
 def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
     mem = seeded_memory
     before = seeded[1]

@@ -97,15 +97,6 @@ def _clean(value: Any, name: str, *, required: bool = True) -> str:
     return text
 
 
-def opening(subject: str) -> str:
-    """`subject` at the start of a raw prompt. A one-word subject gets a line break before
-    it: a model that adds no start token (SmolLM2) reads the first token of every text
-    nearly alike (its attention sink), so an edit keyed at a subject there fires on every
-    text ("Bob | works as | a pilot" took perplexity from 22.9 to 20,463). A subject of
-    several words ends past the first token, where its key is its own."""
-    return subject if " " in subject else "\n" + subject
-
-
 @dataclass(frozen=True)
 class Fact:
     """One thing the model should know: ``subject relation object``."""
@@ -124,8 +115,8 @@ class Fact:
 
     @property
     def prompt(self) -> str:
-        """The completion prompt, e.g. ``"Anselm Kreutzer lives in"`` (see `opening`)."""
-        return f"{opening(self.subject)} {self.relation}"
+        """The completion prompt, e.g. ``"Anselm Kreutzer lives in"``."""
+        return f"{self.subject} {self.relation}"
 
     @property
     def target(self) -> str:

@@ -27,10 +27,6 @@ from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, write_atomic
 
-# Where a home keeps the gate's facts (the name changed when one-word subjects got a line
-# break before them, `facts.opening`: lists found with the old prompts are not reused).
-GATE_META = "locality_gate_2"
-
 
 class MemoryBase:
     """The backend-independent part of a memory (see the module)."""
@@ -118,12 +114,12 @@ class MemoryBase:
         stale entry), and once per loaded model for the homes opened on it."""
         bench = {f.key for f in locality_facts()}
         candidates = [f for f in [*world_facts(), *gate_candidates()] if f.key not in bench]
-        cached = self.store.meta(GATE_META)
+        cached = self.store.meta("locality_gate")
         if cached is None:
-            cached = self.lm.shared.get(GATE_META)
+            cached = self.lm.shared.get("locality_gate")
             if cached is None:
-                cached = self.lm.shared[GATE_META] = self._base_gate(candidates)
-            self.store.set_meta(GATE_META, cached)
+                cached = self.lm.shared["locality_gate"] = self._base_gate(candidates)
+            self.store.set_meta("locality_gate", cached)
         kept = set(json.loads(cached))
         return [f for f in candidates if f.sentence in kept]
 
@@ -153,7 +149,7 @@ class MemoryBase:
         device = getattr(getattr(self.lm, "device", None), "type", "")
         key = hashlib.blake2b(f"{self.lm.fingerprint}|{self.backend}|{device}|".encode(), digest_size=16)
         for f in candidates:
-            key.update(f.prompt.encode() + b"|" + f.sentence.encode() + b"\n")
+            key.update(f.sentence.encode() + b"\n")
         return Path(self.cache_dir) / "gate" / f"{key.hexdigest()}.json"
 
     def locality(self) -> float:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from sleepwake.config import MemitConfig
-from sleepwake.facts import Fact, opening
+from sleepwake.facts import Fact
 from sleepwake.inference import chat_answer, chat_text, encode, encode_target, with_stop
 
 
@@ -68,7 +68,7 @@ def head_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -
 def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> list[EditRequest]:
     out: list[EditRequest] = []
     for i, fact in enumerate(facts):
-        kl_text = f"{opening(fact.subject)} is a"
+        kl_text = f"{fact.subject} is a"
         kl = tuple(encode(tokenizer, kl_text))
         kl_pos = last_token_of(tokenizer, kl_text, fact.subject)
         kl_pos = len(kl) - 1 if kl_pos is None else kl_pos
