@@ -276,12 +276,16 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     mem._rebuild([], adapters)
     phase("rebuild")
     again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [mem._edits[i] for i in passed])
-    if again:
+
+    def candidate() -> None:
         mem._rebuild([again[i] for i in sorted(again)], adapters)
+
+    if again:
+        candidate()
         report.kept_recall = ops.recall([r.fact for r in memit if r.id in again]).chat_recall
     phase("edit kept facts again")
     report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
-    before = committed_locality(mem, lambda: mem._rebuild([again[i] for i in sorted(again)], adapters))
+    before = committed_locality(mem, candidate)
     phase("measure")
 
     if not passed and not rebuild:

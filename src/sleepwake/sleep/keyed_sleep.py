@@ -191,10 +191,15 @@ def consolidate_keyed(mem: Memory, kind: str, cycle: int, memit: list[FactRecord
 
     mem._rebuild([], mem._adapters, table)
     again = rewrite_kept(mem, [r for r in memit if r.id in set(report.kept)], [])
-    mem._rebuild([again[i] for i in sorted(again)], mem._adapters, table)
+    adapters = list(mem._adapters)
+
+    def candidate() -> None:
+        mem._rebuild([again[i] for i in sorted(again)], adapters, table)
+
+    candidate()
     phase("edit kept facts again")
     report.ppl_after, report.locality_after = mem.perplexity(), mem.locality()
-    before = committed_locality(mem, lambda: mem._rebuild([again[i] for i in sorted(again)], mem._adapters, table))
+    before = committed_locality(mem, candidate)
     phase("measure")
 
     if memit and not passed and not redo:
