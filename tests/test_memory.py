@@ -53,6 +53,39 @@ def seeded_memory(seeded, make_memory, tmp_path):
     return make_memory(home)
 
 
+def test_a_subject_read_at_the_first_token_is_written_after_a_line_break(lm):
+    """SmolLM2 adds no start token: a subject of one token would be read at position 0,
+    which every text has alike (`inference.lead_in`); a longer one ends past it."""
+    from sleepwake.inference import lead_in, raw_prompt
+    from sleepwake.memit.requests import build_requests
+
+    tok = lm.tokenizer
+    assert raw_prompt(tok, Fact("Bob", "works as", "a pilot")) == "\nBob works as"
+    assert raw_prompt(tok, Fact("Paris", "is the capital of", "Italy")) == "\nParis is the capital of"
+    for fact in (Fact("Lukas", "lives in", "Graz"), LISBON):  # "L|ukas", "Ans|elm Kreutzer"
+        assert raw_prompt(tok, fact) == fact.prompt
+    assert lead_in(tok, "Bobby works as", "Bob") == "Bobby works as"  # not the subject
+    from sleepwake.config import MemoryConfig
+
+    raw = build_requests([Fact("Bob", "works as", "a pilot")], tok, MemoryConfig().memit)[0]
+    kl = raw.kl_ids
+    assert raw.subject_pos == 1 and raw.kl_subject_pos == 1 and tok.decode(kl[:2]) == "\nBob"
+
+
+def test_a_one_token_subject_is_learned_without_breaking_the_model(make_memory):
+    """A fact about "Bob" was keyed at the first token of its raw prompt, which every text
+    has alike: the edit fired everywhere (perplexity 22.9 -> 20,463, locality 0.0)."""
+    mem = make_memory()
+    base = mem.base_perplexity()
+    fact = Fact("Bob", "works as", "a pilot")
+    mem.inject(fact)
+    assert mem.perplexity() < base * 1.02 and mem.locality() >= 0.95
+    report = mem.evaluate([fact])
+    assert (report.raw_recall, report.chat_recall) == (1.0, 1.0), report
+    assert mentions(mem.complete("Bob works as", max_new_tokens=6), "pilot")  # typed as it reads
+    assert mentions(mem.ask("What does Bob work as?", max_new_tokens=8), "pilot")
+
+
 def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
     mem = seeded_memory
     before = seeded[1]

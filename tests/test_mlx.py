@@ -319,7 +319,7 @@ def test_mlx_lora_training_has_the_torch_objective(mm, lm, tmp_path: Path, cache
     q = "What is the capital of France?"
     dream = Example(tuple(encode(tok, chat_text(tok, q), chat=True))
                     + tuple(encode_target(tok, chat_text(tok, q), "Paris.", chat=True)), ())
-    taught = examples(fact_pairs(Fact.parse(LISBON)), tok) + [dream]
+    taught = examples(fact_pairs(Fact.parse(LISBON), tok), tok) + [dream]
     cfg = SleepConfig(batch_size=3, epochs=1)
     runs = []
     with torch_memory(lm, tmp_path / "torch", cache_dir) as tm, mlx_memory(mm, tmp_path / "mlx", cache_dir) as xm:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, encode_target, generate, head_logits, pad_right, shared_prefix
+from sleepwake.inference import (chat_text, encode, encode_target, generate, head_logits, pad_right, raw_prompt,
+                                 shared_prefix)
 from sleepwake.models import LoadedModel
 from sleepwake.placement import input_device
 from sleepwake.store import write_atomic
@@ -56,7 +57,7 @@ class EvalReport:
 
 def raw_completions(model: Any, tok: Any, facts: Sequence[Fact], max_new_tokens: int = 16) -> list[str]:
     """Greedy completions of the facts' prompts, each ended once it names its object."""
-    prompts = [encode(tok, f.prompt) for f in facts]
+    prompts = [encode(tok, raw_prompt(tok, f)) for f in facts]
     return generate(model, tok, prompts, max_new_tokens=max_new_tokens, until=[f.object for f in facts])
 
 
@@ -82,7 +83,7 @@ def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: i
     instead of a generation), strict in one way: an answer that names the object
     later ("He lives in Lisbon") counts as not held."""
     ok = [True] * len(facts)
-    forms = [[(i, f.prompt, f.target, False) for i, f in enumerate(facts)]]
+    forms = [[(i, raw_prompt(tok, f), f.target, False) for i, f in enumerate(facts)]]
     if chat:
         forms.append([(i, chat_text(tok, f.chat_question()), f.object, True) for i, f in enumerate(facts)])
     for form in forms:

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from sleepwake.facts import mentions_for_good
+from sleepwake.facts import Fact, mentions_for_good
 from sleepwake.placement import input_device
 
 
@@ -73,6 +73,24 @@ def chat_answer(tokenizer: Any, text: str) -> str:
     turn (so that `ask` stops right after it) where the model has a chat template."""
     end = tokenizer.eos_token if getattr(tokenizer, "chat_template", None) and tokenizer.eos_token else ""
     return with_stop(text) + end
+
+
+def lead_in(tokenizer: Any, text: str, subject: str) -> str:
+    """Raw `text` that opens with `subject`, after a line break where its first token would
+    be the whole subject. A model that adds no start token (SmolLM2) reads the first token
+    of every text nearly alike (its attention sink): an edit keyed there fires on every
+    text ("Bob | works as | a pilot" took perplexity from 22.9 to 20,463). Subjects of
+    several tokens ("Lukas", "Anselm Kreutzer") end past it, where their key is their own,
+    and are left as they are."""
+    if not subject or not text.startswith(subject) or text[len(subject):len(subject) + 1].isalnum():
+        return text
+    spans = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    return "\n" + text if spans and spans[0][1] >= len(subject) else text
+
+
+def raw_prompt(tokenizer: Any, fact: Fact) -> str:
+    """`fact`'s completion prompt as every part of the memory writes and reads it (`lead_in`)."""
+    return lead_in(tokenizer, fact.prompt, fact.subject)
 
 
 def encode(tokenizer: Any, text: str, *, chat: bool = False) -> list[int]:

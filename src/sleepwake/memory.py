@@ -318,7 +318,7 @@ class Memory(Writes, MemoryBase):
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Greedy raw continuation of `prompt` (the MEMIT pathway)."""
-        prompt = check_text(prompt, "prompt")
+        prompt = self.as_written(check_text(prompt, "prompt"))
         n = max_new_tokens or self.config.generation.max_new_tokens
         return generate(self.model, self.tokenizer, [encode(self.tokenizer, prompt)], max_new_tokens=n)[0]
 

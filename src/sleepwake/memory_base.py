@@ -20,12 +20,17 @@ from typing import Any
 
 from sleepwake.corpus import gate_candidates, locality_facts, world_facts
 from sleepwake.facts import Fact
+from sleepwake.inference import lead_in, raw_prompt
 from sleepwake.keyed import KeyedMemory
 from sleepwake.policy import chat_edits, keyed_off
 from sleepwake.sleep.cycle import run_cycle
 from sleepwake.sleep.pressure import pressure, since_deep
 from sleepwake.sleep.report import CycleReport
 from sleepwake.store import FactRecord, write_atomic
+
+# Where a home keeps its gate's facts. Renamed when a one-token subject's raw prompt got a
+# line break before it (`inference.lead_in`): a list found with the old prompts is not reused.
+GATE_META = "locality_gate_2"
 
 
 class MemoryBase:
@@ -106,6 +111,15 @@ class MemoryBase:
             self.store.set_meta("ppl0", cached)
         return float(cached)
 
+    def as_written(self, prompt: str) -> str:
+        """Raw `prompt` as the memory writes the raw prompts of a held subject it opens
+        with (`inference.lead_in`), so that `complete("Bob works as")` reads Bob's edit."""
+        for record in self.store.facts():
+            led = lead_in(self.tokenizer, prompt, record.fact.subject)
+            if led != prompt:
+                return led
+        return prompt
+
     def gate_facts(self) -> list[Fact]:
         """The real-world facts the base model completes, kept out of the locality
         benchmark's set (so that benchmark stays a fair test): what the budget's locality
@@ -114,12 +128,12 @@ class MemoryBase:
         stale entry), and once per loaded model for the homes opened on it."""
         bench = {f.key for f in locality_facts()}
         candidates = [f for f in [*world_facts(), *gate_candidates()] if f.key not in bench]
-        cached = self.store.meta("locality_gate")
+        cached = self.store.meta(GATE_META)
         if cached is None:
-            cached = self.lm.shared.get("locality_gate")
+            cached = self.lm.shared.get(GATE_META)
             if cached is None:
-                cached = self.lm.shared["locality_gate"] = self._base_gate(candidates)
-            self.store.set_meta("locality_gate", cached)
+                cached = self.lm.shared[GATE_META] = self._base_gate(candidates)
+            self.store.set_meta(GATE_META, cached)
         kept = set(json.loads(cached))
         return [f for f in candidates if f.sentence in kept]
 
@@ -149,7 +163,7 @@ class MemoryBase:
         device = getattr(getattr(self.lm, "device", None), "type", "")
         key = hashlib.blake2b(f"{self.lm.fingerprint}|{self.backend}|{device}|".encode(), digest_size=16)
         for f in candidates:
-            key.update(f.sentence.encode() + b"\n")
+            key.update(raw_prompt(self.tokenizer, f).encode() + b"|" + f.sentence.encode() + b"\n")
         return Path(self.cache_dir) / "gate" / f"{key.hexdigest()}.json"
 
     def locality(self) -> float:

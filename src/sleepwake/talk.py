@@ -243,7 +243,7 @@ class Assistant:
         prompt = check_text(prompt, "prompt")
         n = self._length(max_new_tokens)
         _check_sampling(sampling)
-        ids = encode(self.memory.tokenizer, prompt)
+        ids = encode(self.memory.tokenizer, self.memory.as_written(prompt))
         model, release = self._model()
         return Reply(prompt_tokens=len(ids), _decoding=Decoding(model, self.memory.tokenizer, ids, n, sampling),
                      _finish=lambda _reply, _read: release())

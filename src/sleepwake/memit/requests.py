@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
-from sleepwake.inference import chat_answer, chat_text, encode, encode_target, with_stop
+from sleepwake.inference import chat_answer, chat_text, encode, encode_target, lead_in, raw_prompt, with_stop
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,11 @@ def head_token_of(tokenizer: Any, text: str, span: str, *, chat: bool = False) -
 def build_requests(facts: Sequence[Fact], tokenizer: Any, cfg: MemitConfig) -> list[EditRequest]:
     out: list[EditRequest] = []
     for i, fact in enumerate(facts):
-        kl_text = f"{fact.subject} is a"
+        kl_text = lead_in(tokenizer, f"{fact.subject} is a", fact.subject)
         kl = tuple(encode(tokenizer, kl_text))
         kl_pos = last_token_of(tokenizer, kl_text, fact.subject)
         kl_pos = len(kl) - 1 if kl_pos is None else kl_pos
-        texts = [(fact.prompt, with_stop(fact.target), False, "raw")]
+        texts = [(raw_prompt(tokenizer, fact), with_stop(fact.target), False, "raw")]
         if cfg.chat_edit:
             texts.append((chat_text(tokenizer, fact.chat_question()), chat_answer(tokenizer, fact.object), True, "chat"))
         for text, target, chat, kind in texts:

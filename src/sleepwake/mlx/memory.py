@@ -35,7 +35,7 @@ from sleepwake.errors import InvalidFactError, UnsupportedError
 from sleepwake.evaluate import EvalReport, FactResult, kept_on_disk, weights_cache_path
 from sleepwake.export import export_adapter
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, encode_target
+from sleepwake.inference import chat_text, encode, encode_target, raw_prompt
 from sleepwake.keyed import KeyedMemory, is_keyed_file
 from sleepwake.memit.editor import FactEdit, InjectStats
 from sleepwake.memory_base import MemoryBase, uses_model
@@ -253,7 +253,7 @@ class MlxMemory(Writes, MemoryBase):
         """Whether greedy decoding writes each fact's object right after its prompt (and,
         with `chat`, its chat question): `evaluate.held` on MLX."""
         tok = self.tokenizer
-        forms = [[(f.prompt, f.target, False) for f in facts]]
+        forms = [[(raw_prompt(tok, f), f.target, False) for f in facts]]
         if chat:
             forms.append([(chat_text(tok, f.chat_question()), f.object, True) for f in facts])
         ok = [True] * len(facts)
@@ -278,7 +278,7 @@ class MlxMemory(Writes, MemoryBase):
 
     def complete(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """Greedy raw continuation of `prompt` (the MEMIT pathway)."""
-        prompt = check_text(prompt, "prompt")
+        prompt = self.as_written(check_text(prompt, "prompt"))
         return self.mm.generate(encode(self.tokenizer, prompt), max_new_tokens or self.config.generation.max_new_tokens)
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> str:
@@ -293,7 +293,7 @@ class MlxMemory(Writes, MemoryBase):
         tok = self.tokenizer
         results = []
         for f in facts:
-            raw = self.mm.generate(encode(tok, f.prompt), max_new_tokens, until=f.object)
+            raw = self.mm.generate(encode(tok, raw_prompt(tok, f)), max_new_tokens, until=f.object)
             chat = self.mm.generate(encode(tok, chat_text(tok, f.chat_question()), chat=True), max_new_tokens,
                                     until=f.object)
             results.append(FactResult(f.subject, f.relation, f.object, f.chat_question(), raw, mentions(raw, f.object),

@@ -219,7 +219,7 @@ def _consolidate(mem: Memory, kind: str, cycle: int, memit: list[FactRecord], he
     covs = mem.covariances()
     covs = {n: covs[layer_of[n]] for n in names if n in layer_of}
     fresh = ops.new_adapter(names, cfg.rank, cfg.alpha, seed=cycle)
-    pairs = [p for r in memit + held for p in fact_pairs(r.fact, r.id)]
+    pairs = [p for r in memit + held for p in fact_pairs(r.fact, tok, r.id)]
     scored = curate(store.exchanges(), store.curated_before(), mem.config.curation) if kind == "deep" else []
     talk = conversation_pairs(scored)
     report.exchanges, report.exchanges_kept = len(scored), len(talk)

@@ -17,7 +17,7 @@ from typing import Any
 
 from sleepwake.corpus import locality_facts, world_facts
 from sleepwake.facts import Fact
-from sleepwake.inference import chat_answer, chat_text, encode, encode_target, with_stop
+from sleepwake.inference import chat_answer, chat_text, encode, encode_target, raw_prompt, with_stop
 from sleepwake.sleep.lora import Example
 
 # Ways of asking a fact's question. "{q}" is the question.
@@ -44,11 +44,11 @@ class Pair:
                        tuple(encode_target(tokenizer, text, target, chat=self.chat)))
 
 
-def fact_pairs(fact: Fact, fact_id: int | None = None) -> list[Pair]:
-    """The pairs that teach one fact."""
+def fact_pairs(fact: Fact, tokenizer: Any, fact_id: int | None = None) -> list[Pair]:
+    """The pairs that teach one fact (its raw one as MEMIT writes it, `raw_prompt`)."""
     q = fact.chat_question()
     pairs = [Pair(a.format(q=q), fact.object, True, fact_id) for a in _ASKINGS]
-    pairs.append(Pair(fact.prompt, fact.target, False, fact_id))
+    pairs.append(Pair(raw_prompt(tokenizer, fact), fact.target, False, fact_id))
     return pairs
 
 
