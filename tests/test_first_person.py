@@ -136,6 +136,8 @@ def test_the_known_memory_holds_no_objects():
     ("", "favorite color is", "teal.", "Your favorite color is teal."),
     ("", "is named", "Ottilie Branstrom. It was a rainy day and", "Your name is Ottilie Branstrom."),
     ("", "is named", "Ottilie Branstrom painting a map from the camera trap. Then", "Your name is Ottilie Branstrom."),
+    ("", "is named", "Tom named Anna.", "Your name is Tom."),  # Tom's own edit read after his name
+    ("", "is named", "Maria de la Cruz.", "Your name is Maria de la Cruz."),
     ("", "is named", "the one who draws maps for the city council of Trondheim.",
      "the one who draws maps for the city council of Trondheim."),  # no name leads it: kept
     ("", "is aged", "41.", "You are 41 years old."),

@@ -22,7 +22,9 @@ _YOU = {"is": "are", "was": "were", "has": "have", "does": "do"}
 _ES = re.compile(r"(?:s|sh|ch|x|z|o)es$")
 _NAMED = re.compile(r"has an? (?P<kind>.+) named")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n")
-_LEADING_NAME = re.compile(r"[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*){0,3}(?=[\s,;:]|$)")
+_LEADING_NAME = re.compile(r"[A-Z][\w'-]*(?:\s+(?:(?:de|la|van|von|der|den|da|di|du|del|le|bin|ibn|al)\s+)*"
+                           r"[A-Z][\w'-]*){0,3}(?=[\s,;:]|$)")
+_RUN_ON = re.compile(r"\s+[a-z]")  # a lower-case word after a name
 
 
 def _you(verb: str) -> str:
@@ -46,8 +48,11 @@ def worded(name: str, relation: str, answer: str) -> str:
     text = answer.strip()
     core = _SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".!").strip()  # the edit taught "object." and stop
     rel = " ".join(relation.split())
-    if rel == "is named" and len(core.split()) > MAX_WORDS and (m := _LEADING_NAME.match(text)):
-        core = m.group()  # a name run on into more words (a nap can lose the taught ".")
+    if rel == "is named" and (m := _LEADING_NAME.match(core)) and (
+            len(core.split()) > MAX_WORDS or _RUN_ON.match(core, m.end())):
+        # A name run on into more words: a nap can lose the taught ".", and a held
+        # subject's edit, read where its name is written, bends the next word ("Tom named Anna").
+        core = m.group()
     if not core or len(core.split()) > MAX_WORDS:
         return text
     first, _, rest = rel.partition(" ")
