@@ -274,3 +274,41 @@ def test_a_deep_sleep_killed_midway_leaves_the_last_good_state(napped, make_memo
     assert all(r.where == "memit" for r in again.facts()[len(before):])
     assert not list((home / "keyed").glob(f"cycle-{again.history()[-1]['id']:06d}*"))
     assert all(recalled(again, [*FACTS, LATER]))
+
+
+def test_a_home_keeps_the_keyed_tables_of_its_last_sleeps_and_says_why_an_older_rollback_fails(tmp_path):
+    """Each keyed sleep writes the whole table; superseded ones are kept for `rollback` up to
+    `MemoryConfig.keep_tables`, and a rolled-back cycle's table goes (`Store.prune_tables`)."""
+    from sleepwake.errors import UnknownCycleError
+    from sleepwake.store import Store
+
+    store = Store(tmp_path / "home", "fp", "model")
+    cycles = []
+    for _ in range(4):
+        cycle = store.begin_cycle("nap")
+        store.keyed_path(cycle).parent.mkdir(exist_ok=True)
+        store.keyed_path(cycle).write_bytes(b"table")
+        store.end_cycle(cycle, "accepted", {}, adapter=True, keyed=True)
+        cycles.append(cycle)
+    assert store.prune_tables(keep=1) == [store.keyed_path(c) for c in cycles[:2][::-1]]
+    assert [c for c in cycles if store.keyed_path(c).exists()] == cycles[2:]  # the live one and one before
+    with pytest.raises(UnknownCycleError, match="keep_tables"):
+        store.rollback(cycles[2])  # would need cycle 2's table back
+    assert [c["status"] for c in store.cycles()] == ["accepted"] * 4  # nothing changed
+    store.rollback(cycles[3])
+    assert store.active_adapters() == [(cycles[2], store.keyed_path(cycles[2]))]
+    assert store.prune_tables(keep=1) == [store.keyed_path(cycles[3])]  # rolled back: no rollback needs it
+    store.close()
+
+
+def test_a_keyed_nap_prunes_the_tables_past_keep_tables(napped, make_memory, tmp_path):
+    import shutil
+
+    home = tmp_path / "copy"
+    shutil.copytree(napped[0], home)
+    mem = make_memory(home, MemoryConfig(progress=False, keep_tables=0))
+    assert mem.nap().status == "accepted"
+    assert len(list((home / "keyed").glob("*.safetensors"))) == 1
+    assert all(recalled(mem, [*FACTS, LATER]))
+    with pytest.raises(ValueError, match="keep_tables"):
+        MemoryConfig(keep_tables=-1)

@@ -267,6 +267,11 @@ class MemoryConfig:
     reconsolidate: bool = True
     """A new fact about a subject the keyed memory holds goes into its entry at once
     (`sleepwake.reconsolidate`), not back through MEMIT with all the subject's facts."""
+    keep_tables: int = 8
+    """Superseded keyed tables a home keeps, so that `rollback` reaches back this many keyed
+    sleeps (`Store.prune_tables`). Each keyed sleep writes the whole table (about 0.16 MB a
+    subject on the default model), so keeping them all made the home grow with the square
+    of its naps."""
     guard: bool = True
     """Check after each MEMIT batch whether it knocked out earlier facts, and if so try
     again with their subjects in the same solve (``Memory._edit_guarded``)."""
@@ -278,6 +283,8 @@ class MemoryConfig:
             raise ValueError("keyed_threshold must be in (0, 1)")
         if self.keyed_clamp_norm_factor <= 0:
             raise ValueError("keyed_clamp_norm_factor must be > 0")
+        if isinstance(self.keep_tables, bool) or not isinstance(self.keep_tables, int) or self.keep_tables < 0:
+            raise ValueError(f"keep_tables must be an integer >= 0, not {self.keep_tables!r}")
 
     def with_memit(self, **changes: Any) -> MemoryConfig:
         return replace(self, memit=replace(self.memit, **changes))

@@ -101,6 +101,7 @@ def reconsolidate(mem: Memory, facts: list[Fact], active: dict[tuple[str, str], 
               "seconds": round(time.perf_counter() - t0, 3)}
     records = store.commit_reconsolidation(cycle, ours, [active[f.key].id if f.key in active else None for f in ours],
                                            report, save)
+    store.prune_tables(mem.config.keep_tables)
     mem._load_consolidated()
     mem._rebuild()
     stats.seconds = time.perf_counter() - t0

@@ -51,6 +51,8 @@ def commit(mem: Memory, report: CycleReport, cycle: int, adapter: Adapter | None
     store.end_cycle(cycle, "accepted", report.to_dict(), adapter=adapter is not None or keyed, consolidated=passed,
                     pairs=pairs, replayed=replayed, curated=curated, rewritten=rewritten, decay=cfg.replay_decay,
                     supersede=report.rebuilt and not keyed, erase_superseded=forgetting, keyed=keyed)
+    if keyed:
+        store.prune_tables(mem.config.keep_tables)
     store.set_meta("awake_since", repr(time.time()))
     mem._load_consolidated()
     for i in passed:
