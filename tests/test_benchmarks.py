@@ -201,6 +201,19 @@ def test_lifelong_facts_spread_each_persons_facts_over_time():
         lifelong_facts(10, attributes=(0, 3))
 
 
+def test_lifelong_facts_about_people_of_one_token_names(lm):
+    """`--names short`: the given names instead of invented full names, each a single token
+    on the default model (the subjects `inference.lead_in` exists for)."""
+    from sleepwake.synthetic import SHORT_NAMES, lifelong_facts
+
+    facts = lifelong_facts(48, seed=21, spread=16, people=SHORT_NAMES)
+    assert len(facts) == 48 and lifelong_facts(20, seed=21, spread=16, people=SHORT_NAMES) == facts[:20]
+    assert {f.subject for f in facts} <= set(SHORT_NAMES) and len({f.key for f in facts}) == 48
+    assert all(len(lm.tokenizer(name)["input_ids"]) == 1 for name in SHORT_NAMES)
+    with pytest.raises(ValueError, match="16 names"):
+        lifelong_facts(60, seed=21, people=SHORT_NAMES)
+
+
 def test_changed_facts_update_and_forget_distinct_facts():
     from sleepwake.synthetic import changed_facts, lifelong_facts
 

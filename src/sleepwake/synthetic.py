@@ -371,7 +371,14 @@ def fictional_facts(n_subjects: int, relations_per_subject: int = 1, seed: int =
     return facts
 
 
-def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), spread: int = 100) -> list[Fact]:
+SHORT_NAMES = ("Tom", "Bob", "Anna", "Mary", "John", "Paul", "Max", "Sam", "Peter", "Maria", "David", "Jack",
+               "Ben", "Mark", "Sarah", "James")
+"""People named by one common first name, each a single token on the default model: the
+subjects whose raw prompt starts at the token every text reads alike (`inference.lead_in`)."""
+
+
+def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), spread: int = 100,
+                   people: tuple[str, ...] | None = None) -> list[Fact]:
     """The first ``n`` facts told about invented people over a long time, in the order told.
 
     Each person has ``attributes[0]`` to ``attributes[1]`` facts with distinct relations
@@ -381,7 +388,8 @@ def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), 
     interleave and a later fact about someone often arrives after the earlier ones were
     slept on, as in use. The list for a smaller ``n`` is a prefix of the list for a
     larger one with the same other arguments, so checkpoints of a short run are those of
-    a long one. Deterministic in its arguments.
+    a long one. Deterministic in its arguments. ``people``: these names, shuffled, instead
+    of invented full names (``SHORT_NAMES``, say).
     """
     lo, hi = attributes
     if n < 0:
@@ -394,9 +402,10 @@ def lifelong_facts(n: int, seed: int = 0, attributes: tuple[int, int] = (4, 6), 
     # person who turns up after it cannot be among the first n facts.
     horizon = -(-n // lo) * lo + spread
     needed = -(-horizon // lo) if n else 0
-    if needed > max_people():
-        raise ValueError(f"{n} facts need {needed} people; there are {max_people()} names")
-    people = fictional_people(needed, seed)
+    names = max_people() if people is None else len(people)
+    if needed > names:
+        raise ValueError(f"{n} facts need {needed} people; there are {names} names")
+    people = fictional_people(needed, seed) if people is None else _shuffled(list(people), random.Random(seed))[:needed]
     # A stream of its own, drawn person by person: more people leave earlier ones alone.
     rng = random.Random(seed * 1_000_003 + 104_729)
     timed: list[tuple[float, int, int, Fact]] = []
