@@ -83,6 +83,10 @@ def test_a_one_token_subject_is_learned_without_breaking_the_model(make_memory):
     report = mem.evaluate([fact])
     assert (report.raw_recall, report.chat_recall) == (1.0, 1.0), report
     assert mentions(mem.complete("Bob works as", max_new_tokens=6), "pilot")  # typed as it reads
+    from sleepwake.talk import Assistant
+
+    reply = Assistant(mem).complete("Bob works as", max_new_tokens=6)  # the server's /complete
+    assert mentions(reply.text(), "pilot") and reply.prompt_tokens == 4, reply.reply
     assert mentions(mem.ask("What does Bob work as?", max_new_tokens=8), "pilot")
 
 
