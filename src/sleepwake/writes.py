@@ -146,8 +146,8 @@ class Writes:
                 # Past the limit, every held fact is first edited again raw-only.
                 redone = self._edit_raw_only(others, replaced) if crossing else {}
                 self._edits = committed | redone
-                again, edits, st, answered = self._edit_guarded(batch, again, replaced | {r.id for r in again},
-                                                                self.progress and len(batches) < 2, chat)
+                again, edits, st, answered, misses = self._edit_guarded(
+                    batch, again, replaced | {r.id for r in again}, self.progress and len(batches) < 2, chat)
                 st.raw_only_again = len(redone)
                 rewritten = redone | {r.id: e for r, e in zip(again, edits[len(batch):])}
                 recs = self.store.commit_injection(batch, edits[: len(batch)], replaces, rewritten)
@@ -168,7 +168,7 @@ class Writes:
             self._answered = (self.lm.weights_version, chat, answered) if answered else None
             ids = {k: r.id for k, r in active.items() if r.where == "memit"}
             self._unheld = {k: i for k, i in self._unheld.items() if not answered.get(k, False)}
-            self._unheld.update({k: ids[k] for k, ok in answered.items() if not ok and k in ids})
+            self._unheld.update({k: ids[k] for k in misses if k in ids})
             records += recs
             stats.append(st)
         slept = self.sleep_if_due() if self.config.auto_sleep and records else None
@@ -192,13 +192,18 @@ class Writes:
         return out
 
     def _edit_guarded(self, batch: list[Fact], again: list[FactRecord], leaving: set[int], progress: bool,
-                      chat: bool) -> tuple[list[FactRecord], list[FactEdit], InjectStats, dict[tuple[str, str], bool]]:
+                      chat: bool) -> tuple[list[FactRecord], list[FactEdit], InjectStats, dict[tuple[str, str], bool],
+                                         set[tuple[str, str]]]:
         """`_edit` of `batch` (with `again`, edited anew), and, where that knocks out earlier
         MEMIT facts, a second try that edits their subjects again in the same solve; the
         try that leaves fewer facts unanswered (`evaluate.held`; with `chat`, both prompt
         forms are edited and checked) is kept. Returns the
         facts edited again, the edits (batch first), the stats of the kept try and, per
-        fact key, whether the kept try's weights answer it (empty without the guard).
+        fact key, whether the kept try's weights answer it (empty without the guard), and
+        the keys of the facts this batch left unanswered: its own, and earlier ones it
+        knocked out. An earlier fact that was unanswered before it is not among them: a
+        sleep already tried it (a nap after every batch for one such fact, 1,055-1,300
+        facts on the GPU, was the cost of counting it again).
 
         Eq. 5 holds an earlier edit's keys in place at each layer, but an edit below a
         layer moves the keys and hidden states above it, and now and then one batch
@@ -206,7 +211,10 @@ class Writes:
         raw misses, 13–29 were facts recalled right after their own batch)."""
         if not self.config.guard:
             edits, st = self._edit(batch + [r.fact for r in again], leaving, progress, chat, warm=True)
-            return again, edits, st, {}
+            return again, edits, st, {}, set()
+
+        def missed(answered: dict[tuple[str, str], bool]) -> set[tuple[str, str]]:
+            return {k for k, ok in answered.items() if not ok and before.get(k, True)}
 
         def check(facts: list[Fact]) -> dict[tuple[str, str], bool]:
             """Per fact key, whether the live weights answer the fact."""
@@ -222,7 +230,7 @@ class Writes:
         knocked = [r for r in others if before[r.fact.key] and not after[r.fact.key]]
         st.knocked_out = len(knocked)
         if not knocked:
-            return again, edits, st, after
+            return again, edits, st, after, missed(after)
         out = {edit_group(r.fact, self.config.memit) for r in knocked}
         extra = [r for r in others if edit_group(r.fact, self.config.memit) in out]
         try_again = again + extra
@@ -230,9 +238,9 @@ class Writes:
                                    warm=True)
         after2 = check([r.fact for r in others] + batch + [r.fact for r in again])
         if sum(after2.values()) <= sum(after.values()):
-            return again, edits, st, after  # the caller rebuilds the weights from what it commits
+            return again, edits, st, after, missed(after)  # the caller rebuilds the weights from what it commits
         st2.knocked_out, st2.second_try = st.knocked_out, True
-        return try_again, edits2, st2, after2
+        return try_again, edits2, st2, after2, missed(after2)
 
     def forget(self, fact_id: int) -> FactRecord:
         """Remove a fact: its delta leaves the weights and its edit file is deleted. The
