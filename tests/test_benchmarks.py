@@ -360,7 +360,8 @@ def test_lifelong_until_must_be_a_checkpoint_and_keep_takes_one_fact_set(tmp_pat
     import subprocess
 
     for args, message in ((["--until", "150", "--checkpoints", "100,200", "--max", "200"], "not a checkpoint"),
-                          (["--keep", str(tmp_path), "--sets", "2"], "one fact set")):
+                          (["--keep", str(tmp_path), "--sets", "2"], "one fact set"),
+                          (["--names", "short", "--max", "60"], "there are 16 names")):
         proc = subprocess.run([sys.executable, str(BENCHMARKS / "lifelong.py"), *args], capture_output=True,
                               text=True, cwd=BENCHMARKS, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

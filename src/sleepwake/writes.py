@@ -213,9 +213,6 @@ class Writes:
             edits, st = self._edit(batch + [r.fact for r in again], leaving, progress, chat, warm=True)
             return again, edits, st, {}, set()
 
-        def missed(answered: dict[tuple[str, str], bool]) -> set[tuple[str, str]]:
-            return {k for k, ok in answered.items() if not ok and before.get(k, True)}
-
         def check(facts: list[Fact]) -> dict[tuple[str, str], bool]:
             """Per fact key, whether the live weights answer the fact."""
             if not facts:
@@ -225,6 +222,11 @@ class Writes:
         others = [r for r in self.store.facts(where="memit") if r.id not in leaving]
         known = self._answered[2] if self._answered and self._answered[:2] == (self.lm.weights_version, chat) else {}
         before = known | check([r.fact for r in others if r.fact.key not in known])
+
+        def missed(answered: dict[tuple[str, str], bool]) -> set[tuple[str, str]]:
+            """Unanswered now, and not already before this batch."""
+            return {k for k, ok in answered.items() if not ok and before.get(k, True)}
+
         edits, st = self._edit(batch + [r.fact for r in again], leaving, progress, chat, warm=True)
         after = check([r.fact for r in others] + batch + [r.fact for r in again])
         knocked = [r for r in others if before[r.fact.key] and not after[r.fact.key]]
