@@ -238,7 +238,8 @@ class MlxMemory(Writes, MemoryBase):
             self._suspended |= groups
             self._read(self._installed.without(sorted(str(g) for g in groups)), fixed)
         # Consolidated facts still in weights (LoRA) keep their keys fixed; keyed ones have no weights.
-        in_weights = [r for r in held if r.cycle is None or r.cycle not in self._keyed_cycles()]
+        keyed_cycles = self._keyed_cycles()  # once: it reads every cycle of the ledger
+        in_weights = [r for r in held if r.cycle is None or r.cycle not in keyed_cycles]
         fixed = fixed + [self.store.load_edit(r.id) for r in in_weights if edit_group(r.fact, cfg) not in groups]
         edits, stats = self.editor().edit(facts + [r.fact for r in carried], fixed, self._add, chat=chat, init=init)
         own = edits[: len(facts)]
