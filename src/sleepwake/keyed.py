@@ -56,10 +56,21 @@ class Entry:
     delta: torch.Tensor  # (d_model,)
     read: ReadKeys  # n_keys rows
     facts: tuple[int, ...] = ()  # the ledger ids of the facts δ was made for
+    _digest: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def keys(self) -> torch.Tensor:
         return self.read.keys
+
+    def digest(self) -> str:
+        """A hash of what this entry does, kept: an entry's tensors are never changed in
+        place, and a table of thousands is hashed again after each change of one entry."""
+        if self._digest is None:
+            h = hashlib.blake2b(self.subject.encode(), digest_size=16)
+            for t in (self.delta, self.read.keys, self.read.heads, self.read.backs):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
 
 
 @dataclass
@@ -79,7 +90,8 @@ class KeyedMemory:
 
     def with_entries(self, new: Sequence[Entry], drop: Sequence[str] = ()) -> "KeyedMemory":
         """A new memory: these entries added (replacing a subject's old one), `drop` removed."""
-        entries = {s: e for s, e in self.entries.items() if s not in set(drop)}
+        gone = set(drop)
+        entries = {s: e for s, e in self.entries.items() if s not in gone}
         entries.update({e.subject: e for e in new})
         return KeyedMemory(self.layer, self.match_layer, self.threshold, entries, self.head_threshold)
 
@@ -101,10 +113,7 @@ class KeyedMemory:
         h = hashlib.blake2b(f"{self.layer}|{self.match_layer}|{self.threshold!r}|{self.head_threshold!r}".encode(),
                             digest_size=16)
         for s in sorted(self.entries):
-            e = self.entries[s]
-            h.update(s.encode())
-            for t in (e.delta, e.read.keys, e.read.heads, e.read.backs):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(self.entries[s].digest().encode())
         return h.hexdigest()
 
     # --- the table as tensors ----------------------------------------------------------

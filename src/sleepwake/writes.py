@@ -287,16 +287,21 @@ class Writes:
     def _edit_missing(self) -> None:
         """MEMIT edits for the MEMIT-held facts that have none: those a reconsolidation
         wrote straight into the keyed memory, back in MEMIT after a `rollback` of it (or a
-        crash between that rollback and this)."""
+        crash between that rollback and this). With the guard, those the edit leaves
+        unanswered make a nap due, as after an injection: such a fact's subject shares
+        one δ with its consolidated facts, which MEMIT's tighter bound may not hold."""
         missing = [r for r in self.store.facts(where="memit") if r.id not in self._with_edit()]
         if not missing:
             return
+        chat = self.chat_edits(len(self._edits) + len(missing))
         with self.lm.lock:
             self.activate()
             try:
-                edits, _ = self._edit([r.fact for r in missing], set(), self.progress,
-                                      self.chat_edits(len(self._edits) + len(missing)))
+                edits, _ = self._edit([r.fact for r in missing], set(), self.progress, chat)
                 self.store.rewrite_edits({r.id: e for r, e in zip(missing, edits)})
             finally:
                 self._edits = self._load_edits()
                 self._rebuild()
+            if self.config.guard:
+                answered = self.held([r.fact for r in missing], chat=chat)
+                self._unheld.update({r.fact.key: r.id for r, ok in zip(missing, answered) if not ok})
