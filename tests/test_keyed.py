@@ -55,6 +55,11 @@ def test_table_round_trips_and_replaces_by_subject(tmp_path):
     assert table.with_entries([newer]).entries["anna"].facts == (1, 2, 4)
     assert list(table.without(["anna"]).entries) == ["bo"] and table.without(["nobody"]) is table
     assert table.without(["anna"]).digest() != table.digest()
+    # An entry keeps its hash; a table's digest follows any change of one entry's tensors.
+    assert table.with_entries([newer]).digest() != table.digest()
+    moved = Entry("anna", a.delta + 1e-3, a.read, a.facts)
+    assert table.with_entries([moved]).digest() != table.digest()
+    assert table.with_entries([Entry("anna", a.delta.clone(), a.read, a.facts)]).digest() == table.digest()
 
 
 def test_match_agrees_with_a_position_by_position_reading():
