@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import (chat_text, encode, encode_target, generate, head_logits, pad_right, raw_prompt,
-                                 shared_prefix)
+                                 rows_per_pass, shared_prefix)
 from sleepwake.models import LoadedModel
 from sleepwake.placement import input_device
 from sleepwake.store import write_atomic
@@ -74,14 +74,15 @@ def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:
 
 
 @torch.no_grad()
-def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: int = 32) -> list[bool]:
+def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: int | None = None) -> list[bool]:
     """Whether greedy decoding would write each fact's object right after its prompt
     (and, with `chat`, right after its chat question): every object token is the
     model's top prediction, read in one teacher-forced pass.
 
     A cheap stand-in for raw and chat recall (a forward pass per `rows` sequences
     instead of a generation), strict in one way: an answer that names the object
-    later ("He lives in Lisbon") counts as not held."""
+    later ("He lives in Lisbon") counts as not held. `rows`: by default `rows_per_pass`."""
+    rows = rows or rows_per_pass(input_device(model))
     ok = [True] * len(facts)
     forms = [[(i, raw_prompt(tok, f), f.target, False) for i, f in enumerate(facts)]]
     if chat:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sleepwake.config import MemitConfig
 from sleepwake.facts import Fact
-from sleepwake.inference import attention_kernels, pad_right, shared_prefix
+from sleepwake.inference import attention_kernels, pad_right, rows_per_pass, shared_prefix
 from sleepwake.memit.requests import build_requests
 from sleepwake.memit.solve import inverse_covariance, solve_update, through_post_norm
 from sleepwake.memit.targets import compute_targets, make_slots
@@ -187,8 +187,9 @@ class MemitEditor:
         keys, heads = [], []
         # Chat questions batched together run their shared system turn once (`shared_prefix`).
         order = sorted(range(len(requests)), key=lambda i: requests[i].kind)
-        for start in range(0, len(order), 32):
-            part = [requests[i] for i in order[start:start + 32]]
+        step = rows_per_pass(device)
+        for start in range(0, len(order), step):
+            part = [requests[i] for i in order[start:start + step]]
             seqs = [q.ids[: q.subject_pos + 1] for q in part]
             head_pos = [q.subject_pos if q.head_pos is None else q.head_pos for q in part]
             shared, extra = shared_prefix(self.model, seqs, min(head_pos))
