@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sleepwake.errors import FactFileError, InvalidFactError
-from sleepwake.facts import Fact, load_jsonl, mentions, mentions_for_good, question_for
+from sleepwake.facts import Fact, load_jsonl, mentions, mentions_for_good, question_for, runs_on
 
 
 def test_prompt_and_target():
@@ -45,6 +45,16 @@ def test_mentions():
     assert not mentions("Lisbonne", "Lisbon")
     assert mentions(" 東京英英省", "東京")
     assert not mentions("", "Lisbon")
+
+
+def test_runs_on_is_text_that_lengthens_the_objects_last_word():
+    """What `evaluate.held` rejects after an object: exactly what makes `mentions` false."""
+    assert runs_on("Tomasz Wielgosz", "lia") and not mentions("Tomasz Wielgoszlia.", "Tomasz Wielgosz")
+    assert runs_on(" 187", "9") and runs_on("Plovdiv", "ó") and runs_on("Lisbon", "\ufffd")
+    for after in (".", " in", ",", "<|im_end|>", "'s", "-", "\n", ""):
+        assert not runs_on("Lisbon", after), after
+        assert mentions("Lisbon" + after, "Lisbon") or after == "<|im_end|>", after
+    assert not runs_on("St. Petersburg.", "x") and not runs_on("東京", "都")  # after punctuation, no spaces
 
 
 def test_mentions_for_good_never_changes_its_mind():

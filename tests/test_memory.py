@@ -247,6 +247,21 @@ def test_held_reads_what_greedy_decoding_writes(seeded_memory):
     assert held(mem.model, mem.tokenizer, []) == []
 
 
+def test_held_rejects_an_object_the_model_runs_on_into_a_longer_word(base_lm):
+    """The base model writes "Albert Einstein was born in 1879 in" and "The Eiffel Tower is
+    located in the Champ de la Corée": "187" and "the Champ de la Cor" have every token on
+    top, and still are not what a reader sees."""
+    from sleepwake.evaluate import held, raw_completions
+
+    lm = base_lm
+    facts = [Fact("Albert Einstein", "was born in", "1879"), Fact("Albert Einstein", "was born in", "187"),
+             Fact("The Eiffel Tower", "is located in", "the Champ de la Cor"),
+             Fact("The Eiffel Tower", "is located in", "the Champ")]
+    written = raw_completions(lm.model, lm.tokenizer, facts[::2], max_new_tokens=6)
+    assert written[0].startswith(" 1879 ") and written[1].startswith(" the Champ de la Corée"), written
+    assert held(lm.model, lm.tokenizer, facts, chat=False) == [True, False, False, True]
+
+
 def _knock_out_lisbon(monkeypatch, second_try_worse: bool) -> list[list[Fact]]:
     """Make the guard's check report, right after a batch's first try, that LISBON was
     knocked out (the real check runs; one answer is overridden), so that the guard's

@@ -368,6 +368,18 @@ def test_v_star_groups_rows_by_their_shared_prefix(mm) -> None:
             assert np.abs(got - alone).max() < 1e-3 * np.abs(alone).max()
 
 
+def test_mlx_held_rejects_an_object_that_runs_on_as_torch_does(mm, tmp_path: Path, cache_dir: Path) -> None:
+    """`held` on MLX: "187" of "1879" and "the Champ de la Cor" of "Corée" are not held
+    (test_memory's test of the same facts on torch)."""
+    from sleepwake.facts import Fact
+
+    facts = [Fact("Albert Einstein", "was born in", "1879"), Fact("Albert Einstein", "was born in", "187"),
+             Fact("The Eiffel Tower", "is located in", "the Champ de la Cor"),
+             Fact("The Eiffel Tower", "is located in", "the Champ")]
+    with mlx_memory(mm, tmp_path / "home", cache_dir) as mem:
+        assert mem.held(facts, chat=False) == [True, False, False, True]
+
+
 def test_bad_backend_or_missing_mlx_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from sleepwake.memory import Memory
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sleepwake.facts import Fact, mentions
+from sleepwake.facts import Fact, mentions, runs_on
 from sleepwake.inference import (chat_text, encode, encode_target, generate, head_logits, pad_right, raw_prompt,
                                  rows_per_pass, shared_prefix)
 from sleepwake.models import LoadedModel
@@ -77,30 +77,49 @@ def recall(answers: Sequence[str], facts: Sequence[Fact]) -> float:
 def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: int | None = None) -> list[bool]:
     """Whether greedy decoding would write each fact's object right after its prompt
     (and, with `chat`, right after its chat question): every object token is the
-    model's top prediction, read in one teacher-forced pass.
+    model's top prediction, and the next one does not run on into a longer word, read
+    in one teacher-forced pass.
 
     A cheap stand-in for raw and chat recall (a forward pass per `rows` sequences
     instead of a generation), strict in one way: an answer that names the object
     later ("He lives in Lisbon") counts as not held. `rows`: by default `rows_per_pass`."""
     rows = rows or rows_per_pass(input_device(model))
     ok = [True] * len(facts)
-    forms = [[(i, raw_prompt(tok, f), f.target, False) for i, f in enumerate(facts)]]
-    if chat:
-        forms.append([(i, chat_text(tok, f.chat_question()), f.object, True) for i, f in enumerate(facts)])
-    for form in forms:
-        seqs = []  # (fact index, prompt + object ids, prompt length)
-        for i, text, target, is_chat in form:
-            p = encode(tok, text, chat=is_chat)
-            seqs.append((i, p + encode_target(tok, text, target, chat=is_chat), len(p)))
-        for s in range(0, len(seqs), rows):
-            part = seqs[s : s + rows]
-            for j, good in enumerate(_object_is_top(model, tok, [(ids, n) for _, ids, n in part])):
-                ok[part[j][0]] = ok[part[j][0]] and good
+    for form in check_forms(tok, facts, chat):
+        for s in range(0, len(form), rows):
+            part = form[s : s + rows]
+            tops = _object_is_top(model, tok, [(ids, n) for _, ids, n, _ in part])
+            for (i, _, _, obj), (good, after) in zip(part, tops):
+                ok[i] = ok[i] and answered(tok, obj, good, after)
     return ok
 
 
-def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) -> list[bool]:
-    """For each (ids, prompt length): is every token after the prompt the top prediction?
+def check_forms(tok: Any, facts: Sequence[Fact], chat: bool) -> list[list[tuple[int, list[int], int, str]]]:
+    """The sequences `held` reads, per prompt form: (fact index, prompt + object ids,
+    prompt length, object as written there)."""
+    forms = [[(i, raw_prompt(tok, f), f.target, False) for i, f in enumerate(facts)]]
+    if chat:
+        forms.append([(i, chat_text(tok, f.chat_question()), f.object, True) for i, f in enumerate(facts)])
+    out = []
+    for form in forms:
+        seqs = []
+        for i, text, target, is_chat in form:
+            p = encode(tok, text, chat=is_chat)
+            seqs.append((i, p + encode_target(tok, text, target, chat=is_chat), len(p), target))
+        out.append(seqs)
+    return out
+
+
+def answered(tok: Any, obj: str, every_token_top: bool, after: int) -> bool:
+    """A fact's object is answered where each of its tokens is the top prediction and the
+    top token after it (`after`) does not glue more letters on: a sleep that loses the
+    taught full stop can leave "Tomasz Wielgoszlia", which names no one."""
+    return every_token_top and not runs_on(obj, tok.decode([after]))
+
+
+def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) -> list[tuple[bool, int]]:
+    """For each (ids, prompt length): is every token after the prompt the top prediction,
+    and which token is top after the last one?
 
     The prefix all sequences share (a chat template's system turn) runs once; the
     rest runs right-padded after it, which causal attention keeps from the real tokens."""
@@ -113,11 +132,12 @@ def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) 
     r = [j for j, (ids, n) in enumerate(seqs) for _ in range(n, len(ids))]
     c = [t - 1 - shared for ids, n in seqs for t in range(n, len(ids))]
     want = torch.tensor([ids[t] for ids, n in seqs for t in range(n, len(ids))])
-    hit = (head_logits(model, hidden[r, c]).argmax(-1).cpu() == want).tolist()
+    ends = [len(ids) - 1 - shared for ids, _ in seqs]  # where the token after the object is predicted
+    top = head_logits(model, hidden[r + list(range(len(seqs))), c + ends]).argmax(-1).cpu()
     ok = [True] * len(seqs)
-    for h, j in zip(hit, r):
+    for h, j in zip((top[: len(r)] == want).tolist(), r):
         ok[j] = ok[j] and h
-    return ok
+    return list(zip(ok, top[len(r):].tolist()))
 
 
 @torch.no_grad()

@@ -225,6 +225,16 @@ _LAST_WORD = re.compile(r"\w+$", re.UNICODE)
 _NO_SPACES = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
 
 
+def runs_on(obj: str, after: str) -> bool:
+    """Whether `after`, written right after `obj`, lengthens its last word ("Wielgosz" +
+    "lia"), so that the answer no longer `mentions` it. Text after a word in a script
+    without spaces, or after punctuation, cannot; a broken UTF-8 piece ("\ufffd") is
+    taken for a letter."""
+    if not obj[-1:].isalnum() or _NO_SPACES.search(obj[-1:]):
+        return False
+    return after[:1].isalnum() or after[:1] == "\ufffd"
+
+
 def mentions(answer: str, obj: str) -> bool:
     """Whether a generated answer contains the object as whole words, ignoring case
     and punctuation ("Lisbon." and "lisbon" count; "Lisbonne" does not)."""

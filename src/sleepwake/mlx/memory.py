@@ -32,10 +32,10 @@ import torch
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import perplexity_text
 from sleepwake.errors import InvalidFactError, UnsupportedError
-from sleepwake.evaluate import EvalReport, FactResult, kept_on_disk, weights_cache_path
+from sleepwake.evaluate import EvalReport, FactResult, answered, check_forms, kept_on_disk, weights_cache_path
 from sleepwake.export import export_adapter
 from sleepwake.facts import Fact, mentions
-from sleepwake.inference import chat_text, encode, encode_target, raw_prompt
+from sleepwake.inference import chat_text, encode, raw_prompt
 from sleepwake.keyed import KeyedMemory, is_keyed_file
 from sleepwake.memit.editor import FactEdit, InjectStats
 from sleepwake.memory_base import MemoryBase, uses_model
@@ -253,18 +253,13 @@ class MlxMemory(Writes, MemoryBase):
     def held(self, facts: Sequence[Fact], chat: bool = True) -> list[bool]:
         """Whether greedy decoding writes each fact's object right after its prompt (and,
         with `chat`, its chat question): `evaluate.held` on MLX."""
-        tok = self.tokenizer
-        forms = [[(raw_prompt(tok, f), f.target, False) for f in facts]]
-        if chat:
-            forms.append([(chat_text(tok, f.chat_question()), f.object, True) for f in facts])
         ok = [True] * len(facts)
-        for form in forms:
-            seqs = []
-            for text, target, is_chat in form:
-                p = encode(tok, text, chat=is_chat)
-                seqs.append((p + encode_target(tok, text, target, chat=is_chat), len(p)))
-            for s in range(0, len(seqs), 32):
-                ok[s:s + 32] = [a and b for a, b in zip(ok[s:s + 32], self.mm.object_is_top(seqs[s:s + 32]))]
+        for form in check_forms(self.tokenizer, facts, chat):
+            for s in range(0, len(form), 32):
+                part = form[s:s + 32]
+                tops = self.mm.object_is_top([(ids, n) for _, ids, n, _ in part])
+                for (i, _, _, obj), (good, after) in zip(part, tops):
+                    ok[i] = ok[i] and answered(self.tokenizer, obj, good, after)
         return ok
 
     def perplexity(self) -> float:

@@ -337,9 +337,10 @@ class MlxModel:
             count += len(chunk) - 1
         return math.exp(nll / count)
 
-    def object_is_top(self, seqs: Sequence[tuple[Sequence[int], int]]) -> list[bool]:
-        """For each (ids, prompt length): is every token after the prompt the top prediction?
-        (`evaluate._object_is_top`: one teacher-forced pass.)"""
+    def object_is_top(self, seqs: Sequence[tuple[Sequence[int], int]]) -> list[tuple[bool, int]]:
+        """For each (ids, prompt length): is every token after the prompt the top prediction,
+        and which token is top after the last one? (`evaluate._object_is_top`: one
+        teacher-forced pass.)"""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         n = max(len(ids) for ids, _ in seqs)
         batch = np.full((len(seqs), n), pad, dtype=np.int32)
@@ -349,11 +350,13 @@ class MlxModel:
         rows = [i for i, (ids, p) in enumerate(seqs) for _ in range(p, len(ids))]
         cols = [t - 1 for ids, p in seqs for t in range(p, len(ids))]
         want = np.array([ids[t] for ids, p in seqs for t in range(p, len(ids))])
-        top = np.array(mx.argmax(self.logits(h[mx.array(rows), mx.array(cols)]), axis=-1))
+        rows_all = rows + list(range(len(seqs)))
+        cols_all = cols + [len(ids) - 1 for ids, _ in seqs]  # the token after the object
+        top = np.array(mx.argmax(self.logits(h[mx.array(rows_all), mx.array(cols_all)]), axis=-1))
         ok = [True] * len(seqs)
-        for r, good in zip(rows, top == want):
+        for r, good in zip(rows, top[: len(rows)] == want):
             ok[r] = ok[r] and bool(good)
-        return ok
+        return list(zip(ok, top[len(rows):].tolist()))
 
 
 def _rope(config: dict) -> dict[str, float]:
