@@ -57,6 +57,26 @@ def test_runs_on_is_text_that_lengthens_the_objects_last_word():
     assert not runs_on("St. Petersburg.", "x") and not runs_on("東京", "都")  # after punctuation, no spaces
 
 
+def test_answered_reads_the_next_token_after_the_object_not_alone():
+    """A SentencePiece decoder strips the leading space of a text's first token (Llama 2,
+    Mistral): " in" decoded alone reads "in", which would glue onto "Lisbon". A real
+    `tokenizers` tokenizer with such a decoder, three words in its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from sleepwake.evaluate import answered
+
+    vocab = {"<unk>": 0, "▁Lis": 1, "bon": 2, "▁in": 3, "lia": 4, ".": 5}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    assert tok.decode([3]) == "in"
+    lisbon = [1, 2]
+    assert answered(tok, " Lisbon", True, lisbon, 3) and answered(tok, " Lisbon", True, lisbon, 5)
+    assert not answered(tok, " Lisbon", True, lisbon, 4)  # "Lisbonlia"
+    assert not answered(tok, " Lisbon", False, lisbon, 5)  # a token of the object was not on top
+
+
 def test_mentions_for_good_never_changes_its_mind():
     """Generation for a recall check stops once this is true: it must stay true (and
     `mentions` of the whole answer must agree) however the answer goes on."""

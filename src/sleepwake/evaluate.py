@@ -89,8 +89,8 @@ def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: i
         for s in range(0, len(form), rows):
             part = form[s : s + rows]
             tops = _object_is_top(model, tok, [(ids, n) for _, ids, n, _ in part])
-            for (i, _, _, obj), (good, after) in zip(part, tops):
-                ok[i] = ok[i] and answered(tok, obj, good, after)
+            for (i, ids, _, obj), (good, after) in zip(part, tops):
+                ok[i] = ok[i] and answered(tok, obj, good, ids, after)
     return ok
 
 
@@ -110,11 +110,17 @@ def check_forms(tok: Any, facts: Sequence[Fact], chat: bool) -> list[list[tuple[
     return out
 
 
-def answered(tok: Any, obj: str, every_token_top: bool, after: int) -> bool:
-    """A fact's object is answered where each of its tokens is the top prediction and the
-    top token after it (`after`) does not glue more letters on: a sleep that loses the
-    taught full stop can leave "Tomasz Wielgoszlia", which names no one."""
-    return every_token_top and not runs_on(obj, tok.decode([after]))
+def answered(tok: Any, obj: str, every_token_top: bool, ids: Sequence[int], after: int) -> bool:
+    """A fact's object (the end of `ids`) is answered where each of its tokens is the top
+    prediction and the top token after it (`after`) does not glue more letters on: a sleep
+    that loses the taught full stop can leave "Tomasz Wielgoszlia", which names no one.
+
+    `after` is decoded after the object's last token, not alone: a SentencePiece decoder
+    drops the leading space of a text's first token (" in" alone reads "in")."""
+    if not every_token_top:
+        return False
+    last = tok.decode(ids[-1:])
+    return not runs_on(obj, tok.decode([*ids[-1:], after])[len(last):])
 
 
 def _object_is_top(model: Any, tok: Any, seqs: Sequence[tuple[list[int], int]]) -> list[tuple[bool, int]]:

@@ -258,8 +258,8 @@ class MlxMemory(Writes, MemoryBase):
             for s in range(0, len(form), 32):
                 part = form[s:s + 32]
                 tops = self.mm.object_is_top([(ids, n) for _, ids, n, _ in part])
-                for (i, _, _, obj), (good, after) in zip(part, tops):
-                    ok[i] = ok[i] and answered(self.tokenizer, obj, good, after)
+                for (i, ids, _, obj), (good, after) in zip(part, tops):
+                    ok[i] = ok[i] and answered(self.tokenizer, obj, good, ids, after)
         return ok
 
     def perplexity(self) -> float:
