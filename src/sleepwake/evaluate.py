@@ -84,17 +84,26 @@ def held(model: Any, tok: Any, facts: Sequence[Fact], chat: bool = True, rows: i
     instead of a generation), strict in one way: an answer that names the object
     later ("He lives in Lisbon") counts as not held. `rows`: by default `rows_per_pass`."""
     rows = rows or rows_per_pass(input_device(model))
+    return checked(tok, facts, chat, rows, lambda seqs: _object_is_top(model, tok, seqs))
+
+
+TopReader = Callable[[list[tuple[list[int], int]]], list[tuple[bool, int]]]
+"""One teacher-forced pass over (ids, prompt length) rows: per row, whether every token
+after the prompt is the top prediction, and the top token after the last one."""
+
+
+def checked(tok: Any, facts: Sequence[Fact], chat: bool, rows: int, read: TopReader) -> list[bool]:
+    """`held` on any backend, `read` being its teacher-forced pass, `rows` rows at a time."""
     ok = [True] * len(facts)
-    for form in check_forms(tok, facts, chat):
+    for form in _check_forms(tok, facts, chat):
         for s in range(0, len(form), rows):
             part = form[s : s + rows]
-            tops = _object_is_top(model, tok, [(ids, n) for _, ids, n, _ in part])
-            for (i, ids, _, obj), (good, after) in zip(part, tops):
+            for (i, ids, _, obj), (good, after) in zip(part, read([(ids, n) for _, ids, n, _ in part])):
                 ok[i] = ok[i] and answered(tok, obj, good, ids, after)
     return ok
 
 
-def check_forms(tok: Any, facts: Sequence[Fact], chat: bool) -> list[list[tuple[int, list[int], int, str]]]:
+def _check_forms(tok: Any, facts: Sequence[Fact], chat: bool) -> list[list[tuple[int, list[int], int, str]]]:
     """The sequences `held` reads, per prompt form: (fact index, prompt + object ids,
     prompt length, object as written there)."""
     forms = [[(i, raw_prompt(tok, f), f.target, False) for i, f in enumerate(facts)]]

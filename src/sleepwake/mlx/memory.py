@@ -32,7 +32,7 @@ import torch
 from sleepwake.config import MemoryConfig, default_cache_dir, default_home
 from sleepwake.corpus import perplexity_text
 from sleepwake.errors import InvalidFactError, UnsupportedError
-from sleepwake.evaluate import EvalReport, FactResult, answered, check_forms, kept_on_disk, weights_cache_path
+from sleepwake.evaluate import EvalReport, FactResult, checked, kept_on_disk, weights_cache_path
 from sleepwake.export import export_adapter
 from sleepwake.facts import Fact, mentions
 from sleepwake.inference import chat_text, encode, raw_prompt
@@ -253,14 +253,7 @@ class MlxMemory(Writes, MemoryBase):
     def held(self, facts: Sequence[Fact], chat: bool = True) -> list[bool]:
         """Whether greedy decoding writes each fact's object right after its prompt (and,
         with `chat`, its chat question): `evaluate.held` on MLX."""
-        ok = [True] * len(facts)
-        for form in check_forms(self.tokenizer, facts, chat):
-            for s in range(0, len(form), 32):
-                part = form[s:s + 32]
-                tops = self.mm.object_is_top([(ids, n) for _, ids, n, _ in part])
-                for (i, ids, _, obj), (good, after) in zip(part, tops):
-                    ok[i] = ok[i] and answered(self.tokenizer, obj, good, ids, after)
-        return ok
+        return checked(self.tokenizer, facts, chat, 32, self.mm.object_is_top)
 
     def perplexity(self) -> float:
         """Perplexity of the live model on the fixed reference text, kept until the weights
