@@ -71,12 +71,16 @@ def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(
     assert mem.status(measure_perplexity=False)["naps_since_deep"] == 1  # a reconsolidation is no nap
     tables = sorted(p.name for p in (home / "keyed").glob("*.safetensors"))
     assert tables == ["cycle-000001.safetensors", "cycle-000003.safetensors"]  # the nap's (for rollback), the last
+    # The live table is the one saved, not read back: it must be what a new process reads.
+    assert mem._keyed.digest() == KeyedMemory.load(home / "keyed" / tables[-1]).digest()
+    live = mem.lm.weights_digest()
     mem.close()
     shown = run_cli("history", home=home)
     assert shown.returncode == 0, shown.stderr
     assert "reconsolidate #3: accepted" in shown.stdout
     assert "1 new fact(s) written into the keyed entries of 1 subject(s)" in shown.stdout
     again = make_memory(home)  # a restart reads the new table
+    assert again.lm.weights_digest() == live
     assert all(answered(again, [*PERSON, *LATER, OTHER]))
     again._rebuild([], [], None)  # and the base model knows none of it
     assert not any(answered(again, LATER))

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sleepwake.facts import Fact
-from sleepwake.keyed import Entry
+from sleepwake.keyed import Entry, KeyedMemory
 from sleepwake.memit.editor import InjectStats
 from sleepwake.store import FactRecord
 
@@ -76,12 +76,12 @@ def reconsolidate(mem: Memory, facts: list[Fact], active: dict[tuple[str, str], 
     answered = dict.fromkeys(new, True)
     for f, ok in zip(everything, mem.held(everything, chat=True)):
         answered[f.subject_key] = answered[f.subject_key] and ok
-    mem._rebuild()
     passed = [s for s in new if answered[s]]
     left = [f for s in new if not answered[s] for f in new[s]]
     stats = InjectStats(seconds=0.0, v_seconds=t_solve, v_loss_before=float("nan"), v_loss_after=float("nan"),
                         v_steps=0, n_slots=len(everything), reconsolidated=sum(len(new[s]) for s in passed))
     if not passed:
+        mem._rebuild()
         stats.seconds = time.perf_counter() - t0
         return [], left, stats
     store = mem.store
@@ -90,19 +90,24 @@ def reconsolidate(mem: Memory, facts: list[Fact], active: dict[tuple[str, str], 
                     if r.fact.subject_key == s and r.id not in replaced] for s in passed}
     cycle = store.begin_cycle("reconsolidate")
 
+    saved: list[KeyedMemory] = []
+
     def save(ids: list[int]) -> None:
         by_subject: dict[str, list[int]] = {s: list(kept_ids[s]) for s in passed}
         for f, i in zip(ours, ids):
             by_subject[f.subject_key].append(i)
         done = [Entry(s, entries[s].delta, entries[s].read, tuple(sorted(by_subject[s]))) for s in passed]
-        table.with_entries(done).save(store.keyed_path(cycle))
+        saved.append(table.with_entries(done))
+        saved[-1].save(store.keyed_path(cycle))
 
     report = {"subjects": len(passed), "facts": len(ours), "left_for_memit": len(left),
               "seconds": round(time.perf_counter() - t0, 3)}
     records = store.commit_reconsolidation(cycle, ours, [active[f.key].id if f.key in active else None for f in ours],
                                            report, save)
     store.prune_tables(mem.config.keep_tables)
-    mem._load_consolidated()
+    # The table just saved is the newest of the ledger: read from memory, not from disk
+    # again (a table of thousands of subjects, once per batch; the adapters are unchanged).
+    mem._keyed = saved[-1]
     mem._rebuild()
     stats.seconds = time.perf_counter() - t0
     return records, left, stats

@@ -15,6 +15,8 @@ leaves the last committed state (at worst an unreferenced file, which is ignored
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 import shutil
@@ -261,7 +263,11 @@ class Store:
     # --- reading --------------------------------------------------------------
 
     @staticmethod
+    @functools.lru_cache(maxsize=1 << 16)
     def _record(row: tuple) -> FactRecord:
+        """A ledger row as a record; kept per row (records are frozen): a lifelong run
+        reads every fact several times per batch, and checking each `Fact` again took
+        ~5% of a 2,000-fact run."""
         fid, s, r, o, q, status, created, ended, replaced_by, where, cycle = row
         return FactRecord(fid, Fact(s, r, o, q), status, created, ended, replaced_by, where, cycle)
 
