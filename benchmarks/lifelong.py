@@ -124,7 +124,7 @@ def measure(mem: Memory, facts: Sequence[Fact], base: Baseline, progress: bool) 
     Recall is `Memory.evaluate`'s (batched greedy generation, each row stopped once it
     names its object); locality is capacity.py's, on the facts the base model knew."""
     t = time.perf_counter()
-    # 64 rows a generation on a CPU; a GPU takes more at once (2,000 facts are 64 generations at 64)
+    # 64 rows a generation on a CPU; a GPU takes `rows_per_pass` (256) at once
     rows = max(64, rows_per_pass(mem.lm.device))
     rep = evaluate_facts(mem.model, mem.tokenizer, facts, None, batch=rows, progress=progress)
     raw_loc = recall(raw_completions(mem.model, mem.tokenizer, base.raw_known), base.raw_known)

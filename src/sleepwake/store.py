@@ -16,7 +16,6 @@ leaves the last committed state (at worst an unreferenced file, which is ignored
 from __future__ import annotations
 
 import functools
-
 import json
 import os
 import shutil
