@@ -4,7 +4,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test scenario lifelong bench clean
+.PHONY: setup setup-test demo test test-extended scenario lifelong bench clean
 
 setup:
 	scripts/setup.sh
@@ -19,6 +19,12 @@ demo: setup
 # order tests/conftest.py gives (longest first; xdist would put files of many tests first).
 test: setup-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+
+# Variations of what `make test` covers: Gemma-3 and LoRA sleep on MLX, a rejected nap on MLX,
+# forgets and new facts of LoRA-consolidated subjects, 9 subjects x 3 facts. Too long for the
+# 10 minutes `make test` has here.
+test-extended: setup-test
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m extended
 
 # The end-to-end evidence of issue #4: 15 messages through the server, deep sleep, restart, page.
 scenario: setup-test

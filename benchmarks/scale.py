@@ -298,6 +298,8 @@ def main() -> None:
         mem = Memory(lm, home=f"{tmp}/home", cache_dir=f"{tmp}/cache", config=mcfg, progress=False)
         reset_peaks()
         _, cov_s = timed(mem.editor)
+        phase_peaks = {"covariance": peak_gib()}  # where the peak comes from (printed as it goes: an OOM keeps it)
+        print(f"Ĉ {cov_s:.1f} s, peak {phase_peaks['covariance']} GiB", flush=True)
         mem.inject(facts[:5])  # warm-up: kernels, allocator
         five, steps, v_part = [], [], []
         for i in range(args.repeats):
@@ -307,7 +309,11 @@ def main() -> None:
             v_part.append(round(res.stats[0].v_seconds, 3))
         # CUDA graphs run on one GPU: a spread model steps eagerly (`targets.compute_targets`).
         one_gpu = device == "cuda" and not spread(model)
+        phase_peaks["inject 5"] = peak_gib()
+        print(f"inject 5: {five} s, peak {phase_peaks['inject 5']} GiB", flush=True)
         check = graph_check(mem, fictional_facts(100, 1, seed=4)[:5]) if one_gpu else {}
+        phase_peaks["graph check"] = peak_gib()
+        print(f"graph check: peak {phase_peaks['graph check']} GiB", flush=True)
         res50, fifty_s = timed(lambda: mem.inject(facts[30:80]))
         peak, peak_each = peak_gib(), peaks_gib()
         if args.profile:
@@ -344,6 +350,7 @@ def main() -> None:
         "inject50_v_steps": res50.stats[0].v_steps,
         "peak_gpu_memory_gib": peak,
         "peak_gpu_memory_gib_per_gpu": peak_each,
+        "peak_gpu_memory_gib_after": phase_peaks,
         **check,
         "nap10_s": round(nap_s, 2),
         "nap10_train_steps": nap.train_steps,

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("subjects, batch, min_raw, min_complete", [
     pytest.param(20, 15, 0.95, 17, marks=pytest.mark.lifelong, id="20x3"),  # ~100 s here: `make lifelong`
-    pytest.param(9, 9, 0.92, 7, id="9x3"),  # the same batches past the limit, at half the cost
+    pytest.param(9, 9, 0.92, 7, marks=pytest.mark.extended, id="9x3"),  # the same at half the cost: `make test-extended`
 ])
 def test_many_facts_about_each_subject(make_memory, subjects, batch, min_raw, min_complete):
     """20 subjects × 3 relations, injected over several batches (in `make test`, 9 × 3 in

@@ -108,6 +108,7 @@ def test_torch_reads_the_mlx_home_and_mlx_reads_torch(mm, lm, home: Path, cache_
         assert report.raw_recall == 1.0 and report.chat_recall == 1.0, report.facts
 
 
+@pytest.mark.extended
 def test_status_and_a_nap_over_the_budget_changes_nothing(mm, home: Path, cache_dir: Path) -> None:
     """`status` measures perplexity and pressure on MLX; a nap whose result the gate
     refuses (here: any rise of perplexity is too much) is rejected and changes nothing."""
@@ -210,6 +211,7 @@ def test_export_on_mlx_writes_the_adapter_torch_writes(mm, lm, home: Path, cache
         assert (ours[k] - t).abs().max() <= 1e-4 * t.abs().max(), k
 
 
+@pytest.mark.extended
 def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Path, cache_dir: Path) -> None:
     """A raw-only edit (`chat_edit_max_facts=0`) has no δ to key, so the nap solves v*
     again for its subject on the consolidated model (`sleep.keyed_sleep`, as on torch):
@@ -228,6 +230,7 @@ def test_a_raw_only_fact_gets_its_v_star_solved_again_in_a_nap(mm, tmp_path: Pat
         assert all(mem.held([vet.fact]))  # raw and chat
 
 
+@pytest.mark.extended
 def test_gemma_on_mlx_edits_through_its_post_norm(tmp_path: Path, cache_dir: Path) -> None:
     """Gemma-3-270M loads into MLX from the safetensors its GGUF was converted to (mlx-lm's
     gemma3_text), and MEMIT writes a fact into it: the edit goes through the norm Gemma
@@ -247,6 +250,7 @@ def test_gemma_on_mlx_edits_through_its_post_norm(tmp_path: Path, cache_dir: Pat
         assert "Lisbon" in mem.ask(WHERE, max_new_tokens=6)
 
 
+@pytest.mark.extended
 def test_mlx_reads_a_home_whose_sleep_left_a_lora_adapter(mm, lm, tmp_path: Path, cache_dir: Path) -> None:
     """A torch nap with `consolidation="lora"` leaves a LoRA adapter on down-projections;
     MLX makes it part of its live weights: the logits torch gives, and the fact recalled."""
@@ -269,6 +273,7 @@ def test_mlx_reads_a_home_whose_sleep_left_a_lora_adapter(mm, lm, tmp_path: Path
 CELLO = "Ilse Brandvold | plays the | cello"
 
 
+@pytest.mark.extended
 def test_a_lora_nap_on_mlx_and_torch_reads_its_adapter(mm, lm, tmp_path: Path, cache_dir: Path) -> None:
     """`consolidation="lora"` on MLX (`mlx.lora`): a nap trains the LoRA part on MLX (kept
     here whatever validation says, so the adapter holds it) and consolidates the facts:

@@ -159,6 +159,7 @@ def test_new_facts_after_a_nap_leave_consolidated_facts_alone(napped, make_memor
     assert sum(mentions(mem.ask(f.chat_question()), f.object) for f in held) >= len(held) - 1
 
 
+@pytest.mark.extended  # the keyed memory's own: tests/test_keyed.py, test_reconsolidate.py
 def test_a_new_fact_about_a_consolidated_subject_carries_its_other_facts(napped, make_memory, tmp_path):
     """Anselm's two facts live in the nap's adapter; a third is read at the same key (his
     name), which cannot both stay fixed for them and change for it. The new edit carries
@@ -219,6 +220,7 @@ def test_rejected_sleep_leaves_everything_as_it_was(injected, make_memory, tmp_p
     assert not any((mem.home / "adapters").glob("*")) if (mem.home / "adapters").exists() else True
 
 
+@pytest.mark.extended  # the keyed memory's own: tests/test_keyed.py, test_reconsolidate.py
 def test_forget_after_sleep_removes_a_consolidated_fact(napped, make_memory, tmp_path):
     home, _, _, _ = napped
     mem = make_memory(copy_of(home, tmp_path), MemoryConfig(progress=False, consolidation="lora", deep=SleepConfig(epochs=1, dreams=4)))
