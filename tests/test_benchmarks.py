@@ -442,3 +442,23 @@ def test_scale_refuses_quantize_with_a_real_model_or_a_device_map_before_loading
         proc = subprocess.run([sys.executable, str(BENCHMARKS / "scale.py"), "--quantize", "nf4", *extra],
                               capture_output=True, text=True, cwd=BENCHMARKS, timeout=120)
         assert proc.returncode == 2 and "--quantize is for random weights" in proc.stderr, proc.stderr
+
+
+# --- benchmarks/margins.py (issue 27) ---------------------------------------------------
+
+
+def test_margins_are_positive_for_what_the_model_knows_and_negative_for_what_it_does_not(base_lm):
+    """A fact the base model completes with its object has a positive first-token margin;
+    the same prompt with an object it does not say, a negative one."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        margins = importlib.import_module("margins")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from sleepwake.facts import Fact
+
+    known, wrong = Fact("Paris", "is the capital of", "France"), Fact("Paris", "is the capital of", "Peru")
+    right, other = margins.margins(base_lm, [known, wrong])
+    assert right > 0 > other
+    s = margins.summary([2.0, 0.5, -1.0])
+    assert s == {"n": 3, "median": 0.5, "mean": 0.5, "under_1": 0.667, "under_0": 0.333}

@@ -140,7 +140,7 @@ def test_forget_takes_the_delta_out_exactly(nf4, seeded, make_nf4, tmp_path):
     assert nf4.weights_digest() == base.lm.weights_digest()
 
 
-@pytest.mark.parametrize("consolidation", ["keyed", "lora"])
+@pytest.mark.parametrize("consolidation", ["keyed", pytest.param("lora", marks=pytest.mark.extended)])
 def test_nap_then_restart_and_export(consolidation, nf4, seeded, make_nf4, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
