@@ -15,6 +15,7 @@ PERSON = [Fact("Kofi Asante", "lives in", "Kumasi"), Fact("Kofi Asante", "drives
           Fact("Kofi Asante", "studies", "Korean")]
 OTHER = Fact("Ilse Brandvold", "works as a", "glassblower")
 LATER = [Fact("Kofi Asante", "has a parrot named", "Biscuit"), Fact("Kofi Asante", "was born in", "Tamale")]
+MOVED = Fact("Kofi Asante", "lives in", "Tamale")  # an update of PERSON[0]
 
 
 def answered(mem, facts) -> list[bool]:
@@ -53,18 +54,27 @@ def reconsolidated(keyed_home, tmp_path_factory, lm, cache_dir):
         return home, mem.inject(LATER[0]), old_delta
 
 
-def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(reconsolidated, make_memory,
-                                                                                 tmp_path):
+def test_new_facts_and_an_update_of_a_keyed_person_go_into_the_entry_and_survive_a_restart(
+        reconsolidated, make_memory, tmp_path):
+    """Two tells, one at a time, each written straight into Kofi's entry: LATER[0] (the
+    fixture's), then LATER[1] with MOVED, an update of a keyed fact, which replaces its
+    object in the entry. (Once two tests; the update rides on the second tell, which
+    saves a solve of Kofi's δ.) The saved table is the live one, a restart reads it, and
+    the base model knows none of it."""
     home = copy(reconsolidated[0], tmp_path)
     mem = make_memory(home)
     old_delta = reconsolidated[2]
-    results = [reconsolidated[1], mem.inject(LATER[1])]  # told one at a time
-    assert [r.records[0].where for r in results] == ["consolidated", "consolidated"]
-    assert [r.stats[0].reconsolidated for r in results] == [1, 1] and not any(r.slept for r in results)
+    results = [reconsolidated[1], mem.inject([LATER[1], MOVED])]  # two tells
+    assert [[r.where for r in res.records] for res in results] == [["consolidated"], ["consolidated"] * 2]
+    assert [r.stats[0].reconsolidated for r in results] == [1, 2] and not any(r.slept for r in results)
     assert mem.status(measure_perplexity=False)["facts"] == {"memit": 0, "consolidated": 6}
-    assert all(answered(mem, [*PERSON, *LATER, OTHER]))
+    assert all(answered(mem, [MOVED, *PERSON[1:], *LATER, OTHER]))
+    assert answered(mem, [PERSON[0]]) == [False]  # the update replaced it
+    old = next(r for r in mem.store.facts(status=None) if r.fact == PERSON[0])
+    assert old.status == "replaced"
     entry = mem._keyed.entries["kofi asante"]
     assert set(entry.facts) == {r.id for r in mem.facts() if r.fact.subject == "Kofi Asante"}
+    assert old.id not in entry.facts
     assert not entry.delta.equal(old_delta)
     kinds = [(c["kind"], c["status"]) for c in mem.history()]
     assert kinds == [("nap", "accepted"), ("reconsolidate", "accepted"), ("reconsolidate", "accepted")]
@@ -78,23 +88,13 @@ def test_new_facts_about_a_keyed_person_go_into_the_entry_and_survive_a_restart(
     shown = run_cli("history", home=home)
     assert shown.returncode == 0, shown.stderr
     assert "reconsolidate #3: accepted" in shown.stdout
-    assert "1 new fact(s) written into the keyed entries of 1 subject(s)" in shown.stdout
+    assert "2 new fact(s) written into the keyed entries of 1 subject(s)" in shown.stdout
     again = make_memory(home)  # a restart reads the new table
     assert again.lm.weights_digest() == live
-    assert all(answered(again, [*PERSON, *LATER, OTHER]))
+    assert all(answered(again, [MOVED, *PERSON[1:], *LATER, OTHER]))
+    assert answered(again, [PERSON[0]]) == [False]
     again._rebuild([], [], None)  # and the base model knows none of it
-    assert not any(answered(again, LATER))
-
-
-def test_an_update_of_a_keyed_fact_replaces_its_object_in_the_entry(keyed_home, make_memory, tmp_path):
-    mem = make_memory(copy(keyed_home, tmp_path))
-    moved = Fact("Kofi Asante", "lives in", "Tamale")
-    (rec,) = mem.inject(moved).records
-    assert rec.where == "consolidated"
-    assert answered(mem, [moved, *PERSON[1:]]) == [True, True, True]
-    assert answered(mem, [PERSON[0]]) == [False]
-    old = next(r for r in mem.store.facts(status=None) if r.fact == PERSON[0])
-    assert old.status == "replaced"
+    assert not any(answered(again, [*LATER, MOVED]))
 
 
 def test_a_forgotten_fact_leaves_no_table_behind(keyed_home, make_memory, tmp_path):
@@ -136,6 +136,7 @@ def test_a_rollback_of_a_reconsolidation_edits_its_facts_into_memit(reconsolidat
 
 
 
+@pytest.mark.extended  # the ablation (`reconsolidate=False`), not the default path
 def test_without_reconsolidation_a_nap_solves_the_person_again_from_the_old_entry(keyed_home, make_memory,
                                                                                    tmp_path):
     """`reconsolidate=False`: new facts of a keyed person go through MEMIT with all the
