@@ -21,7 +21,8 @@ test: setup-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # Variations of what `make test` covers: Gemma-3 and LoRA sleep on MLX, a rejected nap on MLX,
-# forgets and new facts of LoRA-consolidated subjects, 9 subjects x 3 facts. Too long for the
+# LoRA consolidation's forget, carry-over and failed facts, the no-reconsolidation ablation, NF4
+# with LoRA sleep, the lifelong benchmark end to end, 9 subjects x 3 facts. Too long for the
 # 10 minutes `make test` has here.
 test-extended: setup-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m extended

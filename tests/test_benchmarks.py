@@ -369,6 +369,7 @@ def test_lifelong_until_must_be_a_checkpoint_and_keep_takes_one_fact_set(tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the script end to end on the real model (its parts are tested above)
 def test_lifelong_run_on_the_default_model_naps_and_survives_a_new_process(lifelong, lm):
     """Ten facts, a nap after each batch of five (a small sleep pressure, one epoch), on
     eight locality facts: every figure is measured, each nap recorded, and the new process

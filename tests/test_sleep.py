@@ -360,6 +360,7 @@ def test_cli_status_history_and_rollback(napped, make_memory, tmp_path):
     assert same_weights(mem, before)  # exactly the state before the nap
 
 
+@pytest.mark.extended  # LoRA consolidation only
 def test_facts_a_nap_fails_are_edited_in_again_and_rollback_restores_their_old_edits(injected, make_memory,
                                                                                      tmp_path):
     """A training that breaks facts (here: a learning rate far too high, and no gate on
