@@ -22,17 +22,16 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# Per-file totals of `--durations` (two workers, warm cache, seconds; a run on a CPU shared with two
-# benchmark processes, so about twice a quiet machine's, but in proportion): sleep 396, mlx 388,
-# memory 387, talk 343, reconsolidate 305, keyed 275, quantize 271, benchmarks 194, cli 185,
-# server 157, many_facts 143, users 131, home 118, first_person 105, architectures 83, gemma 50,
-# device_map 38, web 37; the rest under 6. This order splits them within 1% between the two
-# workers. Gemma goes before its rank: on a cold cache (a fresh clone, as in CI) its test also
+# Per-file totals of `--durations` (two workers, cold cache, session 37, less the tests since moved to
+# `make test-extended`, estimated): sleep ~245 (with the model's conversion and Ĉ), keyed 229, memory
+# ~210, reconsolidate ~190, quantize ~187, talk ~165, mlx ~153, cli 128, users 104, server 92,
+# first_person 85, home 76, architectures 56, gemma 55, web 41, benchmarks ~36, device_map 18; the rest
+# under 6. Gemma goes before its rank: on a cold cache (a fresh clone, as in CI) its test also
 # converts the model and computes Ĉ.
-LONGEST_FIRST = ("test_sleep.py", "test_mlx.py", "test_memory.py", "test_talk.py", "test_reconsolidate.py",
-                 "test_keyed.py", "test_quantize.py", "test_benchmarks.py", "test_cli.py", "test_gemma.py",
-                 "test_server.py", "test_many_facts.py", "test_users.py", "test_home.py", "test_first_person.py",
-                 "test_architectures.py", "test_web.py", "test_device_map.py")
+LONGEST_FIRST = ("test_sleep.py", "test_keyed.py", "test_memory.py", "test_reconsolidate.py", "test_quantize.py",
+                 "test_talk.py", "test_mlx.py", "test_gemma.py", "test_cli.py", "test_users.py", "test_server.py",
+                 "test_first_person.py", "test_home.py", "test_architectures.py", "test_web.py",
+                 "test_benchmarks.py", "test_device_map.py", "test_many_facts.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -106,28 +106,6 @@ def test_a_fact_a_sleep_left_unanswered_does_not_make_every_later_batch_due_a_na
     assert mem.unheld() == 1 and set(mem._unheld) == {TOKYO.key}  # the new fact only
 
 
-def test_inject_then_recall_raw_and_chat(seeded, seeded_memory):
-    mem = seeded_memory
-    before = seeded[1]
-    assert before.raw_recall == 0.0 and before.chat_recall == 0.0  # fictional: unknown to the base model
-    assert [r.id for r in mem.facts()] == [1, 2, 3, 4]
-    assert [r.fact for r in mem.facts()] == SEEDED
-    assert mem.store.edit_path(1).name == "00000001.v1.safetensors"  # rewritten with fact 4
-    assert len(list(mem.home.glob("edits/*.safetensors"))) == 4  # the old version is gone
-    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
-    after = mem.evaluate(SEEDED)  # 東京 too: non-ASCII objects work
-    assert after.raw_recall == 1.0, after.facts
-    # Chat questions see MEMIT facts at once (the paper's §7 says they cannot).
-    assert after.chat_recall == 1.0, after.facts
-    assert mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")  # `ask` is the same pathway
-    assert after.ppl < before.ppl * 1.01
-    mem.lm.reset_weights()  # a shared model back to its base, for its next user
-    assert all(torch.equal(mem.lm.arch.weight(n), mem.lm.base_weight(n)) for n in mem.weights.names)
-    base = generate(mem.model, mem.tokenizer, [encode(mem.tokenizer, "Anselm Kreutzer lives in")], max_new_tokens=16)[0]
-    assert not mentions(base, "Lisbon")
-    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")  # its next use puts its weights back
-
-
 _CHILD = """
 import json, sys, torch
 from sleepwake.memory import Memory
@@ -140,15 +118,40 @@ print(json.dumps({"completion": mem.complete("Anselm Kreutzer lives in"), "n": l
 """
 
 
-def test_new_process_rebuilds_bitwise_equal_weights(seeded, make_memory, tmp_path, cache_dir):
+def test_inject_then_recall_raw_and_chat_and_a_new_process_rebuilds_bitwise_equal_weights(
+        seeded, seeded_memory, tmp_path, cache_dir):
+    """The seeded facts are recalled raw and in chat, a shared model goes back to its base
+    and to this memory's weights at its next use, and a new process opening the home
+    rebuilds bitwise the same weights (and completion). One test: both read one home."""
     from safetensors.torch import load_file
 
-    mem = make_memory(seeded[0])
+    mem = seeded_memory
+    before = seeded[1]
+    assert before.raw_recall == 0.0 and before.chat_recall == 0.0  # fictional: unknown to the base model
+    assert [r.id for r in mem.facts()] == [1, 2, 3, 4]
+    assert [r.fact for r in mem.facts()] == SEEDED
+    assert mem.store.edit_path(1).name == "00000001.v1.safetensors"  # rewritten with fact 4
+    assert len(list(mem.home.glob("edits/*.safetensors"))) == 4  # the old version is gone
+    completion = mem.complete("Anselm Kreutzer lives in")  # the default length: the child's too
+    assert mentions(completion, "Lisbon")
+    after = mem.evaluate(SEEDED)  # 東京 too: non-ASCII objects work
+    assert after.raw_recall == 1.0, after.facts
+    # Chat questions see MEMIT facts at once (the paper's §7 says they cannot).
+    assert after.chat_recall == 1.0, after.facts
+    assert mentions(mem.ask("Where does Anselm Kreutzer live?", max_new_tokens=12), "Lisbon")  # `ask`: the same pathway
+    assert after.ppl < before.ppl * 1.01
     here = weights(mem)
-    completion = mem.complete("Anselm Kreutzer lives in")
+    mem.lm.reset_weights()  # a shared model back to its base, for its next user
+    assert all(torch.equal(mem.lm.arch.weight(n), mem.lm.base_weight(n)) for n in mem.weights.names)
+    base = generate(mem.model, mem.tokenizer, [encode(mem.tokenizer, "Anselm Kreutzer lives in")], max_new_tokens=16)[0]
+    assert not mentions(base, "Lisbon")
+    # Its next use puts its weights back.
+    assert mentions(mem.complete("Anselm Kreutzer lives in", max_new_tokens=8), "Lisbon")
+
+    # A new process rebuilds the same weights from the home's files.
     mem.close()
     out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(seeded[0]), str(cache_dir), str(tmp_path / "w.safetensors")],
+        [sys.executable, "-c", _CHILD, str(mem.home), str(cache_dir), str(tmp_path / "w.safetensors")],
         capture_output=True, text=True, check=True, timeout=300,
     )
     child = json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,9 +170,9 @@ def test_forget_removes_fact_and_keeps_others(seeded_memory, make_memory, tmp_pa
     assert not mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
     assert not mentions(mem.ask("Where does Anselm Kreutzer live?"), "Lisbon")
     # The same subject's other fact is edited again without the forgotten one.
-    assert mentions(mem.complete("Anselm Kreutzer works as a"), "carpenter")
-    assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
-    assert mentions(mem.complete("Mateus Okonkwo was born in"), "東京")
+    assert mentions(mem.complete("Anselm Kreutzer works as a", max_new_tokens=8), "carpenter")
+    assert mentions(mem.complete("Zofia Wróblewska works as a", max_new_tokens=8), "veterinarian")
+    assert mentions(mem.complete("Mateus Okonkwo was born in", max_new_tokens=8), "東京")
     assert [r.id for r in mem.facts()] == [r2.id, r3.id, r4.id]
     assert not mem.store.edit_path(r1.id).exists()
     assert len(list(mem.home.glob("edits/*.safetensors"))) == 3
@@ -193,8 +196,8 @@ def test_update_replaces_object(seeded_memory):
     assert mem.store.get(first[0].id).status == "replaced"
     text = mem.complete("Anselm Kreutzer lives in")
     assert mentions(text, "Denver") and not mentions(text, "Lisbon")
-    assert mentions(mem.complete("Zofia Wróblewska works as a"), "veterinarian")
-    assert mentions(mem.complete("Anselm Kreutzer works as a"), "carpenter")  # same subject, kept
+    assert mentions(mem.complete("Zofia Wróblewska works as a", max_new_tokens=8), "veterinarian")
+    assert mentions(mem.complete("Anselm Kreutzer works as a", max_new_tokens=8), "carpenter")  # same subject, kept
     # Same fact again: nothing to do.
     again = mem.inject([Fact("Anselm Kreutzer", "lives in", "Denver")])
     assert again.records == [] and len(again.skipped) == 1
@@ -223,7 +226,7 @@ def test_past_the_chat_edit_limit_every_held_fact_is_edited_raw_only(seeded, mak
     # A forget above the limit edits the subject's other fact again raw-only too.
     mem.forget(res.records[0].id)
     assert [mem._edits[r.id].k[layer].shape[0] for r in mem.facts()] == [1] * 5
-    assert mentions(mem.complete("Ilse Brandvold plays the"), "cello")
+    assert mentions(mem.complete("Ilse Brandvold plays the", max_new_tokens=8), "cello")
     here = weights(mem)
     mem.close()
     again = make_memory(home)  # the rewritten edits are what a new process loads

@@ -27,11 +27,21 @@ def bot(make_memory):
     return Assistant(make_memory(), max_new_tokens=24)
 
 
-def test_a_message_is_learned_before_the_reply_and_answered_later(bot):
-    turn = bot.turn("Hi! My name is Ilse Brandvold and I live in Tromsø.")
+def test_a_message_is_learned_before_the_reply_and_answered_later_with_no_warning(bot):
+    """A fact told is learned before the reply, which streams, is stored, and is
+    answered later from the weights. The injection (v*'s prefix caches, the guard's
+    check) and the streamed reply use transformers' current cache API: nothing warns
+    about deprecated names. One test: both need the same injection, which is its cost."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        turn = bot.turn("Hi! My name is Ilse Brandvold and I live in Tromsø.")
+        pieces = list(turn.stream())
+        bot.complete("Ilse Brandvold lives in", max_new_tokens=4).text()
+    deprecated = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught
+                  if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+    assert deprecated == []
     learned = {(r.fact.subject, r.fact.relation, r.fact.object) for r in turn.learned}
     assert ("Ilse Brandvold", "lives in", "Tromsø") in learned, learned
-    pieces = list(turn.stream())
     assert len(pieces) > 1 and "".join(pieces) == turn.reply  # streamed token by token
     assert turn.completion_tokens > 0 and turn.prompt_tokens > 0
     # The message and reply are stored in the conversation, with the facts taken from it.
@@ -70,19 +80,6 @@ def test_bad_messages_are_refused_and_change_nothing(bot):
     with pytest.raises(InvalidFactError, match="conversation"):
         bot.turn("I live in Oslo.", conversation=999)
     assert bot.facts() == [] and bot.memory.store.unlearned() == []
-
-
-def test_no_dependency_warning_reaches_the_user(bot):
-    """An injection (v*'s prefix caches, the guard's check) and a streamed reply use
-    transformers' current cache API: nothing warns about deprecated names."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        turn = bot.say("Hi! My name is Ilse Brandvold and I live in Tromsø.")
-        bot.complete("Ilse Brandvold lives in", max_new_tokens=4).text()
-    assert turn.learned and turn.reply
-    deprecated = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in caught
-                  if issubclass(w.category, (DeprecationWarning, FutureWarning))]
-    assert deprecated == []
 
 
 def test_sampling_temperature_top_p_seed_and_stop(bot):
@@ -139,78 +136,68 @@ def test_a_composed_reply_is_cut_at_a_stop_string_that_spans_its_pieces(lm):
     assert len(tok("".join(short), add_special_tokens=False)["input_ids"]) == 3 and short.finish_reason == "length"
 
 
-def test_sleep_pressure_and_auto_sleep_are_each_users_own(make_memory):
-    """Two users of one home on one model: Alice's three facts make her nap due and it
-    runs; Bob's one fact leaves his pressure below it, and he is answered during her nap."""
+def test_a_users_sleep_runs_in_the_background_while_both_users_chat_on(make_memory):
+    """Two users of one home on one model, each with their own pressure and sleeps.
+    Bob's one fact leaves his pressure below a nap; Alice's three facts (pressure 0.6)
+    start hers after the reply, in the background. During it Bob is answered from his
+    weights, Alice from hers before the nap (which hold the facts as MEMIT edits), and
+    facts she tells meanwhile are learned when it ends (and, their pressure due,
+    napped at once). One test: both stories need the same injection and nap.
+    Alice's nap waits at its start until the test has talked: on a fast machine the
+    whole nap can end before a reply is generated."""
     from sleepwake.talk import Assistant
 
     cfg = replace(MemoryConfig(progress=False, pressure=PressureConfig(max_edits=3)), nap=SleepConfig(epochs=1))
-    bob = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=12)
+    bob = Assistant(make_memory(config=cfg), auto_sleep=True, max_new_tokens=16)
     alice = bob.for_user("alice")
-    try:
-        bob.say("Anselm Kreutzer lives in Lisbon.", max_new_tokens=1)
-        assert bob.sleeping() is None and bob.status()["pressure"]["due"] is None
-        told = alice.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.", max_new_tokens=1)
-        assert len(told.learned) >= 2 and alice.sleeping() == "nap"
-        assert bob.sleeping() is None
-        assert mentions(bob.say("Where does Anselm Kreutzer live?").reply, "Lisbon")
-        assert alice.wait(timeout=600).status == "accepted"
-        assert [c["kind"] for c in alice.history()] == ["nap"] and bob.history() == []
-        assert {r.where for r in bob.facts()} == {"memit"} and {r.where for r in alice.facts()} == {"consolidated"}
-    finally:
-        alice.wait(timeout=600)
-        alice.memory.close()
-
-
-def test_a_sleep_runs_in_the_background_while_the_chat_goes_on(make_memory):
-    """The pressure of three facts starts a nap after the reply; during it, replies come
-    from the weights before it, and facts told meanwhile are learned when it ends (and,
-    their pressure due, napped at once).
-    The nap's thread waits at its start until the test has talked: on a fast machine
-    the whole nap can end before a reply is generated."""
-    from sleepwake.talk import Assistant
-
-    cfg = MemoryConfig(progress=False, pressure=PressureConfig(max_edits=3))  # 3 facts: pressure 0.6
-    cfg = replace(cfg, nap=SleepConfig(epochs=1))
-    memory = make_memory(config=cfg)
     talked = threading.Event()
-    sleep = memory.sleep
+    sleep = alice.memory.sleep
 
     def sleep_after_the_talk(**kwargs):
         assert talked.wait(600)
         return sleep(**kwargs)
 
-    memory.sleep = sleep_after_the_talk
-    bot = Assistant(memory, auto_sleep=True, max_new_tokens=16)
-    question = "Where does Mateus Okonkwo live?"
-    first = bot.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.")
-    assert len(first.learned) >= 2
-    assert bot.sleeping() == "nap"  # started by the pressure, in the background
-    during = bot.say(question)  # answered at once, from the frozen copy
-    assert bot.sleeping() == "nap"
-    # From the weights before the nap, which hold the fact as a MEMIT edit. How cleanly
-    # that edit ends the word depends on float rounding ("Valparaísogo." was measured
-    # on one machine): the check is that the learned city is there at all.
-    assert "Valparaís" in during.reply, during.reply
-    told = bot.say("My friend Zofia Wróblewska lives in Kraków. She works as a veterinarian.")
-    assert told.learned == [] and "Kraków" in [f.object for f in told.pending]
-    with pytest.raises(SleepRunningError):
-        bot.add_facts(Fact("Anselm Kreutzer", "lives in", "Lisbon"))
-    assert bot.status()["sleeping"]["kind"] == "nap"
+    alice.memory.sleep = sleep_after_the_talk
+    try:
+        bob.say("Anselm Kreutzer lives in Lisbon.", max_new_tokens=1)
+        assert bob.sleeping() is None and bob.status()["pressure"]["due"] is None
+        question = "Where does Mateus Okonkwo live?"
+        first = alice.say("My friend Mateus Okonkwo lives in Valparaíso. He works as a glassblower.")
+        assert len(first.learned) >= 2
+        assert alice.sleeping() == "nap"  # started by the pressure, in the background
+        assert bob.sleeping() is None
+        assert mentions(bob.say("Where does Anselm Kreutzer live?", max_new_tokens=12).reply, "Lisbon")
+        during = alice.say(question)  # answered at once, from the frozen copy
+        assert alice.sleeping() == "nap"
+        # From the weights before the nap, which hold the fact as a MEMIT edit. How cleanly
+        # that edit ends the word depends on float rounding ("Valparaísogo." was measured
+        # on one machine): the check is that the learned city is there at all.
+        assert "Valparaís" in during.reply, during.reply
+        told = alice.say("My friend Zofia Wróblewska lives in Kraków. She works as a veterinarian.")
+        assert told.learned == [] and "Kraków" in [f.object for f in told.pending]
+        with pytest.raises(SleepRunningError):
+            alice.add_facts(Fact("Anselm Kreutzer", "lives in", "Lisbon"))
+        assert alice.status()["sleeping"]["kind"] == "nap"
 
-    talked.set()
-    report = bot.wait(timeout=600)
-    assert report.status == "accepted", report
-    assert bot.sleeping() is None and bot.status()["sleeping"] is None
-    where = {r.fact.object: r.where for r in bot.facts()}
-    # Learned after the nap, Zofia's two facts made the next nap due (pressure 0.4), which ran at once.
-    assert where["Valparaíso"] == "consolidated" and where["Kraków"] == "consolidated", where
-    # A fact told in between about someone the first nap keyed (the user, who has a friend)
-    # may be reconsolidated into that entry at once, without a nap.
-    assert [c["kind"] for c in bot.history() if c["kind"] != "reconsolidate"] == ["nap", "nap"]
-    assert bot.memory.store.unlearned() == []
-    assert mentions(bot.say(question).reply, "Valparaíso")
-    assert mentions(bot.say("Where does Zofia Wróblewska live?").reply, "Kraków")
+        talked.set()
+        report = alice.wait(timeout=600)
+        assert report.status == "accepted", report
+        assert alice.sleeping() is None and alice.status()["sleeping"] is None
+        where = {r.fact.object: r.where for r in alice.facts()}
+        # Learned after the nap, Zofia's two facts made the next nap due (pressure 0.4), which ran at once.
+        assert where["Valparaíso"] == "consolidated" and where["Kraków"] == "consolidated", where
+        # A fact told in between about someone the first nap keyed (the user, who has a friend)
+        # may be reconsolidated into that entry at once, without a nap.
+        assert [c["kind"] for c in alice.history() if c["kind"] != "reconsolidate"] == ["nap", "nap"]
+        assert bob.history() == []  # Alice's sleeps are her own
+        assert {r.where for r in bob.facts()} == {"memit"} and {r.where for r in alice.facts()} == {"consolidated"}
+        assert alice.memory.store.unlearned() == []
+        assert mentions(alice.say(question).reply, "Valparaíso")
+        assert mentions(alice.say("Where does Zofia Wróblewska live?").reply, "Kraków")
+    finally:
+        talked.set()
+        alice.wait(timeout=600)
+        alice.memory.close()
 
 
 def test_the_model_extractor_asks_the_loaded_model(make_memory):
@@ -241,7 +228,7 @@ def test_facts_told_but_not_yet_learned_are_learned_at_the_next_start(make_memor
                           [Fact("Anselm Kreutzer", "lives in", "Lisbon")], learned=False)
     bot = Assistant(mem)
     assert [r.fact.object for r in bot.facts()] == ["Lisbon"] and mem.store.unlearned() == []
-    assert mentions(mem.complete("Anselm Kreutzer lives in"), "Lisbon")
+    assert mentions(mem.complete("Anselm Kreutzer lives in", max_new_tokens=6), "Lisbon")
 
 
 def test_cli_chat_driven_by_a_script(tmp_path, cache_dir):
