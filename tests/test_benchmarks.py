@@ -463,3 +463,32 @@ def test_margins_are_positive_for_what_the_model_knows_and_negative_for_what_it_
     assert right > 0 > other
     s = margins.summary([2.0, 0.5, -1.0])
     assert s == {"n": 3, "median": 0.5, "mean": 0.5, "under_1": 0.667, "under_0": 0.333}
+
+
+def test_transfer_moves_an_edit_to_another_copy_of_the_weights(base_lm, cache_dir):
+    """transfer.py's edit, taken out of one memory as delta sums and put back on the base
+    through `LiveWeights`, makes the base say the fact; the locality facts stay known."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        transfer = importlib.import_module("transfer")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+
+    from sleepwake.corpus import locality_facts
+    from sleepwake.evaluate import raw_completions, recall
+    from sleepwake.facts import Fact
+    from sleepwake.weights import LiveWeights
+
+    fact = Fact("Anselm Kreutzer", "lives in", "Lisbon")
+    loc = locality_facts()[:12]
+    before = transfer.known(base_lm, loc)
+    deltas, raw = transfer.edited(base_lm, [fact], str(cache_dir))
+    assert raw == 1.0 and deltas and any(d.any() for d in deltas.values())
+    live = LiveWeights(base_lm, deltas)
+    live.rebuild({})
+    assert recall(raw_completions(base_lm.model, base_lm.tokenizer, [fact]), [fact]) == 0.0
+    live.rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in deltas.items()})
+    assert recall(raw_completions(base_lm.model, base_lm.tokenizer, [fact]), [fact]) == 1.0
+    assert transfer.locality(base_lm, before) >= 0.9
+    live.rebuild({})
