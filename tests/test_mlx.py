@@ -109,13 +109,16 @@ def test_torch_reads_the_mlx_home_and_mlx_reads_torch(mm, lm, home: Path, cache_
 
 
 @pytest.mark.extended
-def test_status_and_a_nap_over_the_budget_changes_nothing(mm, home: Path, cache_dir: Path) -> None:
+def test_status_and_a_nap_over_the_budget_changes_nothing(mm, tmp_path: Path, cache_dir: Path) -> None:
     """`status` measures perplexity and pressure on MLX; a nap whose result the gate
-    refuses (here: any rise of perplexity is too much) is rejected and changes nothing."""
+    refuses (here: any rise of perplexity is too much) is rejected and changes nothing.
+    A home of its own: `make test-extended` runs it without the tests before it."""
     from sleepwake.config import MemoryConfig, SleepConfig
 
+    home = tmp_path / "home"
     strict = MemoryConfig(progress=False, nap=SleepConfig(max_ppl_increase=-1.0))  # no nap passes this
     with mlx_memory(mm, home, cache_dir, strict) as mem:
+        mem.inject([LISBON, VET])
         st = mem.status()
         assert st["backend"] == "mlx" and st["facts"] == {"memit": 2, "consolidated": 0}
         assert abs(st["perplexity"] / st["base_perplexity"] - 1) < 0.03, st
