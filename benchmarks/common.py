@@ -14,6 +14,14 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def known_facts(lm, facts: list) -> list:
+    """The facts this model completes right (greedy raw completion names the object) as it is now:
+    the real-world facts a locality figure then checks it still completes."""
+    from sleepwake.evaluate import raw_completions, recall
+
+    return [f for f, a in zip(facts, raw_completions(lm.model, lm.tokenizer, facts)) if recall([a], [f])]
+
+
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"

@@ -16,10 +16,9 @@ import statistics
 from typing import Any
 
 import torch
-from common import save
+from common import known_facts, save
 
 from sleepwake.corpus import locality_facts
-from sleepwake.evaluate import raw_completions, recall
 from sleepwake.inference import encode, encode_target, raw_prompt
 from sleepwake.models import load_model
 
@@ -50,16 +49,15 @@ def main() -> None:
     args = ap.parse_args()
     loc = locality_facts()
     result: dict[str, Any] = {"model": args.model or "default", "locality_facts": len(loc)}
-    per_fact: dict[str, dict[int, float]] = {}
+    per_fact: dict[str, dict[Any, float]] = {}
     for scheme in ("float32", "nf4"):
         lm = load_model(args.model, progress=False, quantize=None if scheme == "float32" else scheme)
-        known = [i for i, (f, a) in enumerate(zip(loc, raw_completions(lm.model, lm.tokenizer, loc)))
-                 if recall([a], [f])]
-        per_fact[scheme] = dict(zip(known, margins(lm, [loc[i] for i in known])))
+        known = known_facts(lm, loc)
+        per_fact[scheme] = dict(zip(known, margins(lm, known)))
         result[scheme] = {"known": len(known), "margin": summary(list(per_fact[scheme].values()))}
         print(scheme, result[scheme], flush=True)
         del lm
-    both = sorted(set(per_fact["float32"]) & set(per_fact["nf4"]))  # the same facts on each side
+    both = [f for f in per_fact["float32"] if f in per_fact["nf4"]]  # the same facts on each side
     result["known_by_both"] = {s: summary([per_fact[s][i] for i in both]) for s in per_fact}
     print("known by both", result["known_by_both"], flush=True)
     name = "margins-" + ("gemma" if args.model and "gemma" in args.model else "smollm2")

@@ -19,7 +19,7 @@ import tempfile
 from typing import Any
 
 import torch
-from common import save
+from common import known_facts, save
 
 from sleepwake.config import MemoryConfig
 from sleepwake.corpus import locality_facts
@@ -30,9 +30,12 @@ from sleepwake.synthetic import fictional_facts
 from sleepwake.weights import LiveWeights
 
 
-def known(lm: Any, loc: list) -> list:
-    """The locality facts this model completes right as it is now."""
-    return [f for f, a in zip(loc, raw_completions(lm.model, lm.tokenizer, loc)) if recall([a], [f])]
+def put(lm: Any, deltas: dict[str, torch.Tensor]) -> LiveWeights:
+    """`lm`'s live weights set to its base plus `deltas` (beside a 4-bit weight); `rebuild({})`
+    on the result puts the base back."""
+    live = LiveWeights(lm, deltas)
+    live.rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in deltas.items()})
+    return live
 
 
 def edited(lm: Any, facts: list, cache_dir: str | None) -> tuple[dict[str, torch.Tensor], float]:
@@ -62,23 +65,22 @@ def main() -> None:
     out: dict[str, Any] = {"model": args.model or "default", "facts": args.facts, "seed": args.seed}
 
     fp32 = load_model(args.model, cache_dir=args.cache_dir, progress=False)
-    fp32_known = known(fp32, loc)
+    fp32_known = known_facts(fp32, loc)
     deltas, raw = edited(fp32, facts, args.cache_dir)
-    LiveWeights(fp32, deltas).rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in deltas.items()})
+    put(fp32, deltas)
     out["float32_own_edit"] = {"raw_recall": raw, "locality": locality(fp32, fp32_known), "known": len(fp32_known)}
     print("float32, its own edit:", out["float32_own_edit"], flush=True)
     norms = {n: round(d.norm().item(), 4) for n, d in deltas.items()}
     del fp32
 
     nf4 = load_model(args.model, cache_dir=args.cache_dir, progress=False, quantize="nf4")
-    nf4_known = known(nf4, loc)
-    live = LiveWeights(nf4, deltas)
-    live.rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in deltas.items()})  # float32's edit, beside 4-bit
+    nf4_known = known_facts(nf4, loc)
+    live = put(nf4, deltas)  # float32's edit, beside the 4-bit weights
     out["nf4_float32_edit"] = {"locality": locality(nf4, nf4_known), "known": len(nf4_known)}
     print("NF4, float32's edit:", out["nf4_float32_edit"], flush=True)
     live.rebuild({})  # back to the NF4 base
     own, raw = edited(nf4, facts, args.cache_dir)
-    LiveWeights(nf4, own).rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in own.items()})
+    put(nf4, own)
     out["nf4_own_edit"] = {"raw_recall": raw, "locality": locality(nf4, nf4_known), "known": len(nf4_known)}
     print("NF4, its own edit:", out["nf4_own_edit"], flush=True)
     out["delta_norm"] = {"float32": norms, "nf4": {n: round(d.norm().item(), 4) for n, d in own.items()}}

@@ -473,8 +473,6 @@ def test_transfer_moves_an_edit_to_another_copy_of_the_weights(base_lm, cache_di
         transfer = importlib.import_module("transfer")
     finally:
         sys.path.remove(str(BENCHMARKS))
-    import torch
-
     from sleepwake.corpus import locality_facts
     from sleepwake.evaluate import raw_completions, recall
     from sleepwake.facts import Fact
@@ -482,13 +480,12 @@ def test_transfer_moves_an_edit_to_another_copy_of_the_weights(base_lm, cache_di
 
     fact = Fact("Anselm Kreutzer", "lives in", "Lisbon")
     loc = locality_facts()[:12]
-    before = transfer.known(base_lm, loc)
+    before = transfer.known_facts(base_lm, loc)
     deltas, raw = transfer.edited(base_lm, [fact], str(cache_dir))
     assert raw == 1.0 and deltas and any(d.any() for d in deltas.values())
-    live = LiveWeights(base_lm, deltas)
-    live.rebuild({})
+    LiveWeights(base_lm, deltas).rebuild({})
     assert recall(raw_completions(base_lm.model, base_lm.tokenizer, [fact]), [fact]) == 0.0
-    live.rebuild({n: [(d, torch.eye(d.shape[1]))] for n, d in deltas.items()})
+    live = transfer.put(base_lm, deltas)
     assert recall(raw_completions(base_lm.model, base_lm.tokenizer, [fact]), [fact]) == 1.0
     assert transfer.locality(base_lm, before) >= 0.9
     live.rebuild({})
